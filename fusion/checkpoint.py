@@ -1,0 +1,160 @@
+"""Checkpoints without pickle: `model.safetensors` plus `checkpoint.json` in one directory.
+
+`checkpoint.json` holds the full config, the modality and free-form metadata (training step, metrics,
+and for pruned models the pruning plan). A pruned model is rebuilt from its base config and then
+every layer is resized to the shapes stored in the weights file ("explicit widths"), so loading needs
+neither torch-pruning nor the code that pruned it, and `export` can load any checkpoint.
+Every file is written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fusion.config import Config, ConfigError
+from fusion.models.bevfusion import BEVFusion, build_model
+
+FORMAT = "altermoma-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it describes."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`; on failure the old file (if any) is untouched."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared tensors (safetensors refuses shared storage)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(directory: str | os.PathLike, model: BEVFusion, metadata: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": VERSION, "modality": model.modality, "config": model.config.to_dict()}
+    meta.update(metadata or {})
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state_dict_for_saving(model), str(tmp)))
+    atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True))
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: {META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not an altermoma checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights {path} are missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"corrupt checkpoint weights {path}: {error}") from None
+
+
+def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Give every Conv/ConvTranspose/BatchNorm/Linear the channel counts found in `state`; returns layers resized."""
+    resized = 0
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if key not in state or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        shape = state[key].shape
+        if shape == module.weight.shape:
+            continue
+        if isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d):
+            module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
+        elif isinstance(module, nn.ConvTranspose2d):
+            module.in_channels, module.out_channels = shape[0], shape[1] * module.groups
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            module.num_features = shape[0]
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = shape[0], shape[1]
+        else:
+            raise CheckpointError(f"cannot resize layer {name} ({type(module).__name__}) to {tuple(shape)}")
+        for param_name, _ in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{param_name}"
+            if full in state:
+                setattr(module, param_name, nn.Parameter(torch.empty_like(state[full])))
+        for buffer_name, tensor in list(module.named_buffers(recurse=False)):
+            full = f"{name}.{buffer_name}"
+            if full in state and tensor is not None:
+                setattr(module, buffer_name, torch.empty_like(state[full]))
+        resized += 1
+    return resized
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a one-line error naming the first offending tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{source} does not fit this model ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}, model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def load_checkpoint(directory: str | os.PathLike, expect_preset: str | None = None) -> tuple[BEVFusion, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes (pruned or not) and load its weights."""
+    meta = read_metadata(directory)
+    try:
+        config = Config.from_dict(meta["config"]).validate()
+    except (ConfigError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {directory} has an invalid config: {error}") from None
+    if expect_preset is not None and config.preset != expect_preset:
+        raise CheckpointError(f"checkpoint {directory} is preset {config.preset!r}, expected {expect_preset!r}")
+    model = build_model(config, meta.get("modality", "fusion"))
+    state = read_weights(directory)
+    resize_to_state_dict(model, state)
+    load_into(model, state, f"checkpoint {directory}")
+    model.eval()
+    return model, meta

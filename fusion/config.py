@@ -1,0 +1,269 @@
+"""Configuration: plain dataclasses, three presets, strict loading.
+
+Every run is described by one `Config`. It is stored as JSON next to every checkpoint, so a model
+can always be rebuilt from its files alone. Unknown keys are an error, never silently ignored: a
+typo in an override must not train the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid run."""
+
+
+@dataclass
+class BEVGrid:
+    """The fused bird's-eye-view grid (ego frame: x forward, y left, z up; metres)."""
+
+    x_range: tuple[float, float] = (-25.6, 25.6)
+    y_range: tuple[float, float] = (-25.6, 25.6)
+    z_range: tuple[float, float] = (-2.0, 4.0)
+    cell: float = 0.8
+
+    @property
+    def size_x(self) -> int:
+        return round((self.x_range[1] - self.x_range[0]) / self.cell)
+
+    @property
+    def size_y(self) -> int:
+        return round((self.y_range[1] - self.y_range[0]) / self.cell)
+
+
+@dataclass
+class CameraRig:
+    """A ring of identical pinhole cameras at one height, evenly spaced in yaw (camera 0 looks forward)."""
+
+    num_cameras: int = 4
+    image_height: int = 64
+    image_width: int = 128
+    hfov_deg: float = 90.0
+    mount_height: float = 1.6
+    pitch_deg: float = 4.0  # positive looks down
+
+
+@dataclass
+class LidarConfig:
+    """A spinning LiDAR at the ego origin, and how its points are grouped into pillars."""
+
+    num_beams: int = 32
+    elevation_deg: tuple[float, float] = (-24.0, 4.0)
+    azimuth_steps: int = 1024
+    mount_height: float = 1.8
+    max_range: float = 40.0
+    range_noise: float = 0.02
+    max_pillars: int = 2560
+    max_points_per_pillar: int = 16
+
+
+@dataclass
+class DataConfig:
+    """The synthetic driving scenes and their sensor degradations."""
+
+    classes: tuple[str, ...] = ("car", "truck", "pedestrian")
+    map_classes: tuple[str, ...] = ("drivable_area", "lane_divider")
+    objects_per_scene: tuple[int, int] = (8, 18)
+    distractors_per_scene: tuple[int, int] = (6, 12)
+    max_objects: int = 64
+    camera_brightness: float = 1.0  # < 1 darkens every image
+    camera_noise: float = 0.02  # pixel noise std (images in [0, 1])
+    lidar_beam_dropout: float = 0.0  # fraction of beams removed
+    lidar_point_dropout: float = 0.05  # fraction of returns lost
+    train_scenes: int = 2000
+    val_scenes: int = 200
+    train_seed: int = 0
+    val_seed: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """Widths and depths of the BEVFusion-style reference model."""
+
+    camera_depth: int = 18  # ResNet 18/34/50/101
+    camera_width: float = 0.25  # ResNet width multiplier (1.0 = 64 stem channels)
+    fpn_channels: int = 32
+    feature_stride: int = 8  # image-feature stride the view transform lifts
+    depth_bins: tuple[float, float, float] = (1.0, 33.0, 1.0)  # start, stop, step (metres)
+    camera_bev_channels: int = 32
+    bev_pool_factor: int = 1  # camera features are pooled on a grid this many times finer
+    pool_method: str = "scatter"  # "scatter" (ScatterElements-add) or "cumsum" (gathers only)
+    pillar_channels: int = 32
+    lidar_channels: int = 32
+    lidar_blocks: int = 2
+    fuser: str = "conv"  # "conv" (BEVFusion-MIT ConvFuser) or "se" (concat, conv, squeeze-excite)
+    fuser_channels: int = 32
+    decoder_channels: tuple[int, int] = (32, 64)
+    decoder_layers: tuple[int, int] = (2, 2)
+    decoder_up_channels: int = 32
+    head_channels: int = 32
+    seg_head: bool = True
+
+    @property
+    def num_depth_bins(self) -> int:
+        start, stop, step = self.depth_bins
+        return int(math.floor((stop - start) / step + 1e-6))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100
+    seed: int = 0
+    threads: int = 2
+    checkpoint_every: int = 500
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    grid: BEVGrid = field(default_factory=BEVGrid)
+    rig: CameraRig = field(default_factory=CameraRig)
+    lidar: LidarConfig = field(default_factory=LidarConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "config")
+
+    def validate(self) -> Config:
+        """Reject combinations that would only fail later, deep inside a forward pass."""
+        m = self.model
+        if m.camera_depth not in (18, 34, 50, 101):
+            raise ConfigError(f"model.camera_depth must be 18, 34, 50 or 101, got {m.camera_depth}")
+        if m.fuser not in ("conv", "se"):
+            raise ConfigError(f"model.fuser must be 'conv' or 'se', got {m.fuser!r}")
+        if m.pool_method not in ("scatter", "cumsum"):
+            raise ConfigError(f"model.pool_method must be 'scatter' or 'cumsum', got {m.pool_method!r}")
+        if m.feature_stride not in (8, 16):
+            raise ConfigError(f"model.feature_stride must be 8 or 16, got {m.feature_stride}")
+        for name, size in (("image_height", self.rig.image_height), ("image_width", self.rig.image_width)):
+            if size % 32:
+                raise ConfigError(f"rig.{name} must be a multiple of 32, got {size}")
+        if self.grid.size_x % 4 or self.grid.size_y % 4:
+            raise ConfigError("the BEV grid must have a multiple of 4 cells per side")
+        if m.num_depth_bins < 1:
+            raise ConfigError(f"model.depth_bins {m.depth_bins} gives no depth bin")
+        return self
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a dataclass from a dict, refusing keys it does not have."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _tiny() -> Config:
+    return Config(preset="tiny")
+
+
+def _small() -> Config:
+    return Config(
+        preset="small",
+        grid=BEVGrid(x_range=(-51.2, 51.2), y_range=(-51.2, 51.2), cell=0.8),
+        rig=CameraRig(num_cameras=6, image_height=128, image_width=352, hfov_deg=70.0),
+        lidar=LidarConfig(max_range=60.0, max_pillars=8000, azimuth_steps=1536),
+        model=ModelConfig(
+            camera_width=0.5,
+            fpn_channels=64,
+            depth_bins=(1.0, 52.0, 1.0),
+            camera_bev_channels=48,
+            bev_pool_factor=2,
+            pillar_channels=64,
+            lidar_channels=64,
+            fuser_channels=64,
+            decoder_channels=(64, 128),
+            decoder_layers=(3, 3),
+            decoder_up_channels=64,
+            head_channels=64,
+        ),
+    )
+
+
+def _r50() -> Config:
+    """BEVFusion-R50 sizes: 6 cameras at 256x704 and a 180x180 BEV (0.6 m over +-54 m)."""
+    return Config(
+        preset="r50",
+        grid=BEVGrid(x_range=(-54.0, 54.0), y_range=(-54.0, 54.0), z_range=(-5.0, 3.0), cell=0.6),
+        rig=CameraRig(num_cameras=6, image_height=256, image_width=704, hfov_deg=70.0),
+        lidar=LidarConfig(max_range=70.0, max_pillars=30000, max_points_per_pillar=20, azimuth_steps=2048),
+        model=ModelConfig(
+            camera_depth=50,
+            camera_width=1.0,
+            fpn_channels=256,
+            depth_bins=(1.0, 60.0, 0.5),
+            camera_bev_channels=80,
+            bev_pool_factor=2,
+            pillar_channels=64,
+            lidar_channels=256,
+            lidar_blocks=3,
+            fuser_channels=256,
+            decoder_channels=(128, 256),
+            decoder_layers=(5, 5),
+            decoder_up_channels=256,
+            head_channels=64,
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "r50": _r50}
+
+
+def get_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
+    """A preset, with optional dotted overrides such as {"model.fuser": "se"}."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    data = PRESETS[preset]().to_dict()
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        node[leaf] = value
+    return Config.from_dict(data).validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as JSON when it parses, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value

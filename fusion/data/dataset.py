@@ -1,0 +1,85 @@
+"""The embedded default data set: synthetic multi-sensor scenes as a PyTorch Dataset.
+
+Scene i of a split is drawn from `numpy.random.default_rng([split_seed, i])`, so every scene is
+reproducible on its own, bit for bit, whatever order or subset is asked for. Rendering costs a few
+tens of milliseconds per scene, so scenes are rendered once and kept in memory (images as uint8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from fusion.config import Config
+from fusion.data.pillars import pillarize
+from fusion.data.render import bev_map, render_cameras, scan_lidar
+from fusion.data.scenes import sample_scene
+from fusion.data.targets import build_targets
+from fusion.geometry import bev_cell_centres
+
+
+def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
+    """Render scene `index` of the stream `seed` and build every network input and target."""
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng, config.grid, config.data)
+    images = render_cameras(scene, config.rig, config.data, rng)
+    points = scan_lidar(scene, config.lidar, config.data, rng)
+    pillars, pillar_map, _ = pillarize(points, config.grid, config.lidar, rng)
+
+    objects = scene.boxes[: scene.num_objects]
+    labels = np.array([config.data.classes.index(k) for k in scene.kinds[: scene.num_objects]], dtype=np.int64)
+    k_max = config.data.max_objects
+    boxes = np.zeros((k_max, 7), dtype=np.float32)
+    padded_labels = np.full(k_max, -1, dtype=np.int64)
+    boxes[: len(objects)] = objects[:k_max]
+    padded_labels[: len(labels)] = labels[:k_max]
+
+    grid_x, grid_y = bev_cell_centres(config.grid)
+    sample = {
+        "images": images,
+        "pillars": pillars,
+        "pillar_map": pillar_map,
+        "boxes": boxes,
+        "labels": padded_labels,
+        "bev_map": bev_map(scene, grid_x, grid_y, config.grid.cell),
+    }
+    sample.update(build_targets(objects, labels, config.grid, len(config.data.classes), k_max))
+    return sample
+
+
+class SyntheticScenes(Dataset):
+    """Scenes of one split ("train" or "val"), rendered on construction."""
+
+    def __init__(self, config: Config, split: str = "train", num_scenes: int | None = None, progress: bool = True):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.config = config
+        self.seed = config.data.train_seed if split == "train" else config.data.val_seed
+        count = num_scenes if num_scenes is not None else getattr(config.data, f"{split}_scenes")
+        if count < 1:
+            raise ValueError(f"a split needs at least one scene, got {count}")
+        self.samples = [
+            make_sample(config, self.seed, i)
+            for i in tqdm(range(count), desc=f"rendering {split} scenes", disable=not progress, leave=False)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.samples[index]
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack samples; images become float in [0, 1], integer targets stay int64."""
+    batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+    batch["images"] = batch["images"].float().div_(255.0)
+    batch["bev_map"] = batch["bev_map"].float()
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The three tensors the network takes; everything else in a batch is a target."""
+    return {"images": batch["images"], "pillars": batch["pillars"], "pillar_map": batch["pillar_map"]}

@@ -1,0 +1,50 @@
+"""Task losses: CenterPoint's Gaussian focal loss and L1 box regression, and BEV map BCE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusion.models.heads import REGRESSION_HEADS
+
+REGRESSION_WEIGHT = 0.25  # CenterPoint's weight of the box loss against the heatmap loss
+MAP_WEIGHT = 1.0
+
+
+def gaussian_focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
+) -> torch.Tensor:
+    """CornerNet/CenterPoint focal loss on Gaussian heatmaps, normalised by the number of peaks."""
+    prob = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    positive = target.eq(1).float()
+    pos_loss = -torch.log(prob) * (1 - prob).pow(alpha) * positive
+    neg_loss = -torch.log(1 - prob) * prob.pow(alpha) * (1 - target).pow(beta) * (1 - positive)
+    return (pos_loss.sum() + neg_loss.sum()) / positive.sum().clamp(min=1.0)
+
+
+def regression_loss(
+    outputs: dict[str, torch.Tensor], index: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """L1 between head outputs at the object centres and the targets, averaged over objects."""
+    predictions = []
+    for name in REGRESSION_HEADS:
+        values = outputs[name].flatten(2)  # (B, n, cells)
+        predictions.append(values.gather(2, index.unsqueeze(1).expand(-1, values.shape[1], -1)))
+    prediction = torch.cat(predictions, dim=1).transpose(1, 2)  # (B, K, 8)
+    l1 = (prediction - target).abs() * mask.unsqueeze(-1)
+    return l1.sum() / mask.sum().clamp(min=1.0) / target.shape[-1]
+
+
+def task_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total training loss and its parts (as floats, for logging)."""
+    parts = {
+        "heatmap": gaussian_focal_loss(outputs["heatmap"], batch["heatmap"]),
+        "box": REGRESSION_WEIGHT
+        * regression_loss(outputs, batch["target_index"], batch["target_regression"], batch["target_mask"]),
+    }
+    if "bev_map" in outputs:
+        parts["map"] = MAP_WEIGHT * F.binary_cross_entropy_with_logits(outputs["bev_map"], batch["bev_map"])
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,155 @@
+"""BEVFusion-style camera-LiDAR detector (MIT structure) and its single-modal variants.
+
+    images  -> ResNet -> FPN -> LSS (depth conv + context conv, BEV pool) -> BEV downsample --\
+                                                                                              fuser -> decoder -> heads
+    pillars -> PillarFeatureNet -> gather to canvas -> residual 2-D backbone ----------------/
+
+The camera-only and LiDAR-only models reuse the same modules under the same names, so a fusion model
+is initialised by loading both pretrained single-modal checkpoints: the setting AlterMOMA studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fusion.config import Config
+from fusion.models.decoder import Decoder, build_fuser
+from fusion.models.heads import CenterHead, MapHead
+from fusion.models.lss import LSSViewTransform
+from fusion.models.pointpillars import LidarEncoder
+from fusion.models.resnet import FPN, ResNet
+
+MODALITIES = ("camera", "lidar", "fusion")
+# Module-name prefixes of the three partitions AlterMOMA distinguishes.
+DEFAULT_PARTITION = {
+    "camera": ("camera.",),
+    "lidar": ("lidar.",),
+    "fusion": ("fuser.", "decoder.", "heads."),
+}
+
+
+class CameraEncoder(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        m = config.model
+        self.num_cameras = config.rig.num_cameras
+        self.backbone = ResNet(m.camera_depth, m.camera_width)
+        self.neck = FPN(self.backbone.out_channels, m.fpn_channels, m.feature_stride)
+        self.vtransform = LSSViewTransform(config, m.fpn_channels)
+        self.out_channels = m.camera_bev_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, n, c, h, w = images.shape
+        features = self.neck(self.backbone(images.view(b * n, c, h, w)))
+        return self.vtransform(features)
+
+
+class Heads(nn.Module):
+    def __init__(self, config: Config, in_channels: int):
+        super().__init__()
+        m = config.model
+        self.det = CenterHead(in_channels, m.head_channels, len(config.data.classes))
+        self.map = MapHead(in_channels, m.head_channels, len(config.data.map_classes)) if m.seg_head else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.det(x)
+        if self.map is not None:
+            outputs["bev_map"] = self.map(x)
+        return outputs
+
+
+class BEVFusion(nn.Module):
+    """modality "fusion" uses both sensors; "camera" and "lidar" build the single-modal variants."""
+
+    def __init__(self, config: Config, modality: str = "fusion"):
+        super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        self.config = config
+        self.modality = modality
+        m = config.model
+        self.camera = CameraEncoder(config) if modality in ("camera", "fusion") else None
+        self.lidar = LidarEncoder(config) if modality in ("lidar", "fusion") else None
+        if modality == "fusion":
+            self.fuser = build_fuser(m.fuser, [self.camera.out_channels, self.lidar.out_channels], m.fuser_channels)
+            bev_channels = m.fuser_channels
+        else:
+            self.fuser = None
+            bev_channels = (self.camera or self.lidar).out_channels
+        self.decoder = Decoder(bev_channels, m.decoder_channels, m.decoder_layers, m.decoder_up_channels)
+        self.heads = Heads(config, self.decoder.out_channels)
+
+    @property
+    def input_names(self) -> list[str]:
+        return {"camera": ["images"], "lidar": ["pillars", "pillar_map"]}.get(
+            self.modality, ["images", "pillars", "pillar_map"]
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        pillars: torch.Tensor | None = None,
+        pillar_map: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        bev = []
+        if self.camera is not None:
+            bev.append(self.camera(images))
+        if self.lidar is not None:
+            bev.append(self.lidar(pillars, pillar_map))
+        x = self.fuser(bev) if self.fuser is not None else bev[0]
+        outputs = self.heads(self.decoder(x))
+        if self.camera is not None and self.camera.vtransform.pruning_trace:
+            outputs["traced_depth"] = self.camera.vtransform.traced_depth
+        return outputs
+
+    def partition(self) -> dict[str, tuple[str, ...]]:
+        """Module-name prefixes of the partitions present in this model."""
+        present = {name for name, _ in self.named_children()}
+        return {
+            part: tuple(p for p in prefixes if p.rstrip(".") in present) for part, prefixes in DEFAULT_PARTITION.items()
+        }
+
+    def protected_modules(self) -> list[nn.Module]:
+        """Layers whose output channels must never be pruned: depth bins and every head output conv."""
+        protected = [branch[-1] for branch in self.heads.det.branches.values()]
+        if self.heads.map is not None:
+            protected.append(self.heads.map.classifier)
+        if self.camera is not None:
+            protected.append(self.camera.vtransform.depth_conv)
+        return protected
+
+    @contextmanager
+    def pruning_trace(self) -> Iterator[None]:
+        """Swap in the channel-preserving view-transform stand-in while torch-pruning traces the graph."""
+        if self.camera is None:
+            yield
+            return
+        self.camera.vtransform.pruning_trace = True
+        try:
+            yield
+        finally:
+            self.camera.vtransform.pruning_trace = False
+
+
+def build_model(config: Config, modality: str = "fusion") -> BEVFusion:
+    return BEVFusion(config.validate(), modality)
+
+
+def example_inputs(
+    config: Config, batch_size: int = 1, modality: str = "fusion", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random inputs of the right shapes and dtypes (for tracing, FLOP counting and export)."""
+    g = torch.Generator().manual_seed(seed)
+    rig, lidar = config.rig, config.lidar
+    cells = config.grid.size_x * config.grid.size_y
+    inputs = {
+        "images": torch.rand(batch_size, rig.num_cameras, 3, rig.image_height, rig.image_width, generator=g),
+        "pillars": torch.randn(batch_size, 9, lidar.max_pillars, lidar.max_points_per_pillar, generator=g),
+        "pillar_map": torch.randint(0, lidar.max_pillars + 1, (batch_size, cells), generator=g),
+    }
+    names = {"camera": ["images"], "lidar": ["pillars", "pillar_map"]}.get(modality, list(inputs))
+    return {k: inputs[k] for k in names}

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from fusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fusion.models.bevfusion import build_model, example_inputs
+
+
+def test_save_load_reproduces_outputs_exactly(tiny_config, tmp_path):
+    model = build_model(tiny_config).eval()
+    save_checkpoint(tmp_path / "ckpt", model, {"step": 3})
+    loaded, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta["step"] == 3 and meta["modality"] == "fusion"
+    inputs = example_inputs(tiny_config)
+    with torch.no_grad():
+        a, b = model(**inputs), loaded(**inputs)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    # No pickle anywhere: the weights are safetensors (8-byte header length, then JSON).
+    raw = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    assert raw[8:9] == b"{" and b"\x80\x04" not in raw[:16]
+
+
+def test_narrower_checkpoint_is_rebuilt_from_stored_shapes(tiny_config, tmp_path):
+    model = build_model(tiny_config).eval()
+    # Halve one conv's output channels and its BatchNorm by hand, and the next conv's inputs.
+    block = model.lidar.blocks[0]
+    keep = torch.arange(0, block.conv1.out_channels, 2)
+    block.conv1.weight = torch.nn.Parameter(block.conv1.weight[keep].clone())
+    block.conv1.out_channels = len(keep)
+    for name in ("weight", "bias"):
+        setattr(block.bn1, name, torch.nn.Parameter(getattr(block.bn1, name)[keep].clone()))
+    block.bn1.running_mean = block.bn1.running_mean[keep].clone()
+    block.bn1.running_var = block.bn1.running_var[keep].clone()
+    block.bn1.num_features = len(keep)
+    block.conv2.weight = torch.nn.Parameter(block.conv2.weight[:, keep].clone())
+    block.conv2.in_channels = len(keep)
+    inputs = example_inputs(tiny_config)
+    with torch.no_grad():
+        expected = model(**inputs)["heatmap"]
+    save_checkpoint(tmp_path / "slim", model)
+    loaded, _ = load_checkpoint(tmp_path / "slim")
+    assert loaded.lidar.blocks[0].conv1.out_channels == len(keep)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs)["heatmap"], expected)
+
+
+def test_clear_errors(tiny_config, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+    save_checkpoint(tmp_path / "ok", build_model(tiny_config, "lidar"))
+    with pytest.raises(CheckpointError, match="preset 'tiny', expected 'small'"):
+        load_checkpoint(tmp_path / "ok", expect_preset="small")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint weights"):
+        load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "checkpoint.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        load_checkpoint(tmp_path / "ok")
+
+
+def test_weights_of_another_modality_do_not_fit(tiny_config, tmp_path):
+    save_checkpoint(tmp_path / "cam", build_model(tiny_config, "camera"))
+    meta = json.loads((tmp_path / "cam" / "checkpoint.json").read_text())
+    meta["modality"] = "lidar"
+    (tmp_path / "cam" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(tmp_path / "cam")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):
+    model = build_model(tiny_config, "lidar")
+    save_checkpoint(tmp_path / "c", model, {"step": 1})
+    before = (tmp_path / "c" / "model.safetensors").read_bytes()
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fusion.checkpoint.save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "c", model, {"step": 2})
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")] == []
