@@ -11,11 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from compress.partition import PartitionError
+from compress.structured import PruningError
 from fusion.checkpoint import CheckpointError
 from fusion.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, PartitionError, PruningError, FileNotFoundError, ValueError)
 
 
 def shipped_checkpoint(modality: str, preset: str = "tiny") -> Path:
@@ -84,6 +86,105 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
 
 
+def prune_request(args: argparse.Namespace):
+    from compress.altereva import AlterEvaConfig
+    from compress.prune import PruneRequest
+
+    return PruneRequest(
+        method=args.method,
+        target_gflops=args.target_gflops,
+        channel_ratio=args.channel_ratio,
+        sparsity=args.sparsity,
+        round_to=args.round_to,
+        max_group_ratio=args.max_group_ratio,
+        scoring_batches=args.scoring_batches,
+        seed=args.seed,
+        altereva=AlterEvaConfig(
+            reactivation_steps=args.reactivation_steps, alpha=args.alpha, beta=args.beta, mask_mode=args.mask_mode
+        ),
+    ).validate()
+
+
+def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool = True) -> dict:
+    """Load, prune, save; the output directory is written only once pruning has succeeded."""
+    from compress.prune import prune, scoring_set
+    from fusion.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    if meta.get("pruning"):
+        raise ValueError(f"{checkpoint} is already pruned; prune the unpruned checkpoint instead")
+    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed)
+    report = prune(model, request, batches, progress=progress)
+    report["source_checkpoint"] = str(checkpoint)
+    save_checkpoint(out, model, {"pruning": report, "command": " ".join(["altermoma", *sys.argv[1:]])})
+    return report
+
+
+def print_prune_report(report: dict) -> None:
+    if report["kind"] == "structured":
+        print(
+            f"GFLOPs {report['gflops_before']:.3f} -> {report['gflops_after']:.3f} ({report['gflops_reduction']:.1%} removed)"
+        )
+        print(f"{'partition':<10}{'channels':>16}{'kept':>8}{'params':>20}{'GFLOPs':>18}")
+        for part, r in report["partitions"].items():
+            print(
+                f"{part:<10}{r['channels_before']:>7} -> {r['channels_after']:<6}{r['kept_ratio']:>8.1%}"
+                f"{r['params_before']:>9} -> {r['params_after']:<8}{r['gflops_before']:>8.3f} -> {r['gflops_after']:.3f}"
+            )
+    else:
+        print(f"sparsity {report['sparsity']:.1%}")
+        for part, r in report["partitions"].items():
+            print(f"{part:<10} kept {r['kept_ratio']:.1%} of {r['weights']} weights")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    request = prune_request(args)
+    report = run_prune(args.checkpoint, request, args.out)
+    print_prune_report(report)
+    print(f"saved {args.out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from compress.finetune import FinetuneConfig, finetune
+    from fusion.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=args.threads)
+    finetune(model, config, args.out, metadata=meta, resume=args.resume)
+    print(f"saved {args.out}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from benchmarks.pipeline import run_pipeline
+
+    run_pipeline(
+        out=Path(args.out),
+        from_scratch=args.from_scratch,
+        request=prune_request(args),
+        finetune_steps=args.finetune_steps,
+        val_scenes=args.val_scenes,
+        threads=args.threads,
+    )
+
+
+def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = None) -> None:
+    p.add_argument("--method", default="altereva", help="altereva | snip | magnitude | random (default: altereva)")
+    p.add_argument(
+        "--target-gflops", type=float, default=default_target, help="fraction of GFLOPs to remove (structured)"
+    )
+    p.add_argument("--channel-ratio", type=float, help="fraction of channels to remove (structured)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to remove (unstructured)")
+    p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
+    p.add_argument("--max-group-ratio", type=float, default=0.9, help="never prune more of one group (default 0.9)")
+    p.add_argument("--scoring-batches", type=int, default=4, help="batches (of 2 scenes) in the scoring set")
+    p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8)")
+    p.add_argument("--alpha", type=float, default=1.0, help="DeCI weight")
+    p.add_argument("--beta", type=float, default=1.0, help="ReRI weight")
+    p.add_argument("--mask-mode", default="parameters", choices=("parameters", "feature"))
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="altermoma", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, help="number of scenes (default: the config's split size)")
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="score channels (or weights) and remove them")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    add_prune_args(p)
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint with the task loss")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--scenes", type=int, default=500, help="training scenes to render for fine-tuning")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("pipeline", help="the main job: shipped checkpoints -> prune -> fine-tune -> evaluate")
+    p.add_argument("--out", default="runs/pipeline")
+    p.add_argument("--from-scratch", action="store_true", help="retrain the camera, LiDAR and fusion models first")
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--val-scenes", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    add_prune_args(p, default_target=0.5)
+    p.set_defaults(run=cmd_pipeline)
+
+    try:
+        from altermoma.cli_deploy import add_parsers
+    except ImportError:
+        pass
+    else:
+        add_parsers(sub)
     return parser
 
 

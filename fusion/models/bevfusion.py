@@ -103,7 +103,8 @@ class BEVFusion(nn.Module):
         x = self.fuser(bev) if self.fuser is not None else bev[0]
         outputs = self.heads(self.decoder(x))
         if self.camera is not None and self.camera.vtransform.pruning_trace:
-            outputs["traced_depth"] = self.camera.vtransform.traced_depth
+            # Taken off the module again, so no graph tensor outlives the trace.
+            outputs["traced_depth"] = self.camera.vtransform.__dict__.pop("traced_depth")
         return outputs
 
     def partition(self) -> dict[str, tuple[str, ...]]:

@@ -1,0 +1,268 @@
+"""Structured (channel) pruning through torch-pruning's dependency graph, with our own selection loop.
+
+torch-pruning tells us which layers are coupled (a conv's output channels, its BatchNorm, the next
+layers' input channels, through residual adds and concats); everything else is ours, because its
+built-in importances and global pruner have known defects (see shared/notes/torch-pruning.md):
+- channel scores from signed saliencies summed over the whole group, at root indices;
+- FLOPs predicted analytically per layer from the kept widths, so a bisection over one global
+  threshold can hit a GFLOPs target without re-running the model;
+- a per-group cap and widths rounded to `round_to`, then physical removal group by group.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.partition import Partition
+
+LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class PruningError(ValueError):
+    """A pruning request that cannot be met."""
+
+
+@dataclass
+class GroupItem:
+    layer: str  # module name
+    kind: str  # "out" or "in"
+    idxs: torch.Tensor  # channel indices in the layer's own coordinates
+    root_idxs: torch.Tensor  # the root channel each of them belongs to
+
+
+@dataclass
+class ChannelGroup:
+    root: str
+    part: str
+    channels: int
+    items: list[GroupItem]
+
+
+def _signed_sum(
+    module: nn.Module, name: str, kind: str, idxs: torch.Tensor, saliency: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Sum of one layer's signed saliencies belonging to each channel in `idxs` (one small rule per layer kind)."""
+    weight = saliency.get(f"{name}.weight")
+    bias = saliency.get(f"{name}.bias")
+    if weight is None:
+        return torch.zeros(len(idxs))
+    if isinstance(module, NORMS):
+        total = weight[idxs]
+        return total + bias[idxs] if bias is not None else total
+    # Output channels sit on dim 0 of Conv2d/Linear weights and on dim 1 of ConvTranspose2d weights.
+    out_dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
+    dim = out_dim if kind == "out" else 1 - out_dim
+    if kind == "in" and isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise PruningError(f"grouped convolution {name} is not supported")
+    per_channel = weight.transpose(0, dim).flatten(1).sum(1) if weight.dim() > 1 else weight
+    total = per_channel[idxs]
+    if kind == "out" and bias is not None:
+        total = total + bias[idxs]
+    return total
+
+
+def global_ranks(scores: list[torch.Tensor], tiebreak: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Each channel's position (0 = pruned first) in one global order: score, then tie-break, then position."""
+    flat = torch.cat([s.double() for s in scores])
+    order = torch.arange(len(flat))
+    if tiebreak is not None:
+        order = torch.argsort(torch.cat([t.double() for t in tiebreak]), stable=True)
+    order = order[torch.argsort(flat[order], stable=True)]
+    ranks = torch.empty(len(flat), dtype=torch.float64)
+    ranks[order] = torch.arange(len(flat), dtype=torch.float64)
+    return list(torch.split(ranks, [len(s) for s in scores]))
+
+
+class ChannelGraph:
+    """The prunable channel groups of a model and the FLOPs of every layer as a function of widths."""
+
+    def __init__(self, model: nn.Module, partition: Partition, example_inputs: dict[str, torch.Tensor]):
+        self.model = model
+        self.names = {module: name for name, module in model.named_modules()}
+        protected = model.protected_modules() if hasattr(model, "protected_modules") else []
+        trace = model.pruning_trace() if hasattr(model, "pruning_trace") else nullcontext()
+        was_training = model.training
+        with trace:
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        model.train(was_training)
+        self.groups: list[ChannelGroup] = []
+        self._handlers = []
+        for group in self.dg.get_all_groups(ignored_layers=protected, root_module_types=list(LAYERS)):
+            root_module = group[0].dep.target.module
+            root = self.names[root_module]
+            items = []
+            for item in group:
+                module = item.dep.target.module
+                if isinstance(module, LAYERS + NORMS):
+                    kind = "out" if self.dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                    items.append(
+                        GroupItem(self.names[module], kind, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
+                    )
+            self.groups.append(ChannelGroup(root, partition.part_of(root) or "fusion", len(group[0].idxs), items))
+            self._handlers.append((root_module, group[0].dep.handler))
+        self.layer_flops = self._measure_layer_flops(example_inputs)
+        self.partition = partition
+
+    def _measure_layer_flops(self, example_inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed output size."""
+        flops: dict[str, float] = {}
+
+        def hook(module, inputs, output):
+            name = self.names[module]
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                k = module.kernel_size[0] * module.kernel_size[1]
+                spatial = (
+                    output.shape[2] * output.shape[3]
+                    if isinstance(module, nn.Conv2d)
+                    else inputs[0].shape[2] * inputs[0].shape[3]
+                )
+                macs = output.shape[0] * module.out_channels * module.in_channels // module.groups * k * spatial
+            else:
+                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
+            flops[name] = flops.get(name, 0.0) + 2.0 * macs
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, LAYERS)]
+        try:
+            with torch.no_grad():
+                self.model.eval()(**example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return flops
+
+    # ---- scores -------------------------------------------------------------------------------
+    def channel_saliency(self, saliency: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per group, the signed saliency sum of each root channel over every coupled layer."""
+        modules = dict(self.model.named_modules())
+        result = []
+        for group in self.groups:
+            total = torch.zeros(group.channels, dtype=torch.float64)
+            for item in group.items:
+                contribution = _signed_sum(modules[item.layer], item.layer, item.kind, item.idxs, saliency)
+                total.index_add_(0, item.root_idxs, contribution.double())
+            result.append(total)
+        return result
+
+    # ---- widths and FLOPs -------------------------------------------------------------------
+    def flops(self, pruned: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """FLOPs per layer after removing the `pruned` root channels (bool masks per group)."""
+        removed_out: dict[str, int] = {}
+        removed_in: dict[str, int] = {}
+        for group, mask in zip(self.groups, pruned or []):
+            for item in group.items:
+                count = int(mask[item.root_idxs].sum())
+                target = removed_out if item.kind == "out" else removed_in
+                target[item.layer] = target.get(item.layer, 0) + count
+        modules = dict(self.model.named_modules())
+        result = {}
+        for name, base in self.layer_flops.items():
+            m = modules[name]
+            c_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            c_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            result[name] = base * (c_out - removed_out.get(name, 0)) / c_out * (c_in - removed_in.get(name, 0)) / c_in
+        return result
+
+    def total_flops(self, pruned: list[torch.Tensor] | None = None) -> float:
+        return sum(self.flops(pruned).values())
+
+    def select(
+        self, scores: list[torch.Tensor], threshold: float, round_to: int, max_group_ratio: float
+    ) -> list[torch.Tensor]:
+        """Channels to prune: below the global threshold, capped per group, kept widths rounded up."""
+        pruned = []
+        for group, score in zip(self.groups, scores):
+            n = group.channels
+            kept = n - int((score < threshold).sum())
+            floor = max(1, math.ceil(n * (1.0 - max_group_ratio)))
+            if n >= round_to:
+                floor = max(floor, round_to)
+                kept = min(n, math.ceil(max(kept, 1) / round_to) * round_to)
+            kept = max(kept, floor)
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[torch.argsort(score, stable=True)[: n - kept]] = True
+            pruned.append(mask)
+        return pruned
+
+    def max_reduction(self, round_to: int, max_group_ratio: float) -> float:
+        """The largest FLOPs reduction any threshold can reach under the cap."""
+        everything = [torch.zeros(g.channels) for g in self.groups]
+        return 1.0 - self.total_flops(self.select(everything, math.inf, round_to, max_group_ratio)) / self.total_flops()
+
+    def threshold_for(
+        self,
+        scores: list[torch.Tensor],
+        target: float,
+        mode: str,
+        round_to: int,
+        max_group_ratio: float,
+        tiebreak: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Bisection on one global threshold so the FLOPs (mode "flops") or channel reduction hits `target`.
+
+        The threshold runs over global ranks, not raw values: dead channels all score exactly 0, and a
+        value threshold would drop hundreds of tied channels at once. Ties go to `tiebreak` (lower is
+        pruned first; the caller passes channel magnitudes), then to position.
+        """
+        ranks = global_ranks(scores, tiebreak)
+        base_flops = self.total_flops()
+        total_channels = sum(g.channels for g in self.groups)
+
+        def reduction(masks: list[torch.Tensor]) -> float:
+            if mode == "flops":
+                return 1.0 - self.total_flops(masks) / base_flops
+            return sum(int(m.sum()) for m in masks) / total_channels
+
+        low, high = 0, total_channels
+        best, best_gap = None, math.inf
+        while low <= high:
+            mid = (low + high) // 2
+            masks = self.select(ranks, mid, round_to, max_group_ratio)
+            achieved = reduction(masks)
+            if abs(achieved - target) < best_gap:
+                best, best_gap = masks, abs(achieved - target)
+            if achieved < target:
+                low = mid + 1
+            else:
+                high = mid - 1
+        return best
+
+    # ---- removal ----------------------------------------------------------------------------
+    def zero_channels(self, pruned: list[torch.Tensor]) -> None:
+        """Zero every coupled parameter of the pruned channels (the reference for zero-then-prune tests)."""
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for group, mask in zip(self.groups, pruned):
+                for item in group.items:
+                    idxs = item.idxs[mask[item.root_idxs]]
+                    if len(idxs) == 0:
+                        continue
+                    m = modules[item.layer]
+                    out_dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0
+                    dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
+                    m.weight.index_fill_(dim, idxs, 0.0)
+                    if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
+                        m.bias.index_fill_(0, idxs, 0.0)
+
+    def prune(self, pruned: list[torch.Tensor]) -> None:
+        """Physically remove the pruned channels, group by group."""
+        for (module, handler), mask in zip(self._handlers, pruned):
+            idxs = torch.nonzero(mask).flatten().tolist()
+            if idxs:
+                group = self.dg.get_pruning_group(module, handler, idxs)
+                group.prune()
+
+    def widths(self) -> dict[str, int]:
+        """Current output width of every group's root layer."""
+        modules = dict(self.model.named_modules())
+        result = {}
+        for group in self.groups:
+            m = modules[group.root]
+            result[group.root] = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        return result
