@@ -1,0 +1,95 @@
+"""What AlterEva costs: scoring wall time and peak memory against one forward/backward pass.
+
+Each measurement runs in a fresh subprocess so peak RSS (`ru_maxrss`) belongs to that measurement
+alone; we report the peak minus the RSS after setup (model, scoring set and imports loaded).
+
+    python -m benchmarks.scoring_cost --preset tiny --threads 1 --out reports/scoring_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("forward_backward", "snip", "altereva")
+
+
+def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> dict:
+    import torch
+
+    from compress.altereva import AlterEvaConfig, altereva_saliency, signed_saliency
+    from compress.partition import Partition
+    from compress.prune import scoring_set
+    from fusion.config import get_config
+    from fusion.data.dataset import model_inputs
+    from fusion.losses import task_loss
+    from fusion.models.bevfusion import build_model
+
+    torch.set_num_threads(threads)
+    config = get_config(preset)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    data = scoring_set(config, batches, 2)
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if kind == "forward_backward":
+        loss, _ = task_loss(model(**model_inputs(data[0])), data[0])
+        loss.backward()
+    elif kind == "snip":
+        signed_saliency(model, data)
+    else:
+        altereva_saliency(model, Partition.of(model), data, AlterEvaConfig(reactivation_steps=steps), progress=False)
+    seconds = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "seconds": seconds, "extra_peak_mib": (peak_rss - setup_rss) / 1024, "peak_rss_mib": peak_rss / 1024}
+
+
+def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[dict]:
+    rows = []
+    for kind in KINDS:
+        command = [sys.executable, "-m", "benchmarks.scoring_cost", "--child", kind, "--preset", preset]
+        command += ["--threads", str(threads), "--batches", str(batches), "--steps", str(steps)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    base = rows[0]["seconds"]
+    lines = [
+        f"# AlterEva scoring cost ({preset} preset, {threads} thread(s), scoring set {batches} x 2 scenes, B = {steps})",
+        "",
+        "| what | seconds | x one fwd/bwd (batch 2) | extra peak RSS (MiB) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['seconds']:.2f} | {r['seconds'] / base:.1f} | {r['extra_peak_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
+    command = f"python -m benchmarks.scoring_cost --preset {preset} --threads {threads} --batches {batches} --steps {steps}"
+    lines += ["", f"Measured with `{command}`."]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scoring_cost.md").write_text("\n".join(lines) + "\n")
+    (out / "scoring_cost.json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=4, help="scoring-set batches of 2 scenes")
+    parser.add_argument("--steps", type=int, default=8, help="AlterEva reactivation steps B")
+    parser.add_argument("--out", default="reports/scoring_cost")
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.preset, args.threads, args.batches, args.steps)))
+    else:
+        run(args.preset, args.threads, args.batches, args.steps, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
