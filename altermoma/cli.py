@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from compress.partition import PartitionError
 from compress.structured import PruningError
 from fusion.checkpoint import CheckpointError
@@ -43,12 +44,15 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     from fusion.checkpoint import read_weights
     from fusion.data.dataset import SyntheticScenes
     from fusion.models.bevfusion import build_model
     from fusion.train import fit, load_pretrained
 
     config = config_from_args(args)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of "same seed, same result"
     model = build_model(config, args.modality)
     metadata = {"command": " ".join(["altermoma", *sys.argv[1:]])}
     # LiDAR first: its decoder and heads initialise the fusion model's (as in BEVFusion); the camera
@@ -186,7 +190,10 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="altermoma", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="altermoma",
+        description="AlterMOMA pruning for camera-LiDAR fusion models: train, prune, fine-tune, evaluate, export, benchmark.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a camera-only, LiDAR-only or fusion model on synthetic scenes")
@@ -230,12 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_args(p, default_target=0.5)
     p.set_defaults(run=cmd_pipeline)
 
-    try:
-        from altermoma.cli_deploy import add_parsers
-    except ImportError:
-        pass
-    else:
-        add_parsers(sub)
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -46,7 +46,12 @@ def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> di
         altereva_saliency(model, Partition.of(model), data, AlterEvaConfig(reactivation_steps=steps), progress=False)
     seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "seconds": seconds, "extra_peak_mib": (peak_rss - setup_rss) / 1024, "peak_rss_mib": peak_rss / 1024}
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "extra_peak_mib": (peak_rss - setup_rss) / 1024,
+        "peak_rss_mib": peak_rss / 1024,
+    }
 
 
 def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[dict]:
@@ -67,7 +72,9 @@ def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[
         lines.append(
             f"| {r['kind']} | {r['seconds']:.2f} | {r['seconds'] / base:.1f} | {r['extra_peak_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
-    command = f"python -m benchmarks.scoring_cost --preset {preset} --threads {threads} --batches {batches} --steps {steps}"
+    command = (
+        f"python -m benchmarks.scoring_cost --preset {preset} --threads {threads} --batches {batches} --steps {steps}"
+    )
     lines += ["", f"Measured with `{command}`."]
     out.mkdir(parents=True, exist_ok=True)
     (out / "scoring_cost.md").write_text("\n".join(lines) + "\n")

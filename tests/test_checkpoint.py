@@ -85,3 +85,15 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkey
         save_checkpoint(tmp_path / "c", model, {"step": 2})
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_checkpoint_files_are_readable_by_others(tiny_config, tmp_path):
+    import os
+    import stat
+
+    save_checkpoint(tmp_path / "c", build_model(tiny_config, "lidar"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "checkpoint.json"):
+        mode = stat.S_IMODE((tmp_path / "c" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))

@@ -1,0 +1,118 @@
+"""Deployment subcommands of `altermoma`: `export onnx` and `bench`.
+
+Wired into the main parser by `add_parsers(sub)`; handlers raise ValueError / FileNotFoundError /
+CheckpointError for user errors, which the main CLI prints as one line.
+
+    altermoma export onnx --checkpoint DIR --out DIR [--preset P] [--pool-method scatter|cumsum]
+                          [--opset 17] [--samples 8] [--no-simplify] [--threads 1] [--batch-size 1]
+    altermoma bench [--checkpoint DIR ...] [--preset tiny] [--threads 1] [--runs 50] [--out reports/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from export.onnx import export_checkpoint
+
+    report = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        preset=args.preset,
+        pool_method=args.pool_method,
+        opset=args.opset,
+        samples=args.samples,
+        simplify=not args.no_simplify,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+    single, parity = report["single"], report["parity"]
+    print(
+        f"wrote {single['path']} ({single['size_bytes'] / 2**20:.2f} MiB, {single['nodes']} nodes, "
+        f"pooling {single['pool_method']}) and {len(report['split'])} split graphs in {args.out}/split"
+    )
+    print(
+        f"parity on {parity['samples']} val scenes (atol {parity['atol']:.0e}): {'OK' if parity['ok'] else 'FAILED'}; "
+        + ", ".join(f"{k} max abs {v:.2e}" for k, v in parity["max_abs"].items())
+        + f"; fp32 target 1e-4 {'met' if parity['meets_fp32_target'] else 'NOT met'}"
+    )
+    if "metrics" in parity:
+        print("mAP " + ", ".join(f"{k} {m['mAP']:.4f}" for k, m in parity["metrics"].items()))
+    print(f"report: {args.out}/export_report.md")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from benchmarks.latency import bench
+
+    report = bench(
+        args.checkpoint or None,
+        preset=args.preset,
+        threads=args.threads,
+        out_dir=args.out,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        pool_method=args.pool_method,
+    )
+    for model in report["models"]:
+        parts = [f"{model['label']}: {model['gflops']:.2f} GFLOPs, {model['params'] / 1e6:.2f} M params"]
+        for backend, lat in model["latency"].items():
+            if lat.get("status") == "ok":
+                parts.append(f"{backend} {lat['total']['median_ms']:.2f} ms")
+        print("; ".join(parts))
+    skipped = sorted({state for state in report["backends"].values() if state != "available"})
+    for state in skipped:
+        print(f"  {state}")
+    print(f"report: {args.out}/bench.md")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `export` (with `onnx`) and `bench` to the main CLI's subparsers."""
+    p = sub.add_parser("export", help="export a checkpoint for deployment")
+    formats = p.add_subparsers(dest="export_format", required=True)
+    o = formats.add_parser(
+        "onnx",
+        help="ONNX export (one graph + the CUDA-BEVFusion split), TensorRT-readiness check, parity report",
+    )
+    o.add_argument("--checkpoint", required=True, help="checkpoint directory (pruned or not)")
+    o.add_argument("--out", required=True, help="output directory (created if missing)")
+    o.add_argument("--preset", help="refuse a checkpoint of another preset")
+    o.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--samples", type=_positive, default=8, help="synthetic val scenes for parity (default 8)")
+    o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    o.add_argument("--threads", type=_positive, default=1, help="torch and ONNX Runtime threads (default 1)")
+    o.add_argument("--batch-size", type=_positive, default=1, help="static batch size of the graphs (default 1)")
+    o.set_defaults(run=cmd_export_onnx)
+
+    b = sub.add_parser("bench", help="GFLOPs and latency per stage and backend; speed-up against the first model")
+    b.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="checkpoint directory, repeatable; the first is the baseline (default: the shipped "
+        "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such)",
+    )
+    b.add_argument("--preset", help="preset of the default model (tiny); with --checkpoint, refuse other presets")
+    b.add_argument("--threads", type=_positive, default=1)
+    b.add_argument("--runs", type=_positive, default=50, help="timed runs (default 50)")
+    b.add_argument("--warmup", type=_non_negative, default=10, help="warm-up runs (default 10)")
+    b.add_argument("--batch-size", type=_positive, default=1)
+    b.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
+    b.add_argument("--out", default="reports/bench", help="output directory (default reports/bench)")
+    b.set_defaults(run=cmd_bench)
