@@ -14,11 +14,20 @@ from pathlib import Path
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from compress.partition import PartitionError
 from compress.structured import PruningError
+from export.runtime import TensorRTUnavailable
 from fusion.checkpoint import CheckpointError
 from fusion.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
-USER_ERRORS = (CheckpointError, ConfigError, PartitionError, PruningError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    PartitionError,
+    PruningError,
+    TensorRTUnavailable,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def shipped_checkpoint(modality: str, preset: str = "tiny") -> Path:

@@ -56,6 +56,17 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/export_report.md")
 
 
+def cmd_export_trt(args: argparse.Namespace) -> None:
+    from export.engines import build_engines
+
+    report = build_engines(
+        args.onnx_dir, args.out, tuple(args.precision or ["fp16"]), args.workspace_mib, args.samples, args.threads
+    )
+    for name, result in report["engines"].items():
+        print(f"{name}: parity vs ONNX Runtime {'OK' if result['ok'] else 'FAILED'}")
+    print(f"engines, build_engines.sh and trt_report.json in {args.out}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from benchmarks.latency import bench
 
@@ -99,6 +110,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--threads", type=_positive, default=1, help="torch and ONNX Runtime threads (default 1)")
     o.add_argument("--batch-size", type=_positive, default=1, help="static batch size of the graphs (default 1)")
     o.set_defaults(run=cmd_export_onnx)
+
+    t = formats.add_parser(
+        "trt",
+        help="TensorRT engines from an `export onnx` directory (needs TensorRT; always writes build_engines.sh)",
+    )
+    t.add_argument("--onnx-dir", required=True, help="output directory of `altermoma export onnx`")
+    t.add_argument("--out", required=True, help="engine directory (created if missing)")
+    t.add_argument("--precision", action="append", choices=("fp32", "fp16"), help="repeatable (default fp16)")
+    t.add_argument("--workspace-mib", type=_positive, default=4096)
+    t.add_argument("--samples", type=_positive, default=2, help="seeded inputs for the parity check")
+    t.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for the parity check")
+    t.set_defaults(run=cmd_export_trt)
 
     b = sub.add_parser("bench", help="GFLOPs and latency per stage and backend; speed-up against the first model")
     b.add_argument(

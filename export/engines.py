@@ -1,0 +1,122 @@
+"""TensorRT engines for an exported model directory (`altermoma export trt`).
+
+Takes what `altermoma export onnx` wrote (model.onnx and split/*.onnx), writes `build_engines.sh`
+(the equivalent trtexec command of every engine, for building on the Jetson itself, since engines
+are not portable across GPUs or TensorRT versions), then, where TensorRT imports, builds every engine
+and checks it against ONNX Runtime on the same inputs. Where TensorRT is missing it says so and
+stops: no code path here claims a TensorRT result it did not produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export.parity import compare_outputs
+from export.runtime import TensorRTUnavailable, import_tensorrt
+from export.tensorrt import EngineSpec, build_engine, read_onnx_io, trtexec_command
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def exported_graphs(onnx_dir: str | Path) -> dict[str, Path]:
+    """The single graph and the split stages found in an `export onnx` output directory."""
+    onnx_dir = Path(onnx_dir)
+    model = onnx_dir / "model.onnx"
+    if not model.is_file():
+        raise FileNotFoundError(f"no model.onnx in {onnx_dir}: run `altermoma export onnx` first")
+    return {"model": model, **{p.stem: p for p in sorted((onnx_dir / "split").glob("*.onnx"))}}
+
+
+def engine_specs(
+    graphs: dict[str, Path], out_dir: Path, precisions: tuple[str, ...], workspace_mib: int
+) -> list[EngineSpec]:
+    return [
+        EngineSpec(
+            path,
+            out_dir / f"{name}-{precision}.engine",
+            precision=precision,
+            workspace_mib=workspace_mib,
+            timing_cache=out_dir / "timing.cache",
+        )
+        for precision in precisions
+        for name, path in graphs.items()
+    ]
+
+
+def write_build_script(specs: list[EngineSpec], path: Path) -> None:
+    from fusion.checkpoint import atomic_write_text
+
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Build every engine on the target device (JetPack's trtexec: /usr/src/tensorrt/bin/trtexec).",
+        "set -euo pipefail",
+    ]
+    lines += [trtexec_command(spec) for spec in specs]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    path.chmod(0o755)
+
+
+def sample_inputs(onnx_path: Path, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs of the graph's shapes: floats in [0, 1), integer indices 0 (valid for every gather)."""
+    rng = np.random.default_rng(seed)
+    inputs, _ = read_onnx_io(onnx_path)
+    return {
+        name: rng.random(shape).astype(dtype) if np.issubdtype(np.dtype(dtype), np.floating) else np.zeros(shape, dtype)
+        for name, (shape, dtype) in inputs.items()
+    }
+
+
+def check_against_onnxruntime(spec: EngineSpec, samples: int, threads: int) -> dict:
+    import onnxruntime as ort
+
+    from export.runtime import TensorRTRunner
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    reports = []
+    with TensorRTRunner(spec.engine_path) as runner:
+        for seed in range(samples):
+            feeds = sample_inputs(Path(spec.onnx_path), seed)
+            reference = dict(zip(names, session.run(names, feeds)))
+            reports.append(compare_outputs(reference, runner.run(feeds), precision=spec.precision).to_dict())
+    return {"ok": all(r["ok"] for r in reports), "samples": reports}
+
+
+def build_engines(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    precisions: tuple[str, ...] = ("fp16",),
+    workspace_mib: int = 4096,
+    samples: int = 2,
+    threads: int = 1,
+) -> dict:
+    """Write build_engines.sh, then build and check every engine; raises TensorRTUnavailable without TensorRT."""
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {unknown[0]!r}")
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out_dir.parent} does not exist")
+    graphs = exported_graphs(onnx_dir)
+    out_dir.mkdir(exist_ok=True)
+    specs = engine_specs(graphs, out_dir, precisions, workspace_mib)
+    script = out_dir / "build_engines.sh"
+    write_build_script(specs, script)
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as error:
+        raise TensorRTUnavailable(f"{error}: no engine was built; run {script} on the target device") from None
+    report = {"engines": {}}
+    for spec in specs:
+        build_engine(spec)
+        report["engines"][Path(spec.engine_path).name] = check_against_onnxruntime(spec, samples, threads)
+    report["ok"] = all(e["ok"] for e in report["engines"].values())
+    from fusion.checkpoint import atomic_write_text
+
+    atomic_write_text(out_dir / "trt_report.json", json.dumps(report, indent=2))
+    return report
