@@ -9,7 +9,9 @@ stops: no code path here claims a TensorRT result it did not produce.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +49,24 @@ def engine_specs(
 
 
 def write_build_script(specs: list[EngineSpec], path: Path) -> None:
+    """trtexec lines with paths relative to the script, so the ONNX and engine folders can be copied to a Jetson."""
     from fusion.checkpoint import atomic_write_text
 
+    here = path.parent
     lines = [
         "#!/usr/bin/env bash",
         "# Build every engine on the target device (JetPack's trtexec: /usr/src/tensorrt/bin/trtexec).",
         "set -euo pipefail",
+        'cd "$(dirname "$0")"',
     ]
-    lines += [trtexec_command(spec) for spec in specs]
+    for spec in specs:
+        relative = dataclasses.replace(
+            spec,
+            onnx_path=os.path.relpath(spec.onnx_path, here),
+            engine_path=Path(spec.engine_path).name,
+            timing_cache=Path(spec.timing_cache).name if spec.timing_cache else None,
+        )
+        lines.append(trtexec_command(relative))
     atomic_write_text(path, "\n".join(lines) + "\n")
     path.chmod(0o755)
 

@@ -43,7 +43,8 @@ def test_without_tensorrt_the_script_is_written_and_nothing_is_claimed(onnx_dir,
     commands = [line for line in script if line.startswith("trtexec")]
     assert len(commands) == 4  # 2 graphs x 2 precisions
     assert sum("--fp16" in c for c in commands) == 2
-    assert all("--saveEngine=" in c and "--onnx=" in c for c in commands)
+    assert all("--saveEngine=" in c and "--onnx=../onnx/" in c for c in commands)  # relative: copyable to a Jetson
+    assert 'cd "$(dirname "$0")"' in script
     assert not list((tmp_path / "engines").glob("*.engine"))
     assert not (tmp_path / "engines" / "trt_report.json").exists()
     # The CLI turns it into one line and exit status 2.
