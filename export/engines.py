@@ -9,7 +9,6 @@ stops: no code path here claims a TensorRT result it did not produce.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -60,13 +59,16 @@ def write_build_script(specs: list[EngineSpec], path: Path) -> None:
         'cd "$(dirname "$0")"',
     ]
     for spec in specs:
-        relative = dataclasses.replace(
-            spec,
-            onnx_path=os.path.relpath(spec.onnx_path, here),
-            engine_path=Path(spec.engine_path).name,
-            timing_cache=Path(spec.timing_cache).name if spec.timing_cache else None,
-        )
-        lines.append(trtexec_command(relative))
+        command = trtexec_command(spec)
+        paths = [
+            (spec.onnx_path, os.path.relpath(spec.onnx_path, here)),
+            (spec.engine_path, Path(spec.engine_path).name),
+        ]
+        if spec.timing_cache:
+            paths.append((spec.timing_cache, Path(spec.timing_cache).name))
+        for absolute, relative in paths:
+            command = command.replace(str(absolute), relative)
+        lines.append(command)
     atomic_write_text(path, "\n".join(lines) + "\n")
     path.chmod(0o755)
 
