@@ -60,7 +60,7 @@ def card(results: dict[str, dict], val_scenes: int, seconds: float, threads: int
         "| model | mAP | NDS | mATE | mASE | mAOE | mIoU | "
         + " | ".join(f"AP {c}" for c in classes)
         + " | GFLOPs | params | file |",
-        "| --- " * (9 + len(classes)) + "|",
+        "| --- " * (10 + len(classes)) + "|",
     ]
     for modality in MODALITIES:
         r, m = results[modality], results[modality]["metrics"]
@@ -81,7 +81,7 @@ def card(results: dict[str, dict], val_scenes: int, seconds: float, threads: int
         "",
         "The fusion model starts from both single-modal checkpoints (LiDAR decoder and heads, camera branch),",
         "the setting the AlterMOMA paper studies. `make demo` uses these files; `altermoma pipeline --from-scratch`",
-        "retrains all three with the same recipe.",
+        "retrains all three with the same recipe (bit-identical only with the same thread counts: 1 for the single-modal runs here).",
     ]
     return "\n".join(lines) + "\n"
 
