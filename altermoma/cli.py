@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
+from benchmarks.compare import add_parser as add_compare_parser
 from compress.partition import PartitionError
 from compress.structured import PruningError
 from export.runtime import TensorRTUnavailable
@@ -154,6 +155,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     request = prune_request(args)
     report = run_prune(args.checkpoint, request, args.out)
     print_prune_report(report)
+    if "finetune_steps_remaining" in report:
+        print(
+            f"IMP fine-tuned between its levels: give `altermoma finetune` --steps {report['finetune_steps_remaining']}"
+        )
     print(f"saved {args.out}")
 
 
@@ -182,7 +187,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = None) -> None:
-    p.add_argument("--method", default="altereva", help="altereva | snip | magnitude | random (default: altereva)")
+    p.add_argument(
+        "--method",
+        default="altereva",
+        help="altereva | snip | magnitude | random | synflow | prospr | imp (default: altereva)",
+    )
     p.add_argument(
         "--target-gflops", type=float, default=default_target, help="fraction of GFLOPs to remove (structured)"
     )
@@ -246,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_args(p, default_target=0.5)
     p.set_defaults(run=cmd_pipeline)
 
+    add_compare_parser(sub)
     add_deploy_parsers(sub)
     return parser
 

@@ -61,6 +61,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_partitions(report: dict) -> str:
+    """Where the pruning cut: channels kept, params and GFLOPs per partition."""
+    lines = ["| partition | channels kept | params | GFLOPs |", "| --- | --- | --- | --- |"]
+    for part, r in report["partitions"].items():
+        lines.append(
+            f"| {part} | {r['channels_after']}/{r['channels_before']} ({r['kept_ratio']:.0%}) | "
+            f"{r['params_before']:,} -> {r['params_after']:,} | {r['gflops_before']:.3f} -> {r['gflops_after']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_pipeline(
     out: Path, from_scratch: bool, request: PruneRequest, finetune_steps: int, val_scenes: int, threads: int
 ) -> dict:
@@ -77,14 +88,13 @@ def run_pipeline(
 
     rows = []
     for modality, model in models.items():
-        gflops = None
-        if modality == "fusion":
-            gflops = measured_gflops(model, example_inputs(config))
+        gflops = measured_gflops(model, example_inputs(config, modality=modality))
         rows.append(
             _row(f"{modality} (unpruned)", evaluate(model, val), gflops, sum(p.numel() for p in model.parameters()))
         )
 
     fusion_model = models["fusion"]
+    request.imp.finetune = FinetuneConfig(steps=finetune_steps, threads=threads)  # IMP's total budget
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed)
     report = prune(fusion_model, request, batches)
     save_checkpoint(out / "pruned", fusion_model, {"pruning": report})
@@ -95,9 +105,11 @@ def run_pipeline(
         _row(f"fusion, {request.method} {target}, no fine-tune", evaluate(fusion_model, val), gflops_after, params)
     )
 
+    # IMP already spent part of the budget between its levels: every method gets the same total.
+    steps = report.get("finetune_steps_remaining", finetune_steps)
     finetune(
         fusion_model,
-        FinetuneConfig(steps=finetune_steps, threads=threads),
+        FinetuneConfig(steps=steps, threads=threads),
         out / "finetuned",
         metadata={"pruning": report},
     )
@@ -116,7 +128,8 @@ def run_pipeline(
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
     atomic_write_text(
         out / "report.md",
-        f"# altermoma pipeline\n\n{table}\n\nSynthetic val split, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads.\n",
+        f"# altermoma pipeline\n\n{table}\n\nSynthetic val split, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads.\n"
+        + (f"\n## Where the pruning cut\n\n{format_partitions(report)}\n" if report["kind"] == "structured" else ""),
     )
     print(table)
     print(f"report: {out / 'report.md'} ({elapsed:.0f} s)")

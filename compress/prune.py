@@ -14,6 +14,19 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compress.altereva import AlterEvaConfig, altereva_saliency, signed_saliency
+from compress.baselines import (
+    PROSPR_MODES,
+    IMPConfig,
+    ProsprConfig,
+    SynFlowConfig,
+    iterative_magnitude_prune,
+    magnitude_channel_scores,
+    magnitude_weight_scores,
+    prospr_channel_scores,
+    prospr_weight_scores,
+    synflow_channel_scores,
+    synflow_weight_scores,
+)
 from compress.partition import PARTS, Partition
 from compress.scores import altereva_scores
 from compress.structured import ChannelGraph, PruningError
@@ -21,7 +34,9 @@ from compress.unstructured import apply_masks, global_masks, prunable_weights, s
 from fusion.config import Config
 from fusion.data.dataset import collate, make_sample, model_inputs
 
-STRUCTURED_METHODS = ("altereva", "snip", "magnitude", "random")
+METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
+STRUCTURED_METHODS = METHODS  # every method works at channel and at weight granularity
+METHOD_OPTIONS = ("altereva", "imp", "synflow", "prospr")  # PruneRequest fields that belong to one method
 SCORING_STREAM = 1000  # scenes of the scoring set come from their own seeded stream
 
 
@@ -37,6 +52,9 @@ class PruneRequest:
     scoring_batch_size: int = 2
     seed: int = 0
     altereva: AlterEvaConfig = field(default_factory=AlterEvaConfig)
+    imp: IMPConfig = field(default_factory=IMPConfig)
+    synflow: SynFlowConfig = field(default_factory=SynFlowConfig)
+    prospr: ProsprConfig = field(default_factory=ProsprConfig)
 
     @property
     def structured(self) -> bool:
@@ -49,14 +67,20 @@ class PruneRequest:
             raise PruningError("give exactly one of --target-gflops, --channel-ratio or --sparsity")
         if not 0.0 < targets[0] < 1.0:
             raise PruningError(f"the pruning target must be strictly between 0 and 1, got {targets[0]}")
-        if self.method not in STRUCTURED_METHODS:
-            raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(STRUCTURED_METHODS)})")
+        if self.method not in METHODS:
+            raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.round_to < 1:
             raise PruningError(f"round_to must be >= 1, got {self.round_to}")
         if not 0.0 < self.max_group_ratio < 1.0:
             raise PruningError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
         if self.scoring_batches < 1 or self.scoring_batch_size < 1:
             raise PruningError("the scoring set needs at least one batch of at least one scene")
+        if self.method == "imp" and (self.imp.levels < 1 or self.channel_ratio is not None):
+            raise PruningError("IMP needs levels >= 1 and a GFLOPs target or a sparsity (not a channel ratio)")
+        if self.synflow.iterations < 1:
+            raise PruningError(f"SynFlow needs at least one iteration, got {self.synflow.iterations}")
+        if self.prospr.steps < 0 or self.prospr.mode not in PROSPR_MODES:
+            raise PruningError(f"ProsPr needs steps >= 0 and a mode in {PROSPR_MODES}")
         return self
 
 
@@ -99,9 +123,16 @@ def channel_scores(
         return altereva_scores(deci, reri, parts, request.altereva.alpha, request.altereva.beta)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
         return [s.abs() for s in graph.channel_saliency(signed_saliency(model, batches))]
-    if method == "magnitude":  # L2 norm of every coupled weight of the channel
-        squares = {name: p.detach() ** 2 for name, p in model.named_parameters()}
-        return [s.sqrt() for s in graph.channel_saliency(squares)]
+    if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
+        return magnitude_channel_scores(model, graph)
+    if method == "synflow":
+        mode = "flops" if request.target_gflops is not None else "channels"
+        target = request.target_gflops if mode == "flops" else request.channel_ratio
+        tiebreak = magnitude_channel_scores(model, graph)
+        args = (target, mode, request.round_to, request.max_group_ratio, request.synflow, tiebreak, progress)
+        return synflow_channel_scores(model, graph, batches, *args)
+    if method == "prospr":
+        return prospr_channel_scores(model, graph, batches, request.prospr)
     generator = torch.Generator().manual_seed(request.seed)
     return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
 
@@ -188,9 +219,11 @@ def _score_summary(scores: list[torch.Tensor], graph: ChannelGraph) -> dict[str,
 
 
 def _request_dict(request: PruneRequest) -> dict:
+    """The request as plain data, without the option blocks of other methods."""
     data = asdict(request)
-    if request.method != "altereva":
-        data.pop("altereva")
+    for method in METHOD_OPTIONS:
+        if request.method != method:
+            data.pop(method)
     return data
 
 
@@ -209,8 +242,12 @@ def weight_scores(
     if request.method == "snip":
         saliency = signed_saliency(model, batches)
         return {n: saliency[n].abs() for n in weights}
-    if request.method == "magnitude":
-        return {n: w.detach().abs() for n, w in weights.items()}
+    if request.method in ("magnitude", "imp"):
+        return magnitude_weight_scores(model)
+    if request.method == "synflow":
+        return synflow_weight_scores(model, batches, request.sparsity, request.synflow, progress)
+    if request.method == "prospr":
+        return prospr_weight_scores(model, batches, request.prospr)
     generator = torch.Generator().manual_seed(request.seed)
     return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
 
@@ -240,9 +277,20 @@ def prune_unstructured(
 
 
 def prune(
-    model: nn.Module, request: PruneRequest, batches: list, partition: Partition | None = None, progress: bool = True
+    model: nn.Module,
+    request: PruneRequest,
+    batches: list,
+    partition: Partition | None = None,
+    progress: bool = True,
+    train_set=None,
 ) -> dict:
+    """Prune in place. IMP fine-tunes between its levels (on `train_set`, rendered if None) and leaves
+    the last level's share of its budget to the caller: the report's `finetune_steps_remaining`."""
     request.validate()
+    if request.method == "imp":
+        return iterative_magnitude_prune(
+            model, request, batches, partition=partition, progress=progress, train_set=train_set, finetune_last=False
+        )
     if request.structured:
         return prune_structured(model, request, batches, partition, progress)
     return prune_unstructured(model, request, batches, partition, progress)

@@ -1,0 +1,543 @@
+"""Method comparison on the shipped tiny fusion checkpoint: methods x targets x seeds, one harness.
+
+Every run prunes the same checkpoint with the same scoring set (drawn per seed), the same target
+(GFLOPs reduction for structured runs, sparsity for unstructured ones) and the same fine-tune budget
+(IMP spreads it over its levels; see `compress.baselines`), then is evaluated on the same synthetic
+val split. The seed changes the scoring set, random scores and the fine-tune data order. Each
+finished run is written to `--out/runs/<key>.json` and skipped when present with the same settings,
+so an interrupted comparison resumes where it stopped.
+
+    python -m benchmarks.compare --quick                # 1 seed, 50% GFLOPs, 100 fine-tune steps
+    python -m benchmarks.compare                        # the full grid (several hours on 2 cores)
+    python -m benchmarks.compare --scoring-cost         # per-method scoring time and peak memory
+
+torch and the packages are imported inside the functions, so registering `altermoma compare` costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
+METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
+STRUCTURED_TARGETS = (0.3, 0.5, 0.7)
+SPARSITIES = (0.8, 0.85, 0.9)
+BETAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # AlterEva beta/alpha, alpha = 1
+SWEEP_TARGET = 0.5
+METRICS = ("mAP", "NDS", "mIoU", "mATE", "mASE", "mAOE")
+PARTS = ("camera", "lidar", "fusion")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the run itself that changes a result; stored with every run."""
+
+    checkpoint: str
+    finetune_steps: int = 300
+    train_scenes: int = 500
+    val_scenes: int = 200
+    threads: int = 2
+    synflow_iterations: int = 100
+    imp_levels: int = 3
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    kind: str  # "structured" (target = GFLOPs reduction) or "unstructured" (target = sparsity)
+    target: float
+    seed: int
+    beta: float = 1.0  # AlterEva's beta/alpha; other methods ignore it
+
+    @property
+    def key(self) -> str:
+        beta = f"-beta{self.beta:g}" if self.method == "altereva" and self.beta != 1.0 else ""
+        return f"{self.kind}-{self.target:g}-{self.method}{beta}-seed{self.seed}"
+
+
+def plan(methods: tuple[str, ...], seeds: int, quick: bool) -> list[RunSpec]:
+    """The runs of a comparison, deduplicated (the beta = 1 sweep point is the main AlterEva run)."""
+    runs = []
+    for seed in range(seeds):
+        for target in (SWEEP_TARGET,) if quick else STRUCTURED_TARGETS:
+            runs += [RunSpec(m, "structured", target, seed) for m in methods]
+        if quick:
+            continue
+        for sparsity in SPARSITIES:
+            runs += [RunSpec(m, "unstructured", sparsity, seed) for m in methods]
+        if "altereva" in methods:
+            runs += [RunSpec("altereva", "structured", SWEEP_TARGET, seed, beta) for beta in BETAS]
+    return list(dict.fromkeys(runs))
+
+
+# ---- one run ------------------------------------------------------------------------------------
+def prune_request(spec: RunSpec, settings: Settings):
+    from compress.altereva import AlterEvaConfig
+    from compress.baselines import IMPConfig, SynFlowConfig
+    from compress.prune import PruneRequest
+
+    target = {"target_gflops": spec.target} if spec.kind == "structured" else {"sparsity": spec.target}
+    return PruneRequest(
+        method=spec.method,
+        seed=spec.seed,
+        altereva=AlterEvaConfig(alpha=1.0, beta=spec.beta),
+        imp=IMPConfig(levels=settings.imp_levels, finetune=finetune_config(settings, spec.seed)),
+        synflow=SynFlowConfig(iterations=settings.synflow_iterations),
+        **target,
+    ).validate()
+
+
+def finetune_config(settings: Settings, seed: int):
+    from compress.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        steps=settings.finetune_steps, scenes=settings.train_scenes, seed=seed, threads=settings.threads
+    )
+
+
+def model_stats(model) -> dict:
+    """GFLOPs of one sample (dense count), parameters, and non-zero prunable weights."""
+    from compress.prune import measured_gflops
+    from compress.unstructured import prunable_weights
+    from fusion.models.bevfusion import example_inputs
+
+    weights = prunable_weights(model)
+    return {
+        "gflops": measured_gflops(model, example_inputs(model.config)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "prunable_nonzero": sum(int((w != 0).sum()) for w in weights.values()),
+        "prunable": sum(w.numel() for w in weights.values()),
+    }
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in METRICS if k in metrics}
+
+
+def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict:
+    """Prune a fresh copy of `base`, fine-tune it with the shared budget, evaluate it."""
+    from compress.finetune import finetune
+    from compress.prune import prune, scoring_set
+    from fusion.evaluate import evaluate
+
+    model = copy.deepcopy(base)
+    request = prune_request(spec, settings)
+    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, spec.seed)
+    start = time.perf_counter()
+    report = prune(model, request, batches, progress=False, train_set=train_set)
+    pruned_at = time.perf_counter()
+    steps = report.get("finetune_steps_remaining", settings.finetune_steps)
+    if steps > 0:
+        config = dataclasses.replace(finetune_config(settings, spec.seed), steps=steps)
+        finetune(model, config, metadata={"pruning": report}, progress=False, train_set=train_set)
+    tuned_at = time.perf_counter()
+    metrics = scalar_metrics(evaluate(model, val_set, progress=False))
+    return {
+        "key": spec.key,
+        "spec": dataclasses.asdict(spec),
+        "settings": dataclasses.asdict(settings),
+        "metrics": metrics,
+        **model_stats(model),
+        "gflops_reduction": report.get("gflops_reduction"),
+        "sparsity": report.get("sparsity"),
+        "kept_ratio": {part: r["kept_ratio"] for part, r in report["partitions"].items()},
+        "seconds": {
+            "prune": pruned_at - start,
+            "finetune": tuned_at - pruned_at,
+            "evaluate": time.perf_counter() - tuned_at,
+        },
+        "pruning": report,
+    }
+
+
+# ---- the comparison -----------------------------------------------------------------------------
+def load_run(path: Path, settings: Settings) -> dict | None:
+    """A stored run, if it exists and was made with the same settings."""
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return run if run.get("settings") == dataclasses.asdict(settings) else None
+
+
+def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
+    """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
+    from fusion.checkpoint import atomic_write_text
+    from fusion.evaluate import evaluate
+
+    path = runs_dir / "unpruned.json"
+    wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == wanted:
+            return stored
+    if val_set is None:
+        return None
+    result = {"settings": wanted, "metrics": scalar_metrics(evaluate(base, val_set, progress=False))}
+    result.update(model_stats(base))
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def compare(
+    out: Path, settings: Settings, methods: tuple[str, ...], seeds: int, quick: bool, progress: bool = True
+) -> dict:
+    """Run (or resume) every planned run, then write compare.md, compare.json and the plots."""
+    import torch
+
+    from fusion.checkpoint import atomic_write_text, load_checkpoint
+    from fusion.data.dataset import SyntheticScenes
+
+    start = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base, _ = load_checkpoint(settings.checkpoint)
+    specs = plan(methods, seeds, quick)
+    stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
+    todo = [spec for spec in specs if stored[spec.key] is None]
+    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done", flush=True)
+    reference = unpruned(settings, base, None, runs_dir)
+    val_set = None
+    if todo or reference is None:  # rendered once, shared by every run of this invocation
+        val_set = SyntheticScenes(base.config, "val", num_scenes=settings.val_scenes, progress=progress)
+        reference = unpruned(settings, base, val_set, runs_dir)
+    train_set = (
+        SyntheticScenes(base.config, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
+    )
+    for i, spec in enumerate(todo, 1):
+        run = run_one(spec, settings, base, train_set, val_set)
+        atomic_write_text(runs_dir / f"{spec.key}.json", json.dumps(run, indent=2))
+        stored[spec.key] = run
+        m = run["metrics"]
+        print(
+            f"[{i}/{len(todo)}] {spec.key}: mAP {m['mAP']:.4f} NDS {m['NDS']:.4f} mIoU {m.get('mIoU', math.nan):.4f} "
+            f"GFLOPs {run['gflops']:.3f} ({sum(run['seconds'].values()):.0f} s)",
+            flush=True,
+        )
+    runs = [stored[spec.key] for spec in specs]
+    elapsed = time.perf_counter() - start
+    summary = {
+        "settings": dataclasses.asdict(settings),
+        "seeds": seeds,
+        "quick": quick,
+        "unpruned": reference,
+        "runs": runs,
+        "seconds": elapsed,
+    }
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "compare.md", markdown(summary))
+    plot_map_vs_gflops(runs, reference, out / "map_vs_gflops.png")
+    plot_map_vs_beta(runs, out / "map_vs_beta.png")
+    print(markdown(summary))
+    print(f"wrote {out / 'compare.md'} ({elapsed:.0f} s)")
+    return summary
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
+
+
+def cell(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def grouped(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs grouped over seeds by (kind, target, method, beta), in plan order."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        s = run["spec"]
+        groups.setdefault((s["kind"], s["target"], s["method"], s["beta"]), []).append(run)
+    return groups
+
+
+def section_rows(groups: dict[tuple, list[dict]], kind: str, sweep: bool) -> list[tuple[tuple, list[dict]]]:
+    """The method table of one kind (AlterEva at beta = 1 only), or the AlterEva beta sweep by beta."""
+    if sweep:
+        rows = [(k, v) for k, v in groups.items() if k[:3] == (kind, SWEEP_TARGET, "altereva")]
+        return sorted(rows, key=lambda kv: kv[0][3])
+    return [(k, v) for k, v in groups.items() if k[0] == kind and (k[2] != "altereva" or k[3] == 1.0)]
+
+
+def _row(runs: list[dict], structured: bool) -> list[str]:
+    metrics = [cell([r["metrics"].get(k, math.nan) for r in runs]) for k in ("mAP", "NDS", "mIoU")]
+    if structured:
+        size = [cell([r["gflops"] for r in runs], 3), cell([r["params"] / 1e6 for r in runs], 3)]
+    else:
+        size = [cell([r["sparsity"] for r in runs], 3), cell([r["prunable_nonzero"] / 1e6 for r in runs], 3)]
+    kept = [cell([r["kept_ratio"].get(p, math.nan) for r in runs], 2) for p in PARTS]
+    return metrics + size + kept
+
+
+def markdown(summary: dict) -> str:
+    settings, ref = summary["settings"], summary["unpruned"]
+    groups = grouped(summary["runs"])
+    lines = [
+        "# Pruning methods compared on the tiny fusion model",
+        "",
+        f"Checkpoint `{settings['checkpoint']}`; synthetic val split, {settings['val_scenes']} scenes; "
+        f"{summary['seeds']} seed(s) (mean ± std over seeds); fine-tune {settings['finetune_steps']} steps for every "
+        f"method (IMP: split over {settings['imp_levels']} levels), {settings['train_scenes']} training scenes; "
+        f"SynFlow {settings['synflow_iterations']} iterations; {settings['threads']} thread(s); "
+        f"{summary['seconds']:.0f} s in this invocation.",
+        "",
+        "| model | mAP | NDS | mIoU | GFLOPs | params (M) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| unpruned | {ref['metrics']['mAP']:.4f} | {ref['metrics']['NDS']:.4f} | {ref['metrics'].get('mIoU', math.nan):.4f} "
+        f"| {ref['gflops']:.3f} | {ref['params'] / 1e6:.3f} |",
+    ]
+    header = "| {} | method | mAP | NDS | mIoU | {} | kept camera | kept lidar | kept fusion |"
+    sections = (
+        ("structured", False, "Structured (target = GFLOPs reduction)", "target", "GFLOPs | params (M)"),
+        (
+            "unstructured",
+            False,
+            "Unstructured (target = sparsity of prunable weights)",
+            "target",
+            "sparsity | non-zero (M)",
+        ),
+        (
+            "structured",
+            True,
+            f"AlterEva beta/alpha sweep ({SWEEP_TARGET:.0%} GFLOPs)",
+            "beta/alpha",
+            "GFLOPs | params (M)",
+        ),
+    )
+    for kind, sweep, title, first, size in sections:
+        rows = section_rows(groups, kind, sweep)
+        if len(rows) < (2 if sweep else 1):
+            continue
+        lines += ["", f"## {title}", "", header.format(first, size), "| --- " * 10 + "|"]
+        for (_, target, method, beta), runs in rows:
+            label = f"{beta:g}" if sweep else f"{target:.0%}"
+            lines.append(f"| {label} | {method} | " + " | ".join(_row(runs, kind == "structured")) + " |")
+    lines += [
+        "",
+        "Kept ratios are channels (structured) or weights (unstructured) kept per partition. GFLOPs are",
+        "FlopCounterMode counts of one sample; unstructured models keep their dense GFLOPs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = grouped([r for r in runs if r["spec"]["beta"] == 1.0 or r["spec"]["method"] != "altereva"])
+    kinds = [k for k in ("structured", "unstructured") if any(key[0] == k for key in groups)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        x_of = (lambda r: r["gflops"]) if kind == "structured" else (lambda r: r["sparsity"])
+        for method in METHODS:
+            points = sorted((k[1], v) for k, v in groups.items() if k[0] == kind and k[2] == method)
+            if not points:
+                continue
+            xs = [mean_std([x_of(r) for r in v])[0] for _, v in points]
+            ys = [mean_std([r["metrics"]["mAP"] for r in v]) for _, v in points]
+            ax.errorbar(
+                xs,
+                [y[0] for y in ys],
+                yerr=[0 if math.isnan(y[1]) else y[1] for y in ys],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        ref_x = reference["gflops"] if kind == "structured" else 0.0
+        ax.axhline(reference["metrics"]["mAP"], color="black", linestyle="--", linewidth=0.8)
+        ax.scatter([ref_x], [reference["metrics"]["mAP"]], marker="*", s=150, color="black", zorder=5, label="unpruned")
+        ax.set_xlabel("GFLOPs" if kind == "structured" else "sparsity")
+        ax.set_ylabel("mAP")
+        ax.set_title(f"{kind} pruning + fine-tune")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_map_vs_beta(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = {
+        k[3]: v
+        for k, v in grouped(runs).items()
+        if k[0] == "structured" and k[1] == SWEEP_TARGET and k[2] == "altereva"
+    }
+    if len(sweep) < 2:
+        return
+    betas = sorted(sweep)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for metric in ("mAP", "NDS"):
+        stats = [mean_std([r["metrics"][metric] for r in sweep[b]]) for b in betas]
+        ax.errorbar(
+            betas,
+            [s[0] for s in stats],
+            yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
+            marker="o",
+            capsize=3,
+            label=metric,
+        )
+    ax.set_xlabel("beta / alpha")
+    ax.set_title(f"AlterEva at {SWEEP_TARGET:.0%} GFLOPs reduction")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- scoring cost -------------------------------------------------------------------------------
+COST_KINDS = ("magnitude", "random", "snip", "altereva", "synflow", "prospr-full", "prospr-first-order")
+
+
+def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
+    """Score the channels of a random-weight tiny model once; time and peak RSS beyond setup."""
+    import torch
+
+    from compress.baselines import ProsprConfig, SynFlowConfig
+    from compress.partition import Partition
+    from compress.prune import PruneRequest, channel_scores, scoring_set
+    from compress.structured import ChannelGraph
+    from fusion.config import get_config
+    from fusion.data.dataset import model_inputs
+    from fusion.models.bevfusion import build_model
+
+    torch.set_num_threads(threads)
+    config = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    method, _, mode = kind.partition("-")
+    request = PruneRequest(
+        method=method,
+        target_gflops=0.5,
+        synflow=SynFlowConfig(iterations=synflow_iterations),
+        prospr=ProsprConfig(mode=mode or "full"),
+    )
+    batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size)
+    partition = Partition.of(model)
+    graph = ChannelGraph(model, partition, {k: v[:1] for k, v in model_inputs(batches[0]).items()})
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    channel_scores(method, model, graph, partition, batches, request, progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "seconds": seconds, "extra_peak_mib": (peak - setup_rss) / 1024, "peak_rss_mib": peak / 1024}
+
+
+def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]:
+    """Each criterion in a fresh subprocess, so peak RSS belongs to that criterion alone."""
+    from fusion.checkpoint import atomic_write_text
+
+    rows = []
+    for kind in COST_KINDS:
+        command = [sys.executable, "-m", "benchmarks.compare", "--cost-child", kind, "--threads", str(threads)]
+        command += ["--synflow-iterations", str(synflow_iterations)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    lines = [
+        f"# Channel-scoring cost per criterion (tiny preset, random weights, {threads} thread(s))",
+        "",
+        "Scoring set 4 batches x 2 scenes; AlterEva B = 8; ProsPr M = 3; SynFlow batch 1, float64, "
+        f"{synflow_iterations} iterations. Extra peak RSS = peak minus RSS after setup, in a fresh process.",
+        "",
+        "| criterion | seconds | extra peak RSS (MiB) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['kind']} | {r['seconds']:.2f} | {r['extra_peak_mib']:.0f} | {r['peak_rss_mib']:.0f} |" for r in rows
+    ]
+    lines += ["", f"Measured with `python -m benchmarks.compare --scoring-cost --threads {threads}`."]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "scoring_cost.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "scoring_cost.json", json.dumps(rows, indent=2))
+    print("\n".join(lines))
+    return rows
+
+
+# ---- command line -------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="reports/compare", help="output directory (default: reports/compare)")
+    p.add_argument("--checkpoint", default=str(SHIPPED), help="unpruned fusion checkpoint (default: shipped tiny)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 50%% GFLOPs only, 100 fine-tune steps, 100 val scenes")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    p.add_argument("--seeds", type=int, help="number of seeds (default 3; --quick: 1)")
+    p.add_argument("--finetune-steps", type=int, help="fine-tune budget per method (default 300; --quick: 100)")
+    p.add_argument("--train-scenes", type=int, help="training scenes for fine-tuning (default 500; --quick: 200)")
+    p.add_argument("--val-scenes", type=int, help="val scenes (default 200; --quick: 100)")
+    p.add_argument("--synflow-iterations", type=int, default=100)
+    p.add_argument("--imp-levels", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scoring-cost", action="store_true", help="measure per-criterion scoring time and memory instead")
+    p.add_argument("--cost-child", choices=COST_KINDS, help=argparse.SUPPRESS)
+
+
+def run_from_args(args: argparse.Namespace) -> dict | list:
+    if args.cost_child:
+        print(json.dumps(_cost_child(args.cost_child, args.threads, args.synflow_iterations)))
+        return []
+    if args.scoring_cost:
+        return scoring_cost(Path(args.out), args.threads, args.synflow_iterations)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    if not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    quick = args.quick
+
+    def pick(value, full, fast):
+        return value if value is not None else (fast if quick else full)
+
+    settings = Settings(
+        checkpoint=str(args.checkpoint),
+        finetune_steps=pick(args.finetune_steps, 300, 100),
+        train_scenes=pick(args.train_scenes, 500, 200),
+        val_scenes=pick(args.val_scenes, 200, 100),
+        threads=args.threads,
+        synflow_iterations=args.synflow_iterations,
+        imp_levels=args.imp_levels,
+    )
+    return compare(Path(args.out), settings, methods, pick(args.seeds, 3, 1), quick)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `altermoma compare` on the CLI's subparsers."""
+    p = sub.add_parser("compare", help="compare pruning methods (AlterEva and baselines) at equal GFLOPs and budget")
+    add_arguments(p)
+    p.set_defaults(run=run_from_args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Baseline criteria on the shared harness: magnitude (IMP), SynFlow, ProsPr, and IMP's iterative loop.
+
+Every criterion returns HIGHER = keep, at two granularities:
+- channels: one tensor per torch-pruning group, one score per root channel (`ChannelGraph` order), so
+  the scores go through the same global thresholding, caps, rounding and physical removal as AlterEva;
+- weights: a dict parameter name -> tensor for `prunable_weights`, for `global_masks`.
+SNIP and random live in `compress.prune` (SNIP is AlterEva's DeCI term alone).
+
+Choices the papers leave open for this model, fixed here:
+- SynFlow runs on a float64 copy (a BEVFusion with |theta| overflows float32 after ~30 layers), with
+  BatchNorm as the fixed affine map x / sqrt(1 + eps) * |gamma| + |beta| (running mean 0, var 1).
+  Float inputs are all ones; integer inputs (the LiDAR pillar map) come from one real scoring sample,
+  because all-ones coordinates would put every pillar in one cell. The LSS depth softmax is not
+  positively homogeneous, so its saliencies can be negative: scores use |theta * dR/dtheta|.
+- ProsPr's inner loop is plain SGD (lr 1e-3, as AlterEva's reactivation) in eval mode (BatchNorm as a
+  fixed affine map, as every other criterion here), on batches D_1..D_M of the scoring set; the
+  meta-loss is taken on the next batch D_{M+1} (cycling). Channel masks multiply every coupled
+  weight of a channel, so ProsPr with M = 0 is exactly SNIP on D_1.
+- IMP splits the fine-tune budget evenly over its levels, so it gets the same total number of
+  fine-tune steps as every other method (whose single fine-tune follows one-shot pruning).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from compress.finetune import FinetuneConfig, finetune
+from compress.structured import NORMS, ChannelGraph, PruningError, global_ranks
+from compress.unstructured import global_masks, prunable_weights
+from fusion.data.dataset import model_inputs
+from fusion.losses import task_loss
+
+Batch = dict[str, torch.Tensor]
+PROSPR_MODES = ("full", "first-order")
+
+
+@dataclass
+class SynFlowConfig:
+    iterations: int = 100  # pruning rounds on the exponential schedule (the paper's default)
+
+
+@dataclass
+class ProsprConfig:
+    steps: int = 3  # M inner SGD steps
+    lr: float = 1e-3  # inner SGD learning rate
+    mode: str = "full"  # "full" differentiates through the inner gradients; "first-order" detaches them
+
+
+@dataclass
+class IMPConfig:
+    levels: int = 3
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the TOTAL budget, split over levels
+
+
+# ---- magnitude (IMP's scorer) -------------------------------------------------------------------
+def magnitude_channel_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+    """L2 norm of every coupled weight of a channel (conv out/in slices, BN affine, biases)."""
+    squares = {name: p.detach() ** 2 for name, p in model.named_parameters()}
+    return [s.sqrt() for s in graph.channel_saliency(squares)]
+
+
+def magnitude_weight_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: w.detach().abs() for name, w in prunable_weights(model).items()}
+
+
+# ---- SynFlow ------------------------------------------------------------------------------------
+def synflow_network(model: nn.Module) -> nn.Module:
+    """A float64 copy with |theta| and BatchNorm reduced to a positive affine map; the model is untouched."""
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.abs_()
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+    return net
+
+
+def synflow_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """All-ones float inputs; integer inputs (voxel positions) from the first real sample."""
+    return {
+        k: torch.ones_like(v[:1], dtype=torch.float64) if v.is_floating_point() else v[:1].clone()
+        for k, v in model_inputs(batch).items()
+    }
+
+
+def synflow_saliency(net: nn.Module, inputs: dict[str, torch.Tensor], absolute: bool = True) -> dict[str, torch.Tensor]:
+    """theta * dR/dtheta with R the sum of every output of the linearised network."""
+    params = dict(net.named_parameters())
+    outputs = net(**inputs)
+    total = sum(o.sum() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"SynFlow's R overflowed ({float(total)}): the network is too deep for float64")
+    grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    saliency = {}
+    for (name, p), g in zip(params.items(), grads):
+        s = p.detach() * g if g is not None else torch.zeros_like(p)
+        saliency[name] = s.abs() if absolute else s
+    return saliency
+
+
+def _removal_keys(
+    scores: list[torch.Tensor], position: list[torch.Tensor], tiebreak: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Removed channels keep their removal position (0 = first); survivors follow in score order."""
+    flat_pos = torch.cat(position)
+    alive = flat_pos < 0
+    ranks = torch.cat(global_ranks(scores, tiebreak))
+    survivor_rank = torch.empty(int(alive.sum()), dtype=torch.float64)
+    survivor_rank[torch.argsort(ranks[alive])] = torch.arange(len(survivor_rank), dtype=torch.float64)
+    keys = flat_pos.double()
+    keys[alive] = int((~alive).sum()) + survivor_rank
+    return list(torch.split(keys, [len(s) for s in scores]))
+
+
+def synflow_channel_schedule(
+    model: nn.Module,
+    graph: ChannelGraph,
+    batches: list[Batch],
+    target: float,
+    mode: str = "flops",
+    round_to: int = 8,
+    max_group_ratio: float = 0.9,
+    config: SynFlowConfig | None = None,
+    tiebreak: list[torch.Tensor] | None = None,
+    progress: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Iterative SynFlow over channel masks: (keys, pruned masks of the last round).
+
+    Round k of n keeps a (1 - target)^(k/n) share of the GFLOPs (or channels), chosen by the shared
+    `threshold_for` on scores recomputed with the channels removed so far zeroed. The keys are the
+    last round's input: removal positions (0 = removed first), then survivors in SynFlow order; the
+    shared thresholding at `target` on them repeats the last round's selection exactly.
+    """
+    config = config or SynFlowConfig()
+    net = synflow_network(model)
+    inputs = synflow_inputs(batches[0])
+    masked = copy.copy(graph)
+    masked.model = net
+    pruned = [torch.zeros(g.channels, dtype=torch.bool) for g in graph.groups]
+    position = [torch.full((g.channels,), -1, dtype=torch.long) for g in graph.groups]
+    removed = 0
+    for k in tqdm(range(1, config.iterations + 1), desc="SynFlow", disable=not progress, leave=False):
+        masked.zero_channels(pruned)
+        keys = _removal_keys(masked.channel_saliency(synflow_saliency(net, inputs)), position, tiebreak)
+        goal = 1.0 - (1.0 - target) ** (k / config.iterations)
+        chosen = graph.threshold_for(keys, goal, mode, round_to, max_group_ratio)
+        fresh = sorted(
+            (float(keys[g][c]), g, int(c))
+            for g, (new, old) in enumerate(zip(chosen, pruned))
+            for c in torch.nonzero(new & ~old).flatten()
+        )
+        for _, g, c in fresh:
+            position[g][c] = removed
+            removed += 1
+        pruned = [new | old for new, old in zip(chosen, pruned)]  # a removed channel stays removed
+    return keys, pruned
+
+
+def synflow_channel_scores(
+    model: nn.Module, graph: ChannelGraph, batches: list[Batch], *args, **kwargs
+) -> list[torch.Tensor]:
+    """SynFlow channel scores (higher = keep): the removal order of `synflow_channel_schedule`."""
+    return synflow_channel_schedule(model, graph, batches, *args, **kwargs)[0]
+
+
+def synflow_weight_scores(
+    model: nn.Module, batches: list[Batch], sparsity: float, config: SynFlowConfig | None = None, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Iterative SynFlow over weight masks: a weight removed in round k scores k - n - 1, survivors their saliency."""
+    config = config or SynFlowConfig()
+    net = synflow_network(model)
+    inputs = synflow_inputs(batches[0])
+    weights = prunable_weights(net)
+    keep = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+    removed_at = {name: torch.zeros_like(w) for name, w in weights.items()}
+    n = config.iterations
+    for k in tqdm(range(1, n + 1), desc="SynFlow", disable=not progress, leave=False):
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.mul_(keep[name])
+        saliency = synflow_saliency(net, inputs)
+        scores = {name: torch.where(keep[name], saliency[name], removed_at[name] - n - 1) for name in weights}
+        chosen = global_masks(scores, 1.0 - (1.0 - sparsity) ** (k / n))
+        for name in weights:
+            removed_at[name][keep[name] & ~chosen[name]] = k
+            keep[name] &= chosen[name]
+    # Survivors keep their last saliency (>= 0); removed weights sit below, in removal order, so
+    # `global_masks` at `sparsity` takes exactly the weights SynFlow removed.
+    return {name: torch.where(keep[name], saliency[name], removed_at[name] - n - 1) for name in weights}
+
+
+# ---- ProsPr -------------------------------------------------------------------------------------
+def channel_mask_scales(model: nn.Module, graph: ChannelGraph, masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per parameter, the product of every channel mask that touches it, shaped to broadcast onto it.
+
+    A root channel's mask multiplies all its coupled weights (conv out- and in-slices, BN affine,
+    biases): d loss / d mask at mask = 1 is then exactly `channel_saliency` of theta * grad.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    factors: dict[tuple[str, int], torch.Tensor] = {}
+    for group, mask in zip(graph.groups, masks):
+        for item in group.items:
+            m = modules[item.layer]
+            out_dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0
+            weight_dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
+            targets = [(f"{item.layer}.weight", weight_dim)]
+            if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
+                targets.append((f"{item.layer}.bias", 0))
+            for name, dim in targets:
+                vector = factors.get((name, dim))
+                if vector is None:
+                    vector = torch.ones(params[name].shape[dim], dtype=mask.dtype)
+                factors[(name, dim)] = vector.index_put((item.idxs,), mask[item.root_idxs])
+    scales: dict[str, torch.Tensor] = {}
+    for (name, dim), vector in factors.items():
+        shape = [1] * params[name].dim()
+        shape[dim] = -1
+        scale = vector.view(shape)
+        scales[name] = scales[name] * scale if name in scales else scale
+    return scales
+
+
+def task_loss_of(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """The task loss of `model` run with `params` in place of its own parameters."""
+    return task_loss(functional_call(model, params, (), model_inputs(batch)), batch)[0]
+
+
+def prospr_mask_gradients(
+    model: nn.Module,
+    batches: list[Batch],
+    masks: list[torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    config: ProsprConfig,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor] = task_loss_of,
+) -> list[torch.Tensor]:
+    """d L(theta_M; D_{M+1}) / d masks at masks = 1, theta_M after M SGD steps on theta * mask."""
+    if config.mode not in PROSPR_MODES:
+        raise ValueError(f"ProsPr mode must be one of {', '.join(PROSPR_MODES)}, got {config.mode!r}")
+    model.eval()
+    params = {}
+    for name, p in model.named_parameters():
+        params[name] = p.detach() * scales[name] if name in scales else p.detach().clone().requires_grad_(True)
+    for step in range(config.steps):
+        loss = loss_fn(model, params, batches[step % len(batches)])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=config.mode == "full", allow_unused=True)
+        params = {
+            name: p if g is None else p - config.lr * (g if config.mode == "full" else g.detach())
+            for (name, p), g in zip(params.items(), grads)
+        }
+    loss = loss_fn(model, params, batches[config.steps % len(batches)])
+    return list(torch.autograd.grad(loss, masks))
+
+
+def prospr_channel_scores(
+    model: nn.Module, graph: ChannelGraph, batches: list[Batch], config: ProsprConfig | None = None
+) -> list[torch.Tensor]:
+    """|meta-gradient| of one multiplicative mask per root channel."""
+    dtype = next(model.parameters()).dtype
+    masks = [torch.ones(g.channels, dtype=dtype, requires_grad=True) for g in graph.groups]
+    scales = channel_mask_scales(model, graph, masks)
+    grads = prospr_mask_gradients(model, batches, masks, scales, config or ProsprConfig())
+    return [g.detach().double().abs() for g in grads]
+
+
+def prospr_weight_scores(
+    model: nn.Module, batches: list[Batch], config: ProsprConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """|meta-gradient| of one multiplicative mask per prunable weight."""
+    weights = prunable_weights(model)
+    masks = [torch.ones_like(w, requires_grad=True) for w in weights.values()]
+    grads = prospr_mask_gradients(model, batches, masks, dict(zip(weights, masks)), config or ProsprConfig())
+    return {name: g.detach().abs() for name, g in zip(weights, grads)}
+
+
+# ---- IMP ----------------------------------------------------------------------------------------
+def level_steps(total: int, levels: int) -> list[int]:
+    """The fine-tune budget split as evenly as possible over the levels (earlier levels get the remainder)."""
+    return [total // levels + (1 if i < total % levels else 0) for i in range(levels)]
+
+
+def iterative_magnitude_prune(
+    model: nn.Module,
+    request,
+    batches: list[Batch],
+    finetune_config: FinetuneConfig | None = None,
+    levels: int | None = None,
+    partition=None,
+    progress: bool = True,
+    train_set=None,
+    finetune_last: bool = True,
+) -> dict:
+    """Prune in `levels` magnitude steps with a short fine-tune after each; returns one combined report.
+
+    The schedule is geometric: after level i the model keeps (1 - target)^(i / levels) of the original
+    GFLOPs (or weights), each level's relative target recomputed from the measured GFLOPs, so the last
+    level absorbs any overshoot and the total lands on the target ("fractional last level"). The
+    per-group cap is applied per level as 1 - (1 - cap)^(1 / levels), which compounds to the one-shot cap.
+    Fine-tune steps per level = total / levels: IMP gets the same total budget as one-shot methods.
+    With `finetune_last=False` the last level's share is left to the caller (`finetune_steps_remaining`).
+    """
+    from compress.prune import measured_gflops, prune_structured, prune_unstructured
+
+    finetune_config = finetune_config or request.imp.finetune
+    levels = levels or request.imp.levels
+    if levels < 1:
+        raise PruningError(f"IMP needs at least one level, got {levels}")
+    if request.channel_ratio is not None:
+        raise PruningError("IMP prunes to a GFLOPs target or a sparsity, not a channel ratio")
+    steps = level_steps(finetune_config.steps, levels)
+    example = {k: v[:1] for k, v in model_inputs(batches[0]).items()}
+    gflops0 = measured_gflops(model, example)
+    cap = 1.0 - (1.0 - request.max_group_ratio) ** (1.0 / levels)
+    reports, used = [], 0
+    for level in range(levels):
+        keep = (1.0 - (request.target_gflops or request.sparsity)) ** ((level + 1) / levels)
+        if request.structured:
+            relative = 1.0 - gflops0 * keep / measured_gflops(model, example)
+            if relative < 1e-3:  # an earlier level already overshot this one
+                continue
+            sub = dataclasses.replace(request, method="magnitude", target_gflops=relative, max_group_ratio=cap)
+            report = prune_structured(model, sub, batches, partition, progress=False)
+        else:
+            sub = dataclasses.replace(request, method="magnitude", sparsity=1.0 - keep)
+            report = prune_unstructured(model, sub, batches, partition, progress=False)
+        report["level"] = level + 1
+        if (level < levels - 1 or finetune_last) and steps[level] > 0:
+            tune = dataclasses.replace(finetune_config, steps=steps[level], seed=finetune_config.seed * 100 + level + 1)
+            finetune(model, tune, metadata={"pruning": report}, progress=progress, train_set=train_set)
+            report["finetune_steps"] = steps[level]
+            used += steps[level]
+        reports.append(report)
+    return _combined_report(request, reports, gflops0, measured_gflops(model, example), used, finetune_config.steps)
+
+
+def _combined_report(request, reports: list[dict], gflops0: float, gflops1: float, used: int, budget: int) -> dict:
+    """One report for the whole IMP run: totals against the original model, plus each level's."""
+    from compress.prune import _request_dict
+
+    first, last = reports[0], reports[-1]
+    combined = {**last, "request": _request_dict(request), "levels": reports}
+    combined["finetune_steps_used"] = used
+    combined["finetune_steps_remaining"] = budget - used
+    if last["kind"] != "structured":
+        return combined
+    combined.update(gflops_before=gflops0, gflops_after=gflops1, gflops_reduction=1.0 - gflops1 / gflops0)
+    partitions = {}
+    for part, after in last["partitions"].items():
+        before = first["partitions"][part]
+        partitions[part] = {
+            **after,
+            "channels_before": before["channels_before"],
+            "kept_ratio": after["channels_after"] / before["channels_before"],
+            "params_before": before["params_before"],
+            "gflops_before": before["gflops_before"],
+        }
+    combined["partitions"] = partitions
+    return combined

@@ -1,0 +1,334 @@
+"""Baseline criteria: planted dead channels rank last, SynFlow's invariants, ProsPr's limits, IMP's target."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from compress.altereva import AlterEvaConfig, altereva_saliency, signed_saliency
+from compress.baselines import (
+    ProsprConfig,
+    SynFlowConfig,
+    channel_mask_scales,
+    iterative_magnitude_prune,
+    level_steps,
+    prospr_channel_scores,
+    prospr_mask_gradients,
+    prospr_weight_scores,
+    synflow_channel_schedule,
+    synflow_channel_scores,
+    synflow_network,
+    synflow_saliency,
+    synflow_weight_scores,
+)
+from compress.finetune import FinetuneConfig
+from compress.partition import Partition
+from compress.prune import PruneRequest, channel_scores, prune, scoring_set
+from compress.scores import altereva_scores
+from compress.structured import ChannelGraph
+from compress.unstructured import global_masks, prunable_weights, sparsity_of
+from fusion.data.dataset import model_inputs
+from fusion.models.bevfusion import build_model
+
+# One planted channel per group: every coupled weight (conv out/in slices, BN affine, biases) x 1e-3,
+# so the channel carries ~nothing. The groups chosen have no naturally dead (exactly zero) channels.
+PLANTED = {"fuser.fuse.0": 3, "lidar.blocks.0.conv1": 7, "camera.backbone.layer2.0.conv1": 11}
+
+
+def _random_model(config):
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_config):
+    """(model, graph, partition, scoring batches) with the PLANTED channels scaled to ~nothing."""
+    model = _random_model(tiny_config)
+    batches = scoring_set(tiny_config, 2, 1)
+    partition = Partition.of(model)
+    graph = ChannelGraph(model, partition, {k: v[:1] for k, v in model_inputs(batches[0]).items()})
+    masks = [torch.ones(g.channels) for g in graph.groups]
+    for mask, group in zip(masks, graph.groups):
+        if group.root in PLANTED:
+            mask[PLANTED[group.root]] = 1e-3
+    with torch.no_grad():
+        for name, scale in channel_mask_scales(model, graph, masks).items():
+            model.get_parameter(name).mul_(scale)
+    return model, graph, partition, batches
+
+
+def _planted_ranks(graph, scores) -> dict[str, int]:
+    """How many channels of each planted group score strictly below the planted one."""
+    return {g.root: int((s < s[PLANTED[g.root]]).sum()) for g, s in zip(graph.groups, scores) if g.root in PLANTED}
+
+
+@pytest.mark.parametrize(
+    "method, request_",
+    [
+        ("magnitude", PruneRequest(target_gflops=0.5)),
+        ("snip", PruneRequest(target_gflops=0.5)),
+        ("synflow", PruneRequest(target_gflops=0.5, synflow=SynFlowConfig(iterations=5))),
+        ("prospr", PruneRequest(target_gflops=0.5)),
+        ("prospr", PruneRequest(target_gflops=0.5, prospr=ProsprConfig(mode="first-order"))),
+        ("altereva", PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1, beta=0.0))),
+    ],
+    ids=["magnitude", "snip", "synflow", "prospr-full", "prospr-first-order", "altereva-beta0"],
+)
+def test_planted_channel_ranks_last(planted, method, request_):
+    model, graph, partition, batches = planted
+    scores = channel_scores(method, model, graph, partition, batches, request_, progress=False)
+    assert _planted_ranks(graph, scores) == dict.fromkeys(PLANTED, 0)
+
+
+def test_altereva_scores_a_planted_channel_near_zero_not_last(planted):
+    """With beta > 0 a dead channel is NOT pruned first: S = DeCI share - ReRI share is ~0 for it, and
+    channels reactivated more than they contribute score below zero. Its DeCI is the lowest of its group."""
+    model, graph, partition, batches = planted
+    saliency = altereva_saliency(model, partition, batches, AlterEvaConfig(reactivation_steps=1), progress=False)
+    deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
+    reri = {k: [s.abs() for s in graph.channel_saliency(v)] for k, v in saliency.reri.items()}
+    assert _planted_ranks(graph, deci) == dict.fromkeys(PLANTED, 0)
+    scores = altereva_scores(deci, reri, [g.part for g in graph.groups], 1.0, 1.0)
+    for group, s in zip(graph.groups, scores):
+        if group.root in PLANTED:
+            assert abs(float(s[PLANTED[group.root]])) < 1e-3 * float(s.abs().max())
+
+
+def test_altereva_with_beta_zero_ranks_like_snip_within_each_partition(planted):
+    """beta = 0 leaves alpha * DeCI / sum_partition(DeCI): SNIP divided by one positive constant per
+    partition. Rankings agree inside a partition; across partitions they need not (that is the point)."""
+    model, graph, partition, batches = planted
+    request = PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1, beta=0.0))
+    alter = channel_scores("altereva", model, graph, partition, batches, request, progress=False)
+    snip = channel_scores("snip", model, graph, partition, batches, request, progress=False)
+    for part in ("camera", "lidar", "fusion"):
+        a = torch.cat([s for s, g in zip(alter, graph.groups) if g.part == part])
+        b = torch.cat([s for s, g in zip(snip, graph.groups) if g.part == part])
+        assert torch.equal(torch.argsort(a, stable=True), torch.argsort(b, stable=True)), part
+        ratio = a[b > 0] / b[b > 0]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-9), part
+
+
+# ---- SynFlow ------------------------------------------------------------------------------------
+def test_synflow_leaves_the_model_bit_identical(planted):
+    model, graph, _, batches = planted
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synflow_channel_scores(model, graph, batches, 0.5, config=SynFlowConfig(iterations=2))
+    synflow_weight_scores(model, batches, 0.8, SynFlowConfig(iterations=2))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h + self.b(h)
+        return {"out": self.head(h.mean(dim=(2, 3)))}
+
+
+def test_synflow_saliency_is_positive_on_a_relu_network():
+    torch.manual_seed(0)
+    model = _ConvNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.running_mean.uniform_(-1.0, 1.0)
+    saliency = synflow_saliency(synflow_network(model), {"x": torch.ones(1, 3, 6, 6, dtype=torch.float64)}, False)
+    assert all(bool((s >= 0).all()) for s in saliency.values())
+    assert all(float(s.sum()) > 0 for name, s in saliency.items() if name.endswith("weight"))
+
+
+def test_synflow_conserves_flow_layer_by_layer_on_a_linear_chain():
+    """Bias-free chain: every layer's synaptic saliencies sum to the same R (SynFlow's Theorem 2)."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(
+        nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)
+    )
+    net = synflow_network(chain)
+    inputs = {"input": torch.ones(1, 5, dtype=torch.float64)}
+    sums = torch.stack([s.sum() for s in synflow_saliency(net, inputs).values()])
+    with torch.no_grad():
+        total = net(**inputs).sum()
+    assert torch.allclose(sums, total.expand_as(sums), rtol=1e-5)
+
+
+def test_synflow_removal_order_reproduces_its_selection(planted):
+    model, graph, _, batches = planted
+    keys, final = synflow_channel_schedule(model, graph, batches, 0.5, config=SynFlowConfig(iterations=4))
+    shared = graph.threshold_for(keys, 0.5, "flops", 8, 0.9, tiebreak=[torch.rand(g.channels) for g in graph.groups])
+    assert all(torch.equal(a, b) for a, b in zip(shared, final))
+    assert abs(1 - graph.total_flops(final) / graph.total_flops() - 0.5) < 0.02
+    scores = synflow_weight_scores(model, batches, 0.8, SynFlowConfig(iterations=3))
+    masks = global_masks(scores, 0.8)  # exactly the weights removed over the rounds (negative scores)
+    assert all(torch.equal(masks[n], s >= 0) for n, s in scores.items())
+
+
+# ---- ProsPr -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["full", "first-order"])
+def test_prospr_without_inner_steps_is_snip(planted, mode):
+    model, graph, _, batches = planted
+    config = ProsprConfig(steps=0, mode=mode)
+    prospr = prospr_channel_scores(model, graph, batches, config)
+    snip = [s.abs() for s in graph.channel_saliency(signed_saliency(model, batches[:1]))]
+    for p, s in zip(prospr, snip):
+        assert torch.allclose(p, s, rtol=1e-5, atol=1e-7 * float(s.max())), "channel"
+    weights = prospr_weight_scores(model, batches, config)
+    saliency = signed_saliency(model, batches[:1])
+    for name, score in weights.items():
+        ref = saliency[name].abs()
+        assert torch.allclose(score, ref, rtol=1e-5, atol=1e-7 * float(ref.max())), name
+
+
+def _mse(model, params, batch):
+    return ((functional_call(model, params, (), {"x": batch["x"]})["out"] - batch["y"]) ** 2).mean()
+
+
+def _unrolled_loss(model, masks, names, batches, steps, lr):
+    """L(theta_M) with theta_0 = theta * mask: the objective ProsPr differentiates, evaluated directly."""
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    for name, mask in zip(names, masks):
+        params[name] = (params[name] * mask).detach().requires_grad_(True)
+    for step in range(steps):
+        grads = torch.autograd.grad(_mse(model, params, batches[step]), list(params.values()))
+        params = {n: (p - lr * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), grads)}
+    return float(_mse(model, params, batches[steps]).detach())
+
+
+def test_prospr_full_mode_is_the_meta_gradient():
+    """Central finite differences of the unrolled loss (float64) against the full-mode mask gradient."""
+    torch.manual_seed(0)
+    model = _ConvNet().double().eval()
+    batches = [{"x": torch.randn(4, 3, 6, 6, dtype=torch.float64), "y": torch.randn(4, 4, dtype=torch.float64)}]
+    batches = batches * 3
+    names = ["a.0.weight", "b.0.weight"]
+    config = ProsprConfig(steps=2, lr=0.5, mode="full")
+    masks = [torch.ones_like(model.get_parameter(n), requires_grad=True) for n in names]
+    full = prospr_mask_gradients(model, batches, masks, dict(zip(names, masks)), config, loss_fn=_mse)
+    first = prospr_mask_gradients(
+        model, batches, masks, dict(zip(names, masks)), ProsprConfig(2, 0.5, "first-order"), _mse
+    )
+    eps = 1e-6
+    for layer, index in ((0, (1, 0, 1, 1)), (1, (2, 3, 0, 2)), (1, (5, 5, 1, 0))):
+        plus = [m.detach().clone() for m in masks]
+        minus = [m.detach().clone() for m in masks]
+        plus[layer][index] += eps
+        minus[layer][index] -= eps
+        numeric = (
+            _unrolled_loss(model, plus, names, batches, 2, 0.5) - _unrolled_loss(model, minus, names, batches, 2, 0.5)
+        ) / (2 * eps)
+        assert abs(float(full[layer][index]) - numeric) <= 1e-5 * max(1.0, abs(numeric)), (layer, index)
+    assert not torch.allclose(full[1], first[1], rtol=1e-3)  # second-order terms matter at this lr
+
+
+# ---- IMP ----------------------------------------------------------------------------------------
+def test_level_steps_split_the_budget_exactly():
+    assert level_steps(300, 3) == [100, 100, 100]
+    assert level_steps(100, 3) == [34, 33, 33]
+    assert sum(level_steps(7, 4)) == 7
+
+
+def test_imp_hits_the_gflops_target_in_levels(tiny_config, tiny_samples):
+    model = _random_model(tiny_config)
+    batches = scoring_set(tiny_config, 1, 2)
+    ft = FinetuneConfig(steps=3, batch_size=2, threads=1)
+    request = PruneRequest(method="imp", target_gflops=0.5)
+    report = iterative_magnitude_prune(model, request, batches, ft, levels=3, progress=False, train_set=tiny_samples)
+    assert abs(report["gflops_reduction"] - 0.5) <= 0.02
+    assert len(report["levels"]) == 3 and report["finetune_steps_used"] == 3
+    assert all(0.15 < level["gflops_reduction"] < 0.35 for level in report["levels"])  # geometric: ~20.6% each
+    assert all(0 < p["kept_ratio"] < 1 for p in report["partitions"].values())
+
+
+def test_prune_routes_imp_and_leaves_the_last_fine_tune_to_the_caller(tiny_config, tiny_samples):
+    model = _random_model(tiny_config)
+    batches = scoring_set(tiny_config, 1, 2)
+    request = PruneRequest(method="imp", sparsity=0.8)
+    request.imp.finetune = FinetuneConfig(steps=2, batch_size=2, threads=1)
+    request.imp.levels = 2
+    report = prune(model, request, batches, progress=False, train_set=tiny_samples)
+    assert abs(sparsity_of(model) - 0.8) < 1e-3 and report["kind"] == "unstructured"
+    assert abs(report["levels"][0]["sparsity"] - (1 - 0.2**0.5)) < 1e-3
+    assert report["finetune_steps_used"] == 1 and report["finetune_steps_remaining"] == 1
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        PruneRequest(method="synflow", target_gflops=0.5, synflow=SynFlowConfig(iterations=3)),
+        PruneRequest(method="prospr", target_gflops=0.5, prospr=ProsprConfig(steps=1)),
+        PruneRequest(method="synflow", sparsity=0.85, synflow=SynFlowConfig(iterations=3)),
+        PruneRequest(method="prospr", sparsity=0.85, prospr=ProsprConfig(steps=1)),
+    ],
+    ids=["synflow-structured", "prospr-structured", "synflow-unstructured", "prospr-unstructured"],
+)
+def test_new_methods_prune_through_the_shared_harness(tiny_config, request_):
+    model = _random_model(tiny_config)
+    report = prune(model, request_, scoring_set(tiny_config, 1, 2), progress=False)
+    if request_.structured:
+        assert abs(report["gflops_reduction"] - 0.5) <= 0.02
+    else:
+        assert abs(sparsity_of(model) - 0.85) < 1e-3
+    assert request_.method in str(report["request"]) and "altereva" not in report["request"]
+    assert len(prunable_weights(model)) > 0
+
+
+# ---- the comparison harness ---------------------------------------------------------------------
+def _fake_run(spec, rng):
+    from dataclasses import asdict
+
+    return {
+        "key": spec.key,
+        "spec": asdict(spec),
+        "metrics": {"mAP": rng.random(), "NDS": rng.random(), "mIoU": rng.random()},
+        "gflops": 2.0 * (1 - spec.target) if spec.kind == "structured" else 2.0,
+        "params": 1e6,
+        "prunable_nonzero": 5e5,
+        "sparsity": spec.target if spec.kind == "unstructured" else 0.0,
+        "kept_ratio": {"camera": 0.5, "lidar": 0.6, "fusion": 0.7},
+    }
+
+
+def test_compare_plans_the_grid_and_writes_tables_and_plots(tmp_path):
+    import random
+
+    from benchmarks.compare import METHODS, markdown, plan, plot_map_vs_beta, plot_map_vs_gflops
+
+    full = plan(METHODS, 3, quick=False)
+    assert len(full) == 7 * 3 * 3 * 2 + 4 * 3  # the beta = 1 sweep point is the main AlterEva run
+    assert len({spec.key for spec in full}) == len(full)
+    quick = plan(METHODS, 1, quick=True)
+    assert {(s.kind, s.target, s.seed) for s in quick} == {("structured", 0.5, 0)} and len(quick) == 7
+    rng = random.Random(0)
+    runs = [_fake_run(spec, rng) for spec in full]
+    reference = {"metrics": {"mAP": 0.5, "NDS": 0.5, "mIoU": 0.5}, "gflops": 2.0, "params": 1e6}
+    settings = {
+        "checkpoint": "x",
+        "val_scenes": 1,
+        "finetune_steps": 1,
+        "imp_levels": 3,
+        "train_scenes": 1,
+        "synflow_iterations": 1,
+        "threads": 1,
+    }
+    text = markdown({"settings": settings, "seeds": 3, "unpruned": reference, "runs": runs, "seconds": 0})
+    assert "## AlterEva beta/alpha sweep" in text and "## Unstructured" in text and " ± " in text
+    assert text.count("| 50% | altereva |") == 1  # sweep points stay out of the method table
+    plot_map_vs_gflops(runs, reference, tmp_path / "a.png")
+    plot_map_vs_beta(runs, tmp_path / "b.png")
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
