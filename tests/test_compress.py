@@ -265,3 +265,21 @@ def test_scoring_set_is_fixed(tiny_config):
     a, b = scoring_set(tiny_config, 1, 2), scoring_set(tiny_config, 1, 2)
     assert torch.equal(a[0]["images"], b[0]["images"])
     assert not torch.equal(a[0]["images"], scoring_set(tiny_config, 1, 2, seed=1)[0]["images"])
+
+
+@pytest.mark.slow
+def test_pruned_r50_preset_runs():
+    """The BEVFusion-R50-sized model prunes to 50% GFLOPs and still runs (about a minute, several GB)."""
+    config = get_config("r50")
+    m = build_model(config).eval()
+    inputs = example_inputs(config)
+    graph = ChannelGraph(m, Partition.of(m), inputs)
+    scores = [torch.arange(g.channels, dtype=torch.float64) for g in graph.groups]
+    before = graph.total_flops()
+    graph.prune(graph.threshold_for(scores, 0.5, "flops", 8, 0.9))
+    with torch.no_grad():
+        out = m(**inputs)
+    assert out["heatmap"].shape[-2:] == (180, 180) and torch.isfinite(out["heatmap"]).all()
+    from compress.prune import measured_gflops
+
+    assert abs(1 - measured_gflops(m, inputs) * 1e9 / before - 0.5) <= 0.02
