@@ -30,7 +30,9 @@ def prepare(preset: str, target: float, method: str, round_to: int, out: Path) -
     batches = scoring_set(config, 1, 2)
     report = prune(model, PruneRequest(method=method, target_gflops=target, round_to=round_to), batches)
     pruned = save_checkpoint(out / f"{preset}-{method}-{round(target * 100)}", model, {"pruning": report})
-    print(f"pruned {report['gflops_before']:.2f} -> {report['gflops_after']:.2f} GFLOPs ({report['gflops_reduction']:.1%})")
+    print(
+        f"pruned {report['gflops_before']:.2f} -> {report['gflops_after']:.2f} GFLOPs ({report['gflops_reduction']:.1%})"
+    )
     return unpruned, pruned
 
 

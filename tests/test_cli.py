@@ -3,7 +3,16 @@ from safetensors.torch import load_file
 
 from altermoma.cli import main
 
-TINY_TRAIN = ["--set", "train.steps=2", "--set", "data.train_scenes=4", "--set", "train.batch_size=2", "--set", "train.threads=1"]
+TINY_TRAIN = [
+    "--set",
+    "train.steps=2",
+    "--set",
+    "data.train_scenes=4",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.threads=1",
+]
 
 
 def test_train_twice_gives_identical_weights(tmp_path):
