@@ -43,6 +43,7 @@ from export.onnx import (
     torch_threads,
     write_atomic,
 )
+from export.runtime import latency_summary
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
 GPU_BACKENDS = (
@@ -71,17 +72,8 @@ def measure(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> dict[str
         start = time.perf_counter()
         fn()
         samples[i] = (time.perf_counter() - start) * 1e3
-    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
-    return {
-        "median_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(samples.mean()),
-        "min_ms": float(samples.min()),
-        "max_ms": float(samples.max()),
-        "runs": int(runs),
-        "warmup": int(warmup),
-    }
+    summary = {f"{key}_ms": value for key, value in latency_summary(samples).items()}
+    return {**summary, "runs": int(runs), "warmup": int(warmup)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -158,8 +158,8 @@ def prune_structured(
     before = {"gflops": measured_gflops(model, example), "params": parameter_counts(model, partition)}
     flops_before = _flops_by_part(graph, partition, None)
     scores = channel_scores(request.method, model, graph, partition, batches, request, progress)
-    magnitudes = graph.channel_saliency({name: p.detach() ** 2 for name, p in model.named_parameters()})
-    pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak=magnitudes)
+    tiebreak = magnitude_channel_scores(model, graph)
+    pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak=tiebreak)
     flops_after = _flops_by_part(graph, partition, pruned)
     kept = _kept_channels(graph, pruned)
     graph.prune(pruned)

@@ -84,13 +84,10 @@ def sample_inputs(onnx_path: Path, seed: int) -> dict[str, np.ndarray]:
 
 
 def check_against_onnxruntime(spec: EngineSpec, samples: int, threads: int) -> dict:
-    import onnxruntime as ort
-
+    from export.onnx import ort_session
     from export.runtime import TensorRTRunner
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(spec.onnx_path, threads)
     names = [o.name for o in session.get_outputs()]
     reports = []
     with TensorRTRunner(spec.engine_path) as runner:
