@@ -114,7 +114,11 @@ def prune_request(args: argparse.Namespace):
         scoring_batches=args.scoring_batches,
         seed=args.seed,
         altereva=AlterEvaConfig(
-            reactivation_steps=args.reactivation_steps, alpha=args.alpha, beta=args.beta, mask_mode=args.mask_mode
+            reactivation_steps=args.reactivation_steps,
+            alpha=args.alpha,
+            beta=args.beta,
+            mask_mode=args.mask_mode,
+            floor=None if args.eq13 else args.floor,
         ),
     ).validate()
 
@@ -204,6 +208,10 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--alpha", type=float, default=1.0, help="DeCI weight")
     p.add_argument("--beta", type=float, default=1.0, help="ReRI weight")
     p.add_argument("--mask-mode", default="parameters", choices=("parameters", "feature"))
+    p.add_argument(
+        "--floor", type=float, default=1e-3, help="ReRI lowers a score to no less than floor x DeCI (default 1e-3)"
+    )
+    p.add_argument("--eq13", action="store_true", help="AlterEva scores exactly as the paper's Eq. 13 (no floor)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -36,6 +36,7 @@ class AlterEvaConfig:
     alpha: float = 1.0
     beta: float = 1.0
     mask_mode: str = "parameters"  # or "feature" (ablation)
+    floor: float | None = 1e-3  # ReRI discounts DeCI to no less than floor x DeCI; None: Eq. 13 as printed
 
 
 @dataclass

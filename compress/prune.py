@@ -77,6 +77,8 @@ class PruneRequest:
             raise PruningError("the scoring set needs at least one batch of at least one scene")
         if self.method == "imp" and (self.imp.levels < 1 or self.channel_ratio is not None):
             raise PruningError("IMP needs levels >= 1 and a GFLOPs target or a sparsity (not a channel ratio)")
+        if self.altereva.floor is not None and not 0.0 <= self.altereva.floor < 1.0:
+            raise PruningError(f"the AlterEva floor must be in [0, 1) or None, got {self.altereva.floor}")
         if self.synflow.iterations < 1:
             raise PruningError(f"SynFlow needs at least one iteration, got {self.synflow.iterations}")
         if self.prospr.steps < 0 or self.prospr.mode not in PROSPR_MODES:
@@ -120,7 +122,8 @@ def channel_scores(
         saliency = altereva_saliency(model, partition, batches, request.altereva, progress)
         deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
         reri = {masked: [s.abs() for s in graph.channel_saliency(sal)] for masked, sal in saliency.reri.items()}
-        return altereva_scores(deci, reri, parts, request.altereva.alpha, request.altereva.beta)
+        a = request.altereva
+        return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
         return [s.abs() for s in graph.channel_saliency(signed_saliency(model, batches))]
     if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
@@ -238,7 +241,8 @@ def weight_scores(
         parts = [partition.part_of(n) or "fusion" for n in names]
         deci = [saliency.deci[n].abs() for n in names]
         reri = {masked: [s[n].abs() for n in names] for masked, s in saliency.reri.items()}
-        return dict(zip(names, altereva_scores(deci, reri, parts, request.altereva.alpha, request.altereva.beta)))
+        a = request.altereva
+        return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)))
     if request.method == "snip":
         saliency = signed_saliency(model, batches)
         return {n: saliency[n].abs() for n in weights}

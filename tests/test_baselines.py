@@ -79,8 +79,10 @@ def _planted_ranks(graph, scores) -> dict[str, int]:
         ("prospr", PruneRequest(target_gflops=0.5)),
         ("prospr", PruneRequest(target_gflops=0.5, prospr=ProsprConfig(mode="first-order"))),
         ("altereva", PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1, beta=0.0))),
+        ("altereva", PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1))),
+        ("altereva", PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1, beta=2.0))),
     ],
-    ids=["magnitude", "snip", "synflow", "prospr-full", "prospr-first-order", "altereva-beta0"],
+    ids=["magnitude", "snip", "synflow", "prospr-full", "prospr-first-order", "altereva-beta0", "altereva", "beta2"],
 )
 def test_planted_channel_ranks_last(planted, method, request_):
     model, graph, partition, batches = planted
@@ -88,18 +90,29 @@ def test_planted_channel_ranks_last(planted, method, request_):
     assert _planted_ranks(graph, scores) == dict.fromkeys(PLANTED, 0)
 
 
-def test_altereva_scores_a_planted_channel_near_zero_not_last(planted):
-    """With beta > 0 a dead channel is NOT pruned first: S = DeCI share - ReRI share is ~0 for it, and
-    channels reactivated more than they contribute score below zero. Its DeCI is the lowest of its group."""
+def test_printed_eq13_ranks_live_channels_below_a_dead_one(planted):
+    """Why AlterEva floors its scores: with Eq. 13 as printed (floor=None) the planted channel scores ~0
+    while live channels reactivated more than they contribute score below it, so they would go first."""
     model, graph, partition, batches = planted
     saliency = altereva_saliency(model, partition, batches, AlterEvaConfig(reactivation_steps=1), progress=False)
     deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
     reri = {k: [s.abs() for s in graph.channel_saliency(v)] for k, v in saliency.reri.items()}
     assert _planted_ranks(graph, deci) == dict.fromkeys(PLANTED, 0)
-    scores = altereva_scores(deci, reri, [g.part for g in graph.groups], 1.0, 1.0)
-    for group, s in zip(graph.groups, scores):
-        if group.root in PLANTED:
-            assert abs(float(s[PLANTED[group.root]])) < 1e-3 * float(s.abs().max())
+    parts = [g.part for g in graph.groups]
+    printed = altereva_scores(deci, reri, parts, 1.0, 1.0, floor=None)
+    assert sum(_planted_ranks(graph, printed).values()) > 0
+    floored = altereva_scores(deci, reri, parts, 1.0, 1.0)
+    assert _planted_ranks(graph, floored) == dict.fromkeys(PLANTED, 0)
+
+
+def test_floor_bounds_the_reri_discount_and_keeps_order_by_contribution():
+    deci = [torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])]  # shares 0.4, 0.3, 0.2, 0.1, 0
+    reri = {"lidar": [torch.tensor([0.0, 1.0, 8.0, 1.0, 0.0])]}  # shares 0, 0.1, 0.8, 0.1, 0
+    printed = altereva_scores(deci, reri, ["camera"], 1.0, 1.0, floor=None)[0]
+    assert torch.allclose(printed, torch.tensor([0.4, 0.2, -0.6, 0.0, 0.0]), atol=1e-7)
+    floored = altereva_scores(deci, reri, ["camera"], 1.0, 1.0, floor=0.01)[0]
+    assert torch.allclose(floored, torch.tensor([0.4, 0.2, 0.002, 0.001, 0.0]), atol=1e-7)
+    assert torch.argsort(floored).tolist() == [4, 3, 2, 1, 0]  # dead unit first, then by contribution
 
 
 def test_altereva_with_beta_zero_ranks_like_snip_within_each_partition(planted):
@@ -310,7 +323,8 @@ def test_compare_plans_the_grid_and_writes_tables_and_plots(tmp_path):
     from benchmarks.compare import METHODS, markdown, plan, plot_map_vs_beta, plot_map_vs_gflops
 
     full = plan(METHODS, 3, quick=False)
-    assert len(full) == 7 * 3 * 3 * 2 + 4 * 3  # the beta = 1 sweep point is the main AlterEva run
+    # methods x targets x kinds x seeds, + 4 beta points (beta = 1 is the main run) + Eq. 13, per seed
+    assert len(full) == 7 * 3 * 3 * 2 + 4 * 3 + 3
     assert len({spec.key for spec in full}) == len(full)
     quick = plan(METHODS, 1, quick=True)
     assert {(s.kind, s.target, s.seed) for s in quick} == {("structured", 0.5, 0)} and len(quick) == 7
@@ -329,6 +343,16 @@ def test_compare_plans_the_grid_and_writes_tables_and_plots(tmp_path):
     text = markdown({"settings": settings, "seeds": 3, "unpruned": reference, "runs": runs, "seconds": 0})
     assert "## AlterEva beta/alpha sweep" in text and "## Unstructured" in text and " ± " in text
     assert text.count("| 50% | altereva |") == 1  # sweep points stay out of the method table
+    assert text.count("| 50% | altereva-eq13 |") == 1
     plot_map_vs_gflops(runs, reference, tmp_path / "a.png")
     plot_map_vs_beta(runs, tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_compare_runs_printed_eq13_as_altereva_without_floor():
+    from benchmarks.compare import EQ13, RunSpec, Settings, prune_request
+
+    eq13 = prune_request(RunSpec(EQ13, "structured", 0.5, 0), Settings("x"))
+    assert eq13.method == "altereva" and eq13.altereva.floor is None
+    main = prune_request(RunSpec("altereva", "structured", 0.5, 0), Settings("x"))
+    assert main.altereva.floor == 1e-3
