@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from compress.partition import Partition, PartitionError, masked_modality
 from fusion.data.dataset import model_inputs
 from fusion.losses import task_loss
+from fusion.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter
@@ -90,7 +90,7 @@ def altereva_saliency(
         raise ValueError(f"reactivation_steps must be >= 1, got {config.reactivation_steps}")
     theta0 = {name: t.detach().clone() for name, t in model.state_dict().items()}
     params0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    bar = tqdm(total=5, desc="AlterEva", disable=not progress, leave=False)
+    bar = progress_bar(total=5, desc="AlterEva", enabled=progress, leave=False)
     try:
         result = AlterEvaSaliency(deci=signed_saliency(model, batches))
         bar.update()

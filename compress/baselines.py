@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm import tqdm
 
 from compress.finetune import FinetuneConfig, finetune
 from compress.structured import NORMS, ChannelGraph, PruningError, global_ranks
 from compress.unstructured import global_masks, prunable_weights
 from fusion.data.dataset import model_inputs
 from fusion.losses import task_loss
+from fusion.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 PROSPR_MODES = ("full", "first-order")
@@ -149,7 +149,7 @@ def synflow_channel_schedule(
     pruned = [torch.zeros(g.channels, dtype=torch.bool) for g in graph.groups]
     position = [torch.full((g.channels,), -1, dtype=torch.long) for g in graph.groups]
     removed = 0
-    for k in tqdm(range(1, config.iterations + 1), desc="SynFlow", disable=not progress, leave=False):
+    for k in progress_bar(range(1, config.iterations + 1), desc="SynFlow", enabled=progress, leave=False):
         masked.zero_channels(pruned)
         keys = _removal_keys(masked.channel_saliency(synflow_saliency(net, inputs)), position, tiebreak)
         goal = 1.0 - (1.0 - target) ** (k / config.iterations)
@@ -184,7 +184,7 @@ def synflow_weight_scores(
     keep = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
     removed_at = {name: torch.zeros_like(w) for name, w in weights.items()}
     n = config.iterations
-    for k in tqdm(range(1, n + 1), desc="SynFlow", disable=not progress, leave=False):
+    for k in progress_bar(range(1, n + 1), desc="SynFlow", enabled=progress, leave=False):
         with torch.no_grad():
             for name, w in weights.items():
                 w.mul_(keep[name])

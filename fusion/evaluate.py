@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.metrics import SegmentationMeter, detection_metrics
 from fusion.models.heads import decode_boxes
+from fusion.progress import progress_bar
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -36,7 +36,7 @@ def evaluate(
     meter = SegmentationMeter(config.data.map_classes)
     has_map = False
     starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc="evaluate", enabled=progress, leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         outputs = run(**model_inputs(batch)) if isinstance(run, torch.nn.Module) else run(model_inputs(batch))
         predictions += decode_boxes(outputs, config.grid)

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from fusion.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_into, read_weights, save_checkpoint
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.losses import task_loss
 from fusion.models.bevfusion import BEVFusion
+from fusion.progress import progress_bar
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_STATE_META = "train_state.json"
@@ -102,7 +102,7 @@ def fit(
         save_train_state(out, optimizer, step)
 
     model.train()
-    bar = tqdm(range(start, train.steps), desc=desc, disable=not progress, initial=start, total=train.steps)
+    bar = progress_bar(range(start, train.steps), desc=desc, enabled=progress, initial=start, total=train.steps)
     for step in bar:
         batch = collate([dataset[i] for i in batch_indices(len(dataset), train.batch_size, train.seed, step)])
         for group in optimizer.param_groups:

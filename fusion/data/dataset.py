@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from fusion.config import Config
 from fusion.data.pillars import pillarize
@@ -18,6 +17,7 @@ from fusion.data.render import bev_map, render_cameras, scan_lidar
 from fusion.data.scenes import sample_scene
 from fusion.data.targets import build_targets
 from fusion.geometry import bev_cell_centres
+from fusion.progress import progress_bar
 
 
 def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
@@ -62,7 +62,7 @@ class SyntheticScenes(Dataset):
             raise ValueError(f"a split needs at least one scene, got {count}")
         self.samples = [
             make_sample(config, self.seed, i)
-            for i in tqdm(range(count), desc=f"rendering {split} scenes", disable=not progress, leave=False)
+            for i in progress_bar(range(count), desc=f"rendering {split} scenes", enabled=progress, leave=False)
         ]
 
     def __len__(self) -> int:
