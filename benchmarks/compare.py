@@ -293,6 +293,16 @@ def _row(runs: list[dict], structured: bool) -> list[str]:
     return metrics + size + kept
 
 
+def target_misses(runs: list[dict]) -> dict[str, float]:
+    """Per kind, the largest |achieved - target| over all runs, in percentage points."""
+    misses = {"structured": 0.0, "unstructured": 0.0}
+    for run in runs:
+        kind = run["spec"]["kind"]
+        achieved = run["gflops_reduction"] if kind == "structured" else run["sparsity"]
+        misses[kind] = max(misses[kind], 100 * abs(achieved - run["spec"]["target"]))
+    return misses if runs else {}
+
+
 def markdown(summary: dict) -> str:
     settings, ref = summary["settings"], summary["unpruned"]
     groups = grouped(summary["runs"])
@@ -341,6 +351,12 @@ def markdown(summary: dict) -> str:
         "Kept ratios are channels (structured) or weights (unstructured) kept per partition. GFLOPs are",
         "FlopCounterMode counts of one sample; unstructured models keep their dense GFLOPs.",
     ]
+    miss = target_misses(summary["runs"])
+    if miss:
+        lines.append(
+            f"Largest miss of a target: {miss['structured']:.2f} points of GFLOPs reduction (structured), "
+            f"{miss['unstructured']:.2f} points of sparsity (unstructured)."
+        )
     return "\n".join(lines) + "\n"
 
 
