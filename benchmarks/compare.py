@@ -183,8 +183,8 @@ def load_run(path: Path, settings: Settings) -> dict | None:
 
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
     """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
-    from fusion.checkpoint import atomic_write_text
     from fusion.evaluate import evaluate
+    from fusion.io import atomic_write_text
 
     path = runs_dir / "unpruned.json"
     wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
@@ -206,8 +206,9 @@ def compare(
     """Run (or resume) every planned run, then write compare.md, compare.json and the plots."""
     import torch
 
-    from fusion.checkpoint import atomic_write_text, load_checkpoint
+    from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
+    from fusion.io import atomic_write_text
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
@@ -473,7 +474,7 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
 
 def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]:
     """Each criterion in a fresh subprocess, so peak RSS belongs to that criterion alone."""
-    from fusion.checkpoint import atomic_write_text
+    from fusion.io import atomic_write_text
 
     rows = []
     for kind in COST_KINDS:

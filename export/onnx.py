@@ -133,7 +133,7 @@ def _check_destination(path: Path) -> None:
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> None:
     """Atomic write of bytes, text, or whatever a function writes to the temporary path."""
-    from fusion.checkpoint import atomic_write
+    from fusion.io import atomic_write
 
     def write(tmp: Path) -> None:
         if callable(data):

@@ -36,18 +36,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import onnx
+
+from fusion.io import atomic_write_bytes, atomic_write_text
 
 from .runtime import TensorRTUnavailable, cuda_device_name, import_tensorrt
 
@@ -361,38 +361,10 @@ def sidecar(
     }
 
 
-def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
-    """Write through a temporary file in the target directory, then `os.replace` it into place.
-
-    On any error the temporary file is removed and an existing file at `path` is left untouched.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; engines and sidecars are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_sidecar(path: Path | str, data: Mapping[str, Any]) -> None:
     """Write `data` as indented JSON to `path`, atomically."""
 
-    def dump(f: IO[str]) -> None:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-
-    _atomic_write(Path(path), "w", dump)
-
-
-def _write_bytes(path: Path, data: bytes | memoryview) -> None:
-    _atomic_write(path, "wb", lambda f: f.write(data))
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +496,7 @@ def _load_timing_cache(config: Any, path: Path | None) -> None:
 
 def _save_timing_cache(config: Any, path: Path | None) -> None:
     if path is not None:
-        _write_bytes(path, memoryview(config.get_timing_cache().serialize()))
+        atomic_write_bytes(path, memoryview(config.get_timing_cache().serialize()))
 
 
 def _gpu_name() -> str | None:
@@ -577,7 +549,7 @@ def build_engine(spec: EngineSpec) -> Path:
 
     engine = memoryview(serialized)
     engine_path = Path(spec.engine_path)
-    _write_bytes(engine_path, engine)
+    atomic_write_bytes(engine_path, engine)
     _save_timing_cache(config, timing_cache)
     record = sidecar(spec, hashlib.sha256(engine).hexdigest(), trt.__version__, gpu_name=_gpu_name())
     write_sidecar(sidecar_path(engine_path), record)

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_into, read_weights, save_checkpoint
+from fusion.checkpoint import CheckpointError, load_into, read_weights, save_checkpoint
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
+from fusion.io import atomic_write, atomic_write_text
 from fusion.losses import task_loss
 from fusion.models.bevfusion import BEVFusion
 from fusion.progress import progress_bar

@@ -339,7 +339,9 @@ def test_write_sidecar_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path)
 def test_write_sidecar_is_readable_by_others(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     write_sidecar(path, {"a": 1})
-    assert path.stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------------------------
