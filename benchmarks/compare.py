@@ -294,6 +294,11 @@ def _row(runs: list[dict], structured: bool) -> list[str]:
     return metrics + size + kept
 
 
+def run_seconds(runs: list[dict]) -> float:
+    """Time spent in the runs themselves, however many invocations it took to finish them."""
+    return sum(sum(run.get("seconds", {}).values()) for run in runs)
+
+
 def target_misses(runs: list[dict]) -> dict[str, float]:
     """Per kind, the largest |achieved - target| over all runs, in percentage points."""
     misses = {"structured": 0.0, "unstructured": 0.0}
@@ -313,8 +318,9 @@ def markdown(summary: dict) -> str:
         f"Checkpoint `{settings['checkpoint']}`; synthetic val split, {settings['val_scenes']} scenes; "
         f"{summary['seeds']} seed(s) (mean ± std over seeds); fine-tune {settings['finetune_steps']} steps for every "
         f"method (IMP: split over {settings['imp_levels']} levels), {settings['train_scenes']} training scenes; "
-        f"SynFlow {settings['synflow_iterations']} iterations; {settings['threads']} thread(s); "
-        f"{summary['seconds']:.0f} s in this invocation.",
+        f"SynFlow {settings['synflow_iterations']} iterations; {settings['threads']} thread(s). "
+        f"The runs took {run_seconds(summary['runs']) / 60:.0f} min (prune + fine-tune + evaluate, summed); "
+        f"this invocation {summary['seconds']:.0f} s.",
         "",
         "| model | mAP | NDS | mIoU | GFLOPs | params (M) |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -80,6 +80,19 @@ def global_ranks(scores: list[torch.Tensor], tiebreak: list[torch.Tensor] | None
     return list(torch.split(ranks, [len(s) for s in scores]))
 
 
+def min_kept(channels: int, round_to: int, max_group_ratio: float) -> int:
+    """The fewest channels a group may keep: the per-group cap, and at least one `round_to` block."""
+    floor = max(1, math.ceil(channels * (1.0 - max_group_ratio)))
+    return max(floor, round_to) if channels >= round_to else floor
+
+
+def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the `count` lowest-scoring channels (ties by position)."""
+    mask = torch.zeros(len(score), dtype=torch.bool)
+    mask[torch.argsort(score, stable=True)[:count]] = True
+    return mask
+
+
 class ChannelGraph:
     """The prunable channel groups of a model and the FLOPs of every layer as a function of widths."""
 
@@ -180,14 +193,10 @@ class ChannelGraph:
         for group, score in zip(self.groups, scores):
             n = group.channels
             kept = n - int((score < threshold).sum())
-            floor = max(1, math.ceil(n * (1.0 - max_group_ratio)))
             if n >= round_to:
-                floor = max(floor, round_to)
                 kept = min(n, math.ceil(max(kept, 1) / round_to) * round_to)
-            kept = max(kept, floor)
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[torch.argsort(score, stable=True)[: n - kept]] = True
-            pruned.append(mask)
+            kept = max(kept, min_kept(n, round_to, max_group_ratio))
+            pruned.append(lowest(score, n - kept))
         return pruned
 
     def max_reduction(self, round_to: int, max_group_ratio: float) -> float:
@@ -203,8 +212,11 @@ class ChannelGraph:
         round_to: int,
         max_group_ratio: float,
         tiebreak: list[torch.Tensor] | None = None,
+        tolerance: float = 0.01,
     ) -> list[torch.Tensor]:
         """Bisection on one global threshold so the FLOPs (mode "flops") or channel reduction hits `target`.
+
+        If the nearest threshold still misses by more than `tolerance`, single width steps close the gap.
 
         The threshold runs over global ranks, not raw values: dead channels all score exactly 0, and a
         value threshold would drop hundreds of tied channels at once. Ties go to `tiebreak` (lower is
@@ -231,7 +243,37 @@ class ChannelGraph:
                 low = mid + 1
             else:
                 high = mid - 1
+        if best_gap > tolerance:
+            best = self._close_gap(best, ranks, target, reduction, round_to, max_group_ratio, tolerance)
         return best
+
+    def _close_gap(self, masks, ranks, target, reduction, round_to, max_group_ratio, tolerance):
+        """Move single width steps (one `round_to` block of one group) while that brings us nearer the target.
+
+        One rank step of the global threshold can drop a whole block of a FLOP-heavy layer at once: with
+        random scores that missed a 30% target by 2.3 points. Each move prunes the group's next-lowest
+        ranked block or restores its highest-ranked pruned one, so the order inside a group is kept.
+        """
+        masks = [m.clone() for m in masks]
+        gap = abs(reduction(masks) - target)
+        while gap > tolerance:
+            best_move, best_gap = None, gap
+            for i, (group, rank) in enumerate(zip(self.groups, ranks)):
+                n, kept = group.channels, group.channels - int(masks[i].sum())
+                step = round_to if n >= round_to else 1
+                for new_kept in ((kept - 1) // step * step, min(n, (kept // step + 1) * step)):
+                    if not min_kept(n, round_to, max_group_ratio) <= new_kept <= n or new_kept == kept:
+                        continue
+                    count = n - new_kept
+                    trial = masks[:i] + [lowest(rank, count)] + masks[i + 1 :]
+                    trial_gap = abs(reduction(trial) - target)
+                    if trial_gap < best_gap:
+                        best_move, best_gap = (i, count), trial_gap
+            if best_move is None:
+                break
+            masks[best_move[0]] = lowest(ranks[best_move[0]], best_move[1])
+            gap = best_gap
+        return masks
 
     # ---- removal ----------------------------------------------------------------------------
     def zero_channels(self, pruned: list[torch.Tensor]) -> None:
