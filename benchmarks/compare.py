@@ -393,9 +393,12 @@ def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-        ref_x = reference["gflops"] if kind == "structured" else 0.0
-        ax.axhline(reference["metrics"]["mAP"], color="black", linestyle="--", linewidth=0.8)
-        ax.scatter([ref_x], [reference["metrics"]["mAP"]], marker="*", s=150, color="black", zorder=5, label="unpruned")
+        ref = reference["metrics"]["mAP"]
+        if kind == "structured":
+            ax.axhline(ref, color="black", linestyle="--", linewidth=0.8)
+            ax.scatter([reference["gflops"]], [ref], marker="*", s=150, color="black", zorder=5, label="unpruned")
+        else:  # the unpruned model sits at sparsity 0, far left of the grid: a line only
+            ax.axhline(ref, color="black", linestyle="--", linewidth=0.8, label="unpruned")
         ax.set_xlabel("GFLOPs" if kind == "structured" else "sparsity")
         ax.set_ylabel("mAP")
         ax.set_title(f"{kind} pruning + fine-tune")
