@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from export import trt_check
 from export.onnx import (
@@ -72,6 +73,9 @@ def test_single_graph_parity(fusion_model, samples, tmp_path, method):
     assert details["readiness_errors"] == 0
     assert not [f for f in trt_check.check_model(details["path"]) if f.severity == trt_check.ERROR]
     assert details["size_bytes_unsimplified"] > 0 and details["size_bytes"] > 0
+    # no all-zero initializer as large as the BEV canvas (1 x 32 x 4096 on tiny): it would be 40 MB on r50
+    zeros = [i.name for i in model.graph.initializer if np.prod(i.dims) >= 4096 and not numpy_helper.to_array(i).any()]
+    assert not zeros, zeros
 
     report = parity_report(fusion_model, details["path"], samples, threads=1, pool_method=method)
     assert report["ok"], report

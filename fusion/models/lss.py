@@ -62,7 +62,9 @@ class BEVPool(nn.Module):
         b, c, _ = points.shape
         kept = points.index_select(2, self.point_index)
         if self.method == "scatter":
-            canvas = points.new_zeros(b, c, self.num_cells)
+            # A zero canvas derived from the input, not `new_zeros`: exporters fold a constant-shaped
+            # zeros tensor into an initializer (0.5 MB on tiny, 40 MB on r50); this stays 3 small ops.
+            canvas = (kept[:, :, :1] * 0).expand(b, c, self.num_cells)
             return canvas.scatter_add(2, self.point_cell.view(1, 1, -1).expand(b, c, -1), kept)
         running = F.pad(kept.cumsum(2), (1, 0))
         sums = running.index_select(2, self.interval_end) - running.index_select(2, self.interval_start)
