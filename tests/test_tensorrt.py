@@ -631,6 +631,14 @@ def test_runtime_and_parity_import_neither_torch_nor_onnx() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_engine_builder_does_not_import_torch() -> None:
+    """Deployment images carry TensorRT and onnx but not torch; the shared atomic writer is torch-free."""
+    code = "import sys, export.tensorrt\nassert 'torch' not in sys.modules\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def _specs() -> dict[str, TensorSpec]:
     return {"images": TensorSpec("images", (1, 3), np.dtype(np.float32))}
 
