@@ -190,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", help="directory for flops-<preset>.{md,json}")
     args = parser.parse_args(argv)
 
-    from export.onnx import pool_method_as, torch_threads, write_atomic
+    from export.onnx import pool_method_as, torch_threads
     from fusion.checkpoint import load_checkpoint
     from fusion.config import get_config
+    from fusion.io import atomic_write_text
     from fusion.models.bevfusion import build_model, example_inputs
 
     rss_before = _peak_rss_mib()
@@ -246,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"flops-{config.preset}.json", json.dumps(record, indent=2))
-    write_atomic(out / f"flops-{config.preset}.md", markdown)
+    atomic_write_text(out / f"flops-{config.preset}.json", json.dumps(record, indent=2))
+    atomic_write_text(out / f"flops-{config.preset}.md", markdown)
     print(f"wrote {out / f'flops-{config.preset}.md'} and .json")
     return 0
 

@@ -41,9 +41,9 @@ from export.onnx import (
     pool_method_as,
     stage_tensors,
     torch_threads,
-    write_atomic,
 )
 from export.runtime import latency_summary
+from fusion.io import atomic_write, atomic_write_text
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
 GPU_BACKENDS = (
@@ -476,8 +476,8 @@ def bench(
         "models": results,
         "comparison": compare(results),
     }
-    write_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "bench.md", bench_markdown(report))
+    atomic_write_text(out_dir / "bench.json", json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "bench.md", bench_markdown(report))
     plot_latency_vs_gflops(report, out_dir / "latency_vs_gflops.png")
     return report
 
@@ -592,7 +592,7 @@ def plot_latency_vs_gflops(report: Mapping[str, Any], path: Path) -> None:
     if plotted:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from export import trt_check
 from export.parity import compare_outputs
+from fusion.io import atomic_write_bytes, atomic_write_text
 
 SINGLE = "model"  # key of the one-graph export in a mapping of ONNX paths
 STAGES = ("camera_backbone", "camera_vtransform", "lidar_backbone", "fuser_decoder", "heads")
@@ -129,19 +130,6 @@ def current_pool_method(model: nn.Module) -> str | None:
 def _check_destination(path: Path) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> None:
-    """Atomic write of bytes, text, or whatever a function writes to the temporary path."""
-    from fusion.io import atomic_write
-
-    def write(tmp: Path) -> None:
-        if callable(data):
-            data(tmp)
-        else:
-            Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
-
-    atomic_write(Path(path), write)
 
 
 def _to_numpy(outputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -437,7 +425,7 @@ def _export_graph(
     parity = compare_outputs(reference, final_outputs, atol_fp32=FP32_ATOL)
 
     if write:
-        write_atomic(path, final_bytes)
+        atomic_write_bytes(path, final_bytes)
     return {
         **({} if write else {"_bytes": final_bytes}),
         "path": str(path),
@@ -534,7 +522,7 @@ def export_split_details(
             details[stage.name] = result
     # Written only once every stage passed: a failure never leaves a mixed set of old and new stages.
     for result in details.values():
-        write_atomic(result["path"], result.pop("_bytes"))
+        atomic_write_bytes(result["path"], result.pop("_bytes"))
     return details
 
 
@@ -790,8 +778,8 @@ def export_checkpoint(
         "parity": parity,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    write_atomic(out_dir / "export_report.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "export_report.md", report_markdown(report))
+    atomic_write_text(out_dir / "export_report.json", json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "export_report.md", report_markdown(report))
     return report
 
 
