@@ -25,9 +25,6 @@ import copy
 import dataclasses
 import json
 import math
-import resource
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,6 +448,7 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
     """Score the channels of a random-weight tiny model once; time and peak RSS beyond setup."""
     import torch
 
+    from benchmarks.scoring_cost import cost_of
     from compress.baselines import ProsprConfig, SynFlowConfig
     from compress.partition import Partition
     from compress.prune import PruneRequest, channel_scores, scoring_set
@@ -473,25 +471,16 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size)
     partition = Partition.of(model)
     graph = ChannelGraph(model, partition, {k: v[:1] for k, v in model_inputs(batches[0]).items()})
-    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    channel_scores(method, model, graph, partition, batches, request, progress=False)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "seconds": seconds, "extra_peak_mib": (peak - setup_rss) / 1024, "peak_rss_mib": peak / 1024}
+    return cost_of(kind, lambda: channel_scores(method, model, graph, partition, batches, request, progress=False))
 
 
 def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]:
     """Each criterion in a fresh subprocess, so peak RSS belongs to that criterion alone."""
+    from benchmarks.scoring_cost import child_rows
     from fusion.io import atomic_write_text
 
-    rows = []
-    for kind in COST_KINDS:
-        command = [sys.executable, "-m", "benchmarks.compare", "--cost-child", kind, "--threads", str(threads)]
-        command += ["--synflow-iterations", str(synflow_iterations)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    args = ["--cost-child", "--threads", str(threads), "--synflow-iterations", str(synflow_iterations)]
+    rows = child_rows("benchmarks.compare", COST_KINDS, args, echo=True)
     lines = [
         f"# Channel-scoring cost per criterion (tiny preset, random weights, {threads} thread(s))",
         "",

@@ -16,7 +16,31 @@ import sys
 import time
 from pathlib import Path
 
+from fusion.io import atomic_write_text
+
 KINDS = ("forward_backward", "snip", "altereva")
+
+
+def cost_of(kind: str, work) -> dict:
+    """Run `work()` once: wall time and peak RSS beyond what the process held before it."""
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "seconds": seconds, "extra_peak_mib": (peak - setup_rss) / 1024, "peak_rss_mib": peak / 1024}
+
+
+def child_rows(module: str, kinds: tuple[str, ...], args: list[str], echo: bool = False) -> list[dict]:
+    """Per kind, `python -m module args[0] kind args[1:]` in a fresh process; the JSON on its last stdout line."""
+    rows = []
+    for kind in kinds:
+        command = [sys.executable, "-m", module, args[0], kind, *args[1:]]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        if echo:
+            print(rows[-1], flush=True)
+    return rows
 
 
 def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> dict:
@@ -35,32 +59,23 @@ def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> di
     torch.manual_seed(0)
     model = build_model(config).eval()
     data = scoring_set(config, batches, 2)
-    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    if kind == "forward_backward":
-        loss, _ = task_loss(model(**model_inputs(data[0])), data[0])
-        loss.backward()
-    elif kind == "snip":
-        signed_saliency(model, data)
-    else:
-        altereva_saliency(model, Partition.of(model), data, AlterEvaConfig(reactivation_steps=steps), progress=False)
-    seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "kind": kind,
-        "seconds": seconds,
-        "extra_peak_mib": (peak_rss - setup_rss) / 1024,
-        "peak_rss_mib": peak_rss / 1024,
-    }
+
+    def work() -> None:
+        if kind == "forward_backward":
+            loss, _ = task_loss(model(**model_inputs(data[0])), data[0])
+            loss.backward()
+        elif kind == "snip":
+            signed_saliency(model, data)
+        else:
+            settings = AlterEvaConfig(reactivation_steps=steps)
+            altereva_saliency(model, Partition.of(model), data, settings, progress=False)
+
+    return cost_of(kind, work)
 
 
 def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[dict]:
-    rows = []
-    for kind in KINDS:
-        command = [sys.executable, "-m", "benchmarks.scoring_cost", "--child", kind, "--preset", preset]
-        command += ["--threads", str(threads), "--batches", str(batches), "--steps", str(steps)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    args = ["--child", "--preset", preset, "--threads", str(threads), "--batches", str(batches), "--steps", str(steps)]
+    rows = child_rows("benchmarks.scoring_cost", KINDS, args)
     base = rows[0]["seconds"]
     lines = [
         f"# AlterEva scoring cost ({preset} preset, {threads} thread(s), scoring set {batches} x 2 scenes, B = {steps})",
@@ -77,8 +92,8 @@ def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[
     )
     lines += ["", f"Measured with `{command}`."]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scoring_cost.md").write_text("\n".join(lines) + "\n")
-    (out / "scoring_cost.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out / "scoring_cost.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "scoring_cost.json", json.dumps(rows, indent=2))
     print("\n".join(lines))
     return rows
 
