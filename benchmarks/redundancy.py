@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result = measure(checkpoint, args.val_scenes, args.threads)
     seconds = time.perf_counter() - start
-    command = "python -m benchmarks.redundancy " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.redundancy " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(out / "redundancy.json", json.dumps({**result, "seconds": seconds}, indent=2))
     text = markdown(result, seconds, command.strip())
     atomic_write_text(out / "redundancy.md", text)

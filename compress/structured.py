@@ -262,7 +262,7 @@ class ChannelGraph:
                 n, kept = group.channels, group.channels - int(masks[i].sum())
                 step = round_to if n >= round_to else 1
                 for new_kept in ((kept - 1) // step * step, min(n, (kept // step + 1) * step)):
-                    if not min_kept(n, round_to, max_group_ratio) <= new_kept <= n or new_kept == kept:
+                    if new_kept == kept or new_kept < min_kept(n, round_to, max_group_ratio):
                         continue
                     count = n - new_kept
                     trial = masks[:i] + [lowest(rank, count)] + masks[i + 1 :]
