@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -119,7 +119,32 @@ def cuda_device_name(device: int = 0) -> str:
     return str(name)
 
 
-class CudaStream:
+_Owned = TypeVar("_Owned", bound="_OwnedCudaResource")
+
+
+class _OwnedCudaResource:
+    """A stream, event or buffer we allocated: a context manager whose exit frees it.
+
+    `close()` is the contract and must be safe to call twice; `__del__` is only a fallback.
+    """
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Owned) -> _Owned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class CudaStream(_OwnedCudaResource):
     """An owned CUDA stream. Use as a context manager or call `close()`."""
 
     def __init__(self) -> None:
@@ -145,20 +170,8 @@ class CudaStream:
             stream, self._stream = self._stream, None
             cuda_call(self._cudart.cudaStreamDestroy, stream)
 
-    def __enter__(self) -> CudaStream:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # fallback only; close() is the contract
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class CudaEvent:
+class CudaEvent(_OwnedCudaResource):
     """An owned CUDA event, for GPU-side timing of work on a stream."""
 
     def __init__(self) -> None:
@@ -180,20 +193,8 @@ class CudaEvent:
             event, self._event = self._event, None
             cuda_call(self._cudart.cudaEventDestroy, event)
 
-    def __enter__(self) -> CudaEvent:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class DeviceBuffer:
+class DeviceBuffer(_OwnedCudaResource):
     """A block of device memory (`cudaMalloc`) with host copies in and out.
 
     With a stream the copies are `cudaMemcpyAsync` on that stream and the caller synchronizes
@@ -261,18 +262,6 @@ class DeviceBuffer:
         if self._ptr is not None:
             ptr, self._ptr = self._ptr, None
             cuda_call(self._cudart.cudaFree, ptr)
-
-    def __enter__(self) -> DeviceBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -838,3 +838,28 @@ def test_engine_from_dynamic_onnx_with_pinned_shape(tmp_path: Path) -> None:
         assert runner.outputs["output"].shape == (2, 4, 8, 8)
         outputs = runner.run(feeds)
     assert compare_outputs(_onnxruntime_reference(onnx_path, feeds), outputs).ok
+
+
+def test_stream_and_event_free_their_handle_once_on_exit(monkeypatch) -> None:
+    """The context-manager lifecycle shared by the CUDA resources, on a fake cuda-python runtime."""
+    import types
+
+    from export import runtime
+
+    destroyed: list[tuple[str, int]] = []
+    fake = types.SimpleNamespace(
+        cudaError_t=types.SimpleNamespace(cudaSuccess=0),
+        cudaStreamCreate=lambda: (0, 7),
+        cudaStreamDestroy=lambda h: (destroyed.append(("stream", h)), 0)[1:],
+        cudaEventCreate=lambda: (0, 9),
+        cudaEventDestroy=lambda h: (destroyed.append(("event", h)), 0)[1:],
+    )
+    monkeypatch.setattr(runtime, "import_cudart", lambda: fake)
+    with runtime.CudaStream() as stream, runtime.CudaEvent() as event:
+        assert stream.ptr == 7 and isinstance(event, runtime.CudaEvent)
+    assert destroyed == [("event", 9), ("stream", 7)]
+    stream.close()
+    event.close()
+    assert len(destroyed) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = stream.handle
