@@ -365,6 +365,13 @@ def markdown(summary: dict) -> str:
 
 
 # ---- plots --------------------------------------------------------------------------------------
+def errorbar(ax, xs: list[float], stats: list[tuple[float, float]], label: str) -> None:
+    """Means with one-std bars; a single seed (std NaN) draws no bar."""
+    means = [mean for mean, _ in stats]
+    stds = [0.0 if math.isnan(std) else std for _, std in stats]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+
+
 def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
     import matplotlib
 
@@ -381,15 +388,7 @@ def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
             if not points:
                 continue
             xs = [mean_std([x_of(r) for r in v])[0] for _, v in points]
-            ys = [mean_std([r["metrics"]["mAP"] for r in v]) for _, v in points]
-            ax.errorbar(
-                xs,
-                [y[0] for y in ys],
-                yerr=[0 if math.isnan(y[1]) else y[1] for y in ys],
-                marker="o",
-                capsize=3,
-                label=method,
-            )
+            errorbar(ax, xs, [mean_std([r["metrics"]["mAP"] for r in v]) for _, v in points], method)
         ref = reference["metrics"]["mAP"]
         if kind == "structured":
             ax.axhline(ref, color="black", linestyle="--", linewidth=0.8)
@@ -422,15 +421,7 @@ def plot_map_vs_beta(runs: list[dict], path: Path) -> None:
     betas = sorted(sweep)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for metric in ("mAP", "NDS"):
-        stats = [mean_std([r["metrics"][metric] for r in sweep[b]]) for b in betas]
-        ax.errorbar(
-            betas,
-            [s[0] for s in stats],
-            yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-            marker="o",
-            capsize=3,
-            label=metric,
-        )
+        errorbar(ax, betas, [mean_std([r["metrics"][metric] for r in sweep[b]]) for b in betas], metric)
     ax.set_xlabel("beta / alpha")
     ax.set_title(f"AlterEva at {SWEEP_TARGET:.0%} GFLOPs reduction")
     ax.grid(alpha=0.3)
