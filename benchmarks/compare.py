@@ -467,8 +467,7 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
 
 def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]:
     """Each criterion in a fresh subprocess, so peak RSS belongs to that criterion alone."""
-    from benchmarks.scoring_cost import child_rows
-    from fusion.io import atomic_write_text
+    from benchmarks.scoring_cost import child_rows, write_report
 
     args = ["--cost-child", "--threads", str(threads), "--synflow-iterations", str(synflow_iterations)]
     rows = child_rows("benchmarks.compare", COST_KINDS, args, echo=True)
@@ -485,10 +484,7 @@ def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]
         f"| {r['kind']} | {r['seconds']:.2f} | {r['extra_peak_mib']:.0f} | {r['peak_rss_mib']:.0f} |" for r in rows
     ]
     lines += ["", f"Measured with `python -m benchmarks.compare --scoring-cost --threads {threads}`."]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "scoring_cost.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "scoring_cost.json", json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    write_report(out, lines, rows)
     return rows
 
 

@@ -73,6 +73,14 @@ def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> di
     return cost_of(kind, work)
 
 
+def write_report(out: Path, lines: list[str], rows: list[dict]) -> None:
+    """`scoring_cost.md` (the table) and `scoring_cost.json` (the rows) in `out`, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "scoring_cost.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "scoring_cost.json", json.dumps(rows, indent=2))
+    print("\n".join(lines))
+
+
 def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[dict]:
     args = ["--child", "--preset", preset, "--threads", str(threads), "--batches", str(batches), "--steps", str(steps)]
     rows = child_rows("benchmarks.scoring_cost", KINDS, args)
@@ -91,10 +99,7 @@ def run(preset: str, threads: int, batches: int, steps: int, out: Path) -> list[
         f"python -m benchmarks.scoring_cost --preset {preset} --threads {threads} --batches {batches} --steps {steps}"
     )
     lines += ["", f"Measured with `{command}`."]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "scoring_cost.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "scoring_cost.json", json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    write_report(out, lines, rows)
     return rows
 
 
