@@ -181,7 +181,7 @@ def load_run(path: Path, settings: Settings) -> dict | None:
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
     """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
     from fusion.evaluate import evaluate
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
 
     path = runs_dir / "unpruned.json"
     wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
@@ -205,7 +205,7 @@ def compare(
 
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.onnx import pool_method_as, torch_threads
     from fusion.checkpoint import load_checkpoint
     from fusion.config import get_config
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
     from fusion.models.bevfusion import build_model, example_inputs
 
     rss_before = _peak_rss_mib()

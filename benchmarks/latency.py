@@ -43,7 +43,7 @@ from export.onnx import (
     torch_threads,
 )
 from export.runtime import latency_summary
-from fusion.io import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
 GPU_BACKENDS = (

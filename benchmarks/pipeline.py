@@ -17,7 +17,7 @@ from fusion.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from fusion.config import get_config
 from fusion.data.dataset import SyntheticScenes
 from fusion.evaluate import evaluate
-from fusion.io import atomic_write_text
+from common.io import atomic_write_text
 from fusion.models.bevfusion import build_model, example_inputs
 from fusion.train import fit, load_pretrained
 

@@ -114,7 +114,7 @@ def markdown(result: dict, seconds: float, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(SHIPPED), help="fusion checkpoint (default: shipped tiny)")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fusion.io import atomic_write_text
+from common.io import atomic_write_text
 
 KINDS = ("forward_backward", "snip", "altereva")
 

@@ -36,7 +36,7 @@ from compress.structured import NORMS, ChannelGraph, PruningError, global_ranks
 from compress.unstructured import global_masks, prunable_weights
 from fusion.data.dataset import model_inputs
 from fusion.losses import task_loss
-from fusion.progress import progress_bar
+from common.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 PROSPR_MODES = ("full", "first-order")

@@ -49,7 +49,7 @@ def engine_specs(
 
 def write_build_script(specs: list[EngineSpec], path: Path) -> None:
     """trtexec lines with paths relative to the script, so the ONNX and engine folders can be copied to a Jetson."""
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
 
     here = path.parent
     lines = [
@@ -127,7 +127,7 @@ def build_engines(
         build_engine(spec)
         report["engines"][Path(spec.engine_path).name] = check_against_onnxruntime(spec, samples, threads)
     report["ok"] = all(e["ok"] for e in report["engines"].values())
-    from fusion.io import atomic_write_text
+    from common.io import atomic_write_text
 
     atomic_write_text(out_dir / "trt_report.json", json.dumps(report, indent=2))
     return report

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from fusion.io import atomic_write_bytes, atomic_write_text
+from common.io import atomic_write_bytes, atomic_write_text
 
 from .runtime import TensorRTUnavailable, cuda_device_name, import_tensorrt
 

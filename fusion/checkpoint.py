@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusion.config import Config, ConfigError
-from fusion.io import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from fusion.models.bevfusion import BEVFusion, build_model
 
 FORMAT = "altermoma-checkpoint"

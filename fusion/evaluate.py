@@ -10,7 +10,7 @@ import torch
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.metrics import SegmentationMeter, detection_metrics
 from fusion.models.heads import decode_boxes
-from fusion.progress import progress_bar
+from common.progress import progress_bar
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 

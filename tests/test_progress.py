@@ -3,7 +3,7 @@
 import io
 import sys
 
-from fusion.progress import progress_bar
+from common.progress import progress_bar
 
 
 def test_bar_in_a_log_redraws_at_most_every_30_s(monkeypatch):

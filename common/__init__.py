@@ -1,0 +1,1 @@
+"""Small utilities every package may use (atomic writes, progress bars); imports nothing from the project."""
