@@ -88,10 +88,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
     from fusion.evaluate import evaluate, summary_line
-    from common.io import atomic_write_text
 
     model, _ = load_checkpoint(args.checkpoint)
     dataset = SyntheticScenes(model.config, args.split, num_scenes=args.scenes)

@@ -180,8 +180,8 @@ def load_run(path: Path, settings: Settings) -> dict | None:
 
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
     """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
-    from fusion.evaluate import evaluate
     from common.io import atomic_write_text
+    from fusion.evaluate import evaluate
 
     path = runs_dir / "unpruned.json"
     wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
@@ -203,9 +203,9 @@ def compare(
     """Run (or resume) every planned run, then write compare.md, compare.json and the plots."""
     import torch
 
+    from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
-    from common.io import atomic_write_text
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)

@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", help="directory for flops-<preset>.{md,json}")
     args = parser.parse_args(argv)
 
+    from common.io import atomic_write_text
     from export.onnx import pool_method_as, torch_threads
     from fusion.checkpoint import load_checkpoint
     from fusion.config import get_config
-    from common.io import atomic_write_text
     from fusion.models.bevfusion import build_model, example_inputs
 
     rss_before = _peak_rss_mib()

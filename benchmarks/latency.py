@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from benchmarks.flops import flops_table, split_stage_flops, stage_flops
+from common.io import atomic_write, atomic_write_text
 from export.onnx import (
     OrtPipeline,
     Stage,
@@ -43,7 +44,6 @@ from export.onnx import (
     torch_threads,
 )
 from export.runtime import latency_summary
-from common.io import atomic_write, atomic_write_text
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
 GPU_BACKENDS = (

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from common.io import atomic_write_text
 from compress.prune import measured_gflops
 from fusion.checkpoint import load_checkpoint
 from fusion.data.dataset import SyntheticScenes
 from fusion.evaluate import evaluate
-from common.io import atomic_write_text
 from fusion.models.bevfusion import example_inputs
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "fusion" / "weights"

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from common.io import atomic_write_text
 from compress.finetune import FinetuneConfig, finetune
 from compress.prune import PruneRequest, measured_gflops, prune, scoring_set
 from fusion.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from fusion.config import get_config
 from fusion.data.dataset import SyntheticScenes
 from fusion.evaluate import evaluate
-from common.io import atomic_write_text
 from fusion.models.bevfusion import build_model, example_inputs
 from fusion.train import fit, load_pretrained
 

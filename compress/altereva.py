@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from common.progress import progress_bar
 from compress.partition import Partition, PartitionError, masked_modality
 from fusion.data.dataset import model_inputs
 from fusion.losses import task_loss
-from common.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from common.progress import progress_bar
 from compress.finetune import FinetuneConfig, finetune
 from compress.structured import NORMS, ChannelGraph, PruningError, global_ranks
 from compress.unstructured import global_masks, prunable_weights
 from fusion.data.dataset import model_inputs
 from fusion.losses import task_loss
-from common.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 PROSPR_MODES = ("full", "first-order")

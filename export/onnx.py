@@ -50,9 +50,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from common.io import atomic_write_bytes, atomic_write_text
 from export import trt_check
 from export.parity import compare_outputs
-from common.io import atomic_write_bytes, atomic_write_text
 
 SINGLE = "model"  # key of the one-graph export in a mapping of ONNX paths
 STAGES = ("camera_backbone", "camera_vtransform", "lidar_backbone", "fuser_decoder", "heads")

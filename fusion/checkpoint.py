@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion.config import Config, ConfigError
 from common.io import atomic_write, atomic_write_text
+from fusion.config import Config, ConfigError
 from fusion.models.bevfusion import BEVFusion, build_model
 
 FORMAT = "altermoma-checkpoint"

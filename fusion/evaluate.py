@@ -7,10 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from common.progress import progress_bar
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.metrics import SegmentationMeter, detection_metrics
 from fusion.models.heads import decode_boxes
-from common.progress import progress_bar
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 

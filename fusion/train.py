@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.io import atomic_write, atomic_write_text
+from common.progress import progress_bar
 from fusion.checkpoint import CheckpointError, load_into, read_weights, save_checkpoint
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
-from common.io import atomic_write, atomic_write_text
 from fusion.losses import task_loss
 from fusion.models.bevfusion import BEVFusion
-from common.progress import progress_bar
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_STATE_META = "train_state.json"

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.progress import progress_bar
 from fusion.config import Config
 from fusion.data.pillars import pillarize
 from fusion.data.render import bev_map, render_cameras, scan_lidar
 from fusion.data.scenes import sample_scene
 from fusion.data.targets import build_targets
 from fusion.geometry import bev_cell_centres
-from common.progress import progress_bar
 
 
 def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
