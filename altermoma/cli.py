@@ -103,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def prune_request(args: argparse.Namespace):
     from compress.altereva import AlterEvaConfig
-    from compress.prune import PruneRequest
+    from compress.request import PruneRequest
 
     return PruneRequest(
         method=args.method,

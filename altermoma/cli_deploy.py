@@ -1,16 +1,20 @@
-"""Deployment subcommands of `altermoma`: `export onnx` and `bench`.
+"""Deployment subcommands of `altermoma`: `export onnx`, `export trt` and `bench`.
 
-Wired into the main parser by `add_parsers(sub)`; handlers raise ValueError / FileNotFoundError /
+Wired into the main parser by `add_parsers(sub)`; `bench` is defined next to its code in `benchmarks.latency`
+(which never imports this package) and only registered here. Handlers raise ValueError / FileNotFoundError /
 CheckpointError for user errors, which the main CLI prints as one line.
 
     altermoma export onnx --checkpoint DIR --out DIR [--preset P] [--pool-method scatter|cumsum]
                           [--opset 17] [--samples 8] [--no-simplify] [--threads 1] [--batch-size 1]
+    altermoma export trt --onnx-dir DIR --out DIR [--precision fp32|fp16 ...] [--workspace-mib 4096]
     altermoma bench [--checkpoint DIR ...] [--preset tiny] [--threads 1] [--runs 50] [--out reports/bench]
 """
 
 from __future__ import annotations
 
 import argparse
+
+from benchmarks.latency import add_parser as add_bench_parser
 
 
 def _positive(text: str) -> int:
@@ -20,15 +24,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def cmd_export_onnx(args: argparse.Namespace) -> None:
-    from export.onnx import export_checkpoint
+    from altermoma.export_reference import export_checkpoint
 
     report = export_checkpoint(
         args.checkpoint,
@@ -67,33 +64,8 @@ def cmd_export_trt(args: argparse.Namespace) -> None:
     print(f"engines, build_engines.sh and trt_report.json in {args.out}")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from benchmarks.latency import bench
-
-    report = bench(
-        args.checkpoint or None,
-        preset=args.preset,
-        threads=args.threads,
-        out_dir=args.out,
-        runs=args.runs,
-        warmup=args.warmup,
-        batch_size=args.batch_size,
-        pool_method=args.pool_method,
-    )
-    for model in report["models"]:
-        parts = [f"{model['label']}: {model['gflops']:.2f} GFLOPs, {model['params'] / 1e6:.2f} M params"]
-        for backend, lat in model["latency"].items():
-            if lat.get("status") == "ok":
-                parts.append(f"{backend} {lat['total']['median_ms']:.2f} ms")
-        print("; ".join(parts))
-    skipped = sorted({state for state in report["backends"].values() if state != "available"})
-    for state in skipped:
-        print(f"  {state}")
-    print(f"report: {args.out}/bench.md")
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add `export` (with `onnx`) and `bench` to the main CLI's subparsers."""
+    """Add `export` (with `onnx` and `trt`) and `bench` to the main CLI's subparsers."""
     p = sub.add_parser("export", help="export a checkpoint for deployment")
     formats = p.add_subparsers(dest="export_format", required=True)
     o = formats.add_parser(
@@ -123,19 +95,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for the parity check")
     t.set_defaults(run=cmd_export_trt)
 
-    b = sub.add_parser("bench", help="GFLOPs and latency per stage and backend; speed-up against the first model")
-    b.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        help="checkpoint directory, repeatable; the first is the baseline (default: the shipped "
-        "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such)",
-    )
-    b.add_argument("--preset", help="preset of the default model (tiny); with --checkpoint, refuse other presets")
-    b.add_argument("--threads", type=_positive, default=1)
-    b.add_argument("--runs", type=_positive, default=50, help="timed runs (default 50)")
-    b.add_argument("--warmup", type=_non_negative, default=10, help="warm-up runs (default 10)")
-    b.add_argument("--batch-size", type=_positive, default=1)
-    b.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
-    b.add_argument("--out", default="reports/bench", help="output directory (default reports/bench)")
-    b.set_defaults(run=cmd_bench)
+    add_bench_parser(sub)

@@ -113,16 +113,18 @@ def stage_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: st
 def split_stage_flops(
     model: nn.Module, inputs: Mapping[str, torch.Tensor], device: str | None = None
 ) -> dict[str, Any]:
-    """GFLOPs and params of each CUDA-BEVFusion split stage (export.onnx.split_stages), counted stage by
+    """GFLOPs and params of each CUDA-BEVFusion split stage (`BEVFusion.export_stages`), counted stage by
     stage on that stage's real inputs, plus "total"; matches the per-stage latency of the split graphs."""
-    from export.onnx import eval_mode, stage_tensors
+    from export.onnx import as_stages, eval_mode, stage_tensors
+    from fusion.models.stages import split_stages
 
     if device == "meta":
         model = copy.deepcopy(model).to("meta")
         inputs = {k: v.to("meta") for k, v in inputs.items()}
     result: dict[str, Any] = {}
     with eval_mode(model):
-        stages, tensors = stage_tensors(model, inputs)
+        stages = as_stages(split_stages(model, inputs))
+        tensors = stage_tensors(stages, inputs)
         for stage in stages:
             with FlopCounterMode(display=False) as counter:
                 stage(tensors)
@@ -191,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from common.io import atomic_write_text
-    from export.onnx import pool_method_as, torch_threads
+    from export.onnx import torch_threads
     from fusion.checkpoint import load_checkpoint
     from fusion.config import get_config
-    from fusion.models.bevfusion import build_model, example_inputs
+    from fusion.models.bevfusion import build_model, example_inputs, pool_method_as
 
     rss_before = _peak_rss_mib()
     if args.checkpoint:

@@ -9,14 +9,18 @@ sequential execution for ONNX Runtime.
 Backends: PyTorch eager CPU and ONNX Runtime CPU always; PyTorch CUDA eager, CUDA graphs (FP32 and FP16
 autocast), ONNX Runtime CUDA and TensorRT (FP32, FP16) only where they exist. A backend that cannot
 run is listed as "unavailable: <reason>" (or "failed: <error>") in every report, never dropped.
-Per-stage numbers come from the CUDA-BEVFusion split: the PyTorch stage wrappers and the split ONNX
-graphs, each run alone on the intermediate tensors of one real forward pass.
+Per-stage numbers come from the CUDA-BEVFusion split (`BEVFusion.export_stages`): the PyTorch stage
+wrappers and the split ONNX graphs, each run alone on the intermediate tensors of one real forward pass.
+
+`altermoma bench` is defined here (`add_parser`) and registered by the CLI; this package never imports
+`altermoma`, so `python -m benchmarks.latency` takes the same options without an import cycle.
 
 Benchmarks are scripts with reports; tests only check that they run and what they write.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -34,15 +38,7 @@ from torch import nn
 
 from benchmarks.flops import flops_table, split_stage_flops, stage_flops
 from common.io import atomic_write, atomic_write_text
-from export.onnx import (
-    OrtPipeline,
-    Stage,
-    export_onnx,
-    export_split_details,
-    pool_method_as,
-    stage_tensors,
-    torch_threads,
-)
+from export.onnx import OrtPipeline, Stage, as_stages, export_onnx, export_split_details, stage_tensors, torch_threads
 from export.runtime import latency_summary
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
@@ -210,9 +206,11 @@ def bench_torch_cuda(
     model: nn.Module, tensors: Mapping[str, torch.Tensor], mode: str, warmup: int, runs: int
 ) -> dict[str, Any]:
     """mode: "eager" (FP32), "graph" (FP32 CUDA graph), "graph-fp16" (CUDA graph under FP16 autocast)."""
+    from fusion.models.stages import split_stages
+
     gpu_model = copy.deepcopy(model).cuda().eval()
     cuda_tensors = {k: v.cuda() for k, v in tensors.items()}
-    stages, _ = stage_tensors(gpu_model, cuda_tensors)
+    stages = as_stages(split_stages(gpu_model, cuda_tensors))
     inputs = {k: cuda_tensors[k] for k in gpu_model.input_names}
 
     def timed(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -334,28 +332,21 @@ def bench_model(
     pool_method: str | None = None,
 ) -> dict[str, Any]:
     """GFLOPs, params, exports and latency on every backend for one model."""
-    from fusion.models.bevfusion import example_inputs
+    from fusion.models.bevfusion import current_pool_method, example_inputs, pool_method_as
+    from fusion.models.stages import split_stages
 
     model.eval()
     inputs = example_inputs(model.config, batch_size, model.modality)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "split").mkdir(exist_ok=True)
     with pool_method_as(model, pool_method), torch_threads(threads):
+        method = current_pool_method(model)
         flops = stage_flops(model, inputs, device="meta")
         split_flops = split_stage_flops(model, inputs, device="meta")
-        single = export_onnx(
-            model,
-            workdir / "model.onnx",
-            batch_size,
-            pool_method=pool_method,
-            check=False,
-            threads=threads,
-            inputs=inputs,
-        )
-        split = export_split_details(
-            model, workdir / "split", batch_size, pool_method=pool_method, check=False, threads=threads, inputs=inputs
-        )
-        stages, tensors = stage_tensors(model, inputs)
+        stages = as_stages(split_stages(model, inputs))
+        single = export_onnx(model, inputs, workdir / "model.onnx", check=False, threads=threads)
+        split = export_split_details(stages, inputs, workdir / "split", check=False, threads=threads)
+        tensors = stage_tensors(stages, inputs)
         single_path = Path(single["path"])
         split_paths = {name: Path(d["path"]) for name, d in split.items()}
         latency: dict[str, Any] = {}
@@ -393,7 +384,7 @@ def bench_model(
         "source": source,
         "preset": model.config.preset,
         "modality": model.modality,
-        "pool_method": single["pool_method"],
+        "pool_method": method,
         "params": flops["total"]["params"],
         "gflops": flops["total"]["gflops"],
         "flops": flops,
@@ -596,17 +587,74 @@ def plot_latency_vs_gflops(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="checkpoint directory, repeatable; the first is the baseline (default: the shipped "
+        "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such)",
+    )
+    parser.add_argument("--preset", help="preset of the default model (tiny); with --checkpoint, refuse other presets")
+    parser.add_argument("--threads", type=_positive, default=1)
+    parser.add_argument("--runs", type=_positive, default=50, help="timed runs (default 50)")
+    parser.add_argument("--warmup", type=_non_negative, default=10, help="warm-up runs (default 10)")
+    parser.add_argument("--batch-size", type=_positive, default=1)
+    parser.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
+    parser.add_argument("--out", default="reports/bench", help="output directory (default reports/bench)")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Run `bench` with parsed arguments and print one line per model."""
+    report = bench(
+        args.checkpoint or None,
+        preset=args.preset,
+        threads=args.threads,
+        out_dir=args.out,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        pool_method=args.pool_method,
+    )
+    for model in report["models"]:
+        parts = [f"{model['label']}: {model['gflops']:.2f} GFLOPs, {model['params'] / 1e6:.2f} M params"]
+        for backend, lat in model["latency"].items():
+            if lat.get("status") == "ok":
+                parts.append(f"{backend} {lat['total']['median_ms']:.2f} ms")
+        print("; ".join(parts))
+    skipped = sorted({state for state in report["backends"].values() if state != "available"})
+    for state in skipped:
+        print(f"  {state}")
+    print(f"report: {args.out}/bench.md")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `altermoma bench` on the CLI's subparsers."""
+    p = sub.add_parser("bench", help="GFLOPs and latency per stage and backend; speed-up against the first model")
+    add_arguments(p)
+    p.set_defaults(run=run_from_args)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.latency ...`: the same options as `altermoma bench`."""
-    import argparse
-    import sys
-
-    from altermoma.cli_deploy import add_parsers
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    args.run(args)
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
     return 0
 
 

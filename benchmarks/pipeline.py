@@ -12,13 +12,16 @@ from pathlib import Path
 import torch
 
 from common.io import atomic_write_text
-from compress.finetune import FinetuneConfig, finetune
-from compress.prune import PruneRequest, measured_gflops, prune, scoring_set
+from compress.oneshot import measured_gflops
+from compress.prune import prune
+from compress.request import PruneRequest
 from fusion.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from fusion.config import get_config
 from fusion.data.dataset import SyntheticScenes
 from fusion.evaluate import evaluate
+from fusion.finetune import FinetuneConfig, finetune, imp_finetune_fn
 from fusion.models.bevfusion import build_model, example_inputs
+from fusion.task import first_sample, reference_task, scoring_set
 from fusion.train import fit, load_pretrained
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
@@ -89,15 +92,17 @@ def run_pipeline(
 
     rows = []
     for modality, model in models.items():
-        gflops = measured_gflops(model, example_inputs(config, modality=modality))
+        gflops = measured_gflops(model, reference_task(model), example_inputs(config, modality=modality))
         rows.append(
             _row(f"{modality} (unpruned)", evaluate(model, val), gflops, sum(p.numel() for p in model.parameters()))
         )
 
     fusion_model = models["fusion"]
-    request.imp.finetune = FinetuneConfig(steps=finetune_steps, threads=threads)  # IMP's total budget
+    request.imp.finetune_steps = finetune_steps  # IMP's total budget
+    imp_tune = imp_finetune_fn(FinetuneConfig(steps=finetune_steps, threads=threads), None, not request.structured)
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed)
-    report = prune(fusion_model, request, batches)
+    task = reference_task(fusion_model)
+    report = prune(fusion_model, task, batches, request, example_batch=first_sample(batches[0]), finetune_fn=imp_tune)
     save_checkpoint(out / "pruned", fusion_model, {"pruning": report})
     target = f"{request.target_gflops:.0%} GFLOPs" if request.target_gflops else "target"
     params = sum(p.numel() for p in fusion_model.parameters())

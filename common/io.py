@@ -7,9 +7,12 @@ new one, never half of one. No torch import here, so the torch-free deployment c
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,3 +47,44 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a multi-file output into a staging folder beside `path`, then swap it in whole.
+
+    The block writes into the yielded folder; on success the old `path` (if any) is moved aside, the
+    staging folder renamed onto `path`, and the old one removed. A failure or a crash leaves the old
+    output untouched (and at worst a `.NAME.staging-*` folder beside it, never a mix of files).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    try:
+        yield staging
+        for item in staging.iterdir():
+            if item.is_file():
+                with open(item, "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(staging, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

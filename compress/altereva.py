@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from common.progress import progress_bar
+from common.task import Task
 from compress.partition import Partition, PartitionError, masked_modality
-from fusion.data.dataset import model_inputs
-from fusion.losses import task_loss
 
-Batch = dict[str, torch.Tensor]
+Batch = object  # whatever the task's `inputs` and `loss` take
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter
 
 
@@ -45,12 +44,12 @@ class AlterEvaSaliency:
     reri: dict[str, Saliency] = field(default_factory=dict)  # "lidar" / "camera": the modality that was masked
 
 
-def loss_gradients(model: nn.Module, batches: list[Batch]) -> dict[str, torch.Tensor]:
+def loss_gradients(model: nn.Module, task: Task, batches: list[Batch]) -> dict[str, torch.Tensor]:
     """Mean gradient of the task loss over `batches`, for every parameter."""
     model.eval()
     model.zero_grad(set_to_none=True)
     for batch in batches:
-        loss, _ = task_loss(model(**model_inputs(batch)), batch)
+        loss = task.loss_of(task.forward(model, batch), batch)
         (loss / len(batches)).backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -59,14 +58,16 @@ def loss_gradients(model: nn.Module, batches: list[Batch]) -> dict[str, torch.Te
     return grads
 
 
-def signed_saliency(model: nn.Module, batches: list[Batch], theta: dict[str, torch.Tensor] | None = None) -> Saliency:
+def signed_saliency(
+    model: nn.Module, task: Task, batches: list[Batch], theta: dict[str, torch.Tensor] | None = None
+) -> Saliency:
     """theta * dL/dtheta at the model's current parameters; `theta` overrides the multiplier."""
-    grads = loss_gradients(model, batches)
+    grads = loss_gradients(model, task, batches)
     params = dict(model.named_parameters())
     return {name: (theta[name] if theta is not None else params[name].detach()) * g for name, g in grads.items()}
 
 
-def reactivate(model: nn.Module, frozen: set[str], batches: list[Batch], steps: int, lr: float) -> None:
+def reactivate(model: nn.Module, task: Task, frozen: set[str], batches: list[Batch], steps: int, lr: float) -> None:
     """B plain-SGD steps on D_1..D_B (cycling through `batches`), masked parameters held fixed."""
     trainable = [p for name, p in model.named_parameters() if name not in frozen]
     optimizer = torch.optim.SGD(trainable, lr=lr)
@@ -74,16 +75,16 @@ def reactivate(model: nn.Module, frozen: set[str], batches: list[Batch], steps: 
     for step in range(steps):
         batch = batches[step % len(batches)]
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = task_loss(model(**model_inputs(batch)), batch)
-        loss.backward()
+        task.loss_of(task.forward(model, batch), batch).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def altereva_saliency(
-    model: nn.Module, partition: Partition, batches: list[Batch], config: AlterEvaConfig, progress: bool = True
+    model: nn.Module, task: Task, batches: list[Batch], config: AlterEvaConfig, progress: bool = True
 ) -> AlterEvaSaliency:
     """DeCI and both ReRI rounds. The model's parameters and buffers are bit-identical afterwards."""
+    partition = Partition.of(model, task.partition)
     if not (partition.has("camera") and partition.has("lidar")):
         raise PartitionError("AlterEva needs a fusion model with both a camera and a LiDAR partition")
     if config.reactivation_steps < 1:
@@ -92,15 +93,15 @@ def altereva_saliency(
     params0 = {name: p.detach().clone() for name, p in model.named_parameters()}
     bar = progress_bar(total=5, desc="AlterEva", enabled=progress, leave=False)
     try:
-        result = AlterEvaSaliency(deci=signed_saliency(model, batches))
+        result = AlterEvaSaliency(deci=signed_saliency(model, task, batches))
         bar.update()
         for masked in ("lidar", "camera"):
             with masked_modality(model, partition, masked, config.mask_mode):
-                s0 = signed_saliency(model, batches, theta=params0)
+                s0 = signed_saliency(model, task, batches, theta=params0)
                 frozen = set(partition.parameters(model, masked))
-                reactivate(model, frozen, batches, config.reactivation_steps, config.reactivation_lr)
+                reactivate(model, task, frozen, batches, config.reactivation_steps, config.reactivation_lr)
                 last = batches[(config.reactivation_steps - 1) % len(batches)]
-                s_b = signed_saliency(model, [last], theta=params0)
+                s_b = signed_saliency(model, task, [last], theta=params0)
                 result.reri[masked] = {name: s0[name] - s_b[name] for name in s0}
             model.load_state_dict(theta0)  # reload theta_0 exactly before the next round
             bar.update(2)

@@ -1,44 +1,42 @@
-"""Baseline criteria on the shared harness: magnitude (IMP), SynFlow, ProsPr, and IMP's iterative loop.
+"""Baseline criteria on the shared harness: magnitude (IMP's scorer), SynFlow and ProsPr.
 
 Every criterion returns HIGHER = keep, at two granularities:
 - channels: one tensor per torch-pruning group, one score per root channel (`ChannelGraph` order), so
   the scores go through the same global thresholding, caps, rounding and physical removal as AlterEva;
 - weights: a dict parameter name -> tensor for `prunable_weights`, for `global_masks`.
-SNIP and random live in `compress.prune` (SNIP is AlterEva's DeCI term alone).
+SNIP and random live in `compress.oneshot` (SNIP is AlterEva's DeCI term alone); IMP's loop in `compress.imp`.
 
 Choices the papers leave open for this model, fixed here:
 - SynFlow runs on a float64 copy (a BEVFusion with |theta| overflows float32 after ~30 layers), with
   BatchNorm as the fixed affine map x / sqrt(1 + eps) * |gamma| + |beta| (running mean 0, var 1).
-  Float inputs are all ones; integer inputs (the LiDAR pillar map) come from one real scoring sample,
-  because all-ones coordinates would put every pillar in one cell. The LSS depth softmax is not
+  Its input is derived from the example inputs: floating tensors become ones, integer tensors (the
+  LiDAR pillar map, point-to-cell indices) stay as given, because all-ones coordinates would put
+  every point in one cell. The LSS depth softmax is not
   positively homogeneous, so its saliencies can be negative: scores use |theta * dR/dtheta|.
 - ProsPr's inner loop is plain SGD (lr 1e-3, as AlterEva's reactivation) in eval mode (BatchNorm as a
   fixed affine map, as every other criterion here), on batches D_1..D_M of the scoring set; the
   meta-loss is taken on the next batch D_{M+1} (cycling). Channel masks multiply every coupled
   weight of a channel, so ProsPr with M = 0 is exactly SNIP on D_1.
-- IMP splits the fine-tune budget evenly over its levels, so it gets the same total number of
-  fine-tune steps as every other method (whose single fine-tune follows one-shot pruning).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from common.progress import progress_bar
-from compress.finetune import FinetuneConfig, finetune
-from compress.structured import NORMS, ChannelGraph, PruningError, global_ranks
+from common.task import Task
+from compress.structured import NORMS, TRANSPOSED, ChannelGraph, global_ranks
 from compress.unstructured import global_masks, prunable_weights
-from fusion.data.dataset import model_inputs
-from fusion.losses import task_loss
 
-Batch = dict[str, torch.Tensor]
+Batch = Any  # whatever the task's `inputs` and `loss` take
+Arguments = tuple[tuple, dict]  # (positional, keyword) arguments of model(...)
 PROSPR_MODES = ("full", "first-order")
 
 
@@ -54,12 +52,6 @@ class ProsprConfig:
     mode: str = "full"  # "full" differentiates through the inner gradients; "first-order" detaches them
 
 
-@dataclass
-class IMPConfig:
-    levels: int = 3
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the TOTAL budget, split over levels
-
-
 # ---- magnitude (IMP's scorer) -------------------------------------------------------------------
 def magnitude_channel_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
     """L2 norm of every coupled weight of a channel (conv out/in slices, BN affine, biases)."""
@@ -67,8 +59,8 @@ def magnitude_channel_scores(model: nn.Module, graph: ChannelGraph) -> list[torc
     return [s.sqrt() for s in graph.channel_saliency(squares)]
 
 
-def magnitude_weight_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: w.detach().abs() for name, w in prunable_weights(model).items()}
+def magnitude_weight_scores(model: nn.Module, protected: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    return {name: w.detach().abs() for name, w in prunable_weights(model, protected).items()}
 
 
 # ---- SynFlow ------------------------------------------------------------------------------------
@@ -85,19 +77,35 @@ def synflow_network(model: nn.Module) -> nn.Module:
     return net
 
 
-def synflow_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """All-ones float inputs; integer inputs (voxel positions) from the first real sample."""
-    return {
-        k: torch.ones_like(v[:1], dtype=torch.float64) if v.is_floating_point() else v[:1].clone()
-        for k, v in model_inputs(batch).items()
-    }
+def synflow_inputs(example: Arguments) -> Arguments:
+    """The data-free input: every floating tensor of the example arguments set to ones (float64);
+    integer tensors (indices, voxel positions) kept as given, so points stay where real data puts them."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.ones_like(v, dtype=torch.float64) if v.is_floating_point() else v.clone()
+        return v
+
+    args, kwargs = example
+    return tuple(convert(v) for v in args), {k: convert(v) for k, v in kwargs.items()}
 
 
-def synflow_saliency(net: nn.Module, inputs: dict[str, torch.Tensor], absolute: bool = True) -> dict[str, torch.Tensor]:
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (a tensor, or dicts/lists/tuples of them), in order."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list | tuple):
+        return [t for o in outputs for t in output_tensors(o)]
+    return []
+
+
+def synflow_saliency(net: nn.Module, inputs: Arguments, absolute: bool = True) -> dict[str, torch.Tensor]:
     """theta * dR/dtheta with R the sum of every output of the linearised network."""
     params = dict(net.named_parameters())
-    outputs = net(**inputs)
-    total = sum(o.sum() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+    outputs = net(*inputs[0], **inputs[1])
+    total = sum(o.sum() for o in output_tensors(outputs))
     if not torch.isfinite(total):
         raise FloatingPointError(f"SynFlow's R overflowed ({float(total)}): the network is too deep for float64")
     grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
@@ -125,7 +133,7 @@ def _removal_keys(
 def synflow_channel_schedule(
     model: nn.Module,
     graph: ChannelGraph,
-    batches: list[Batch],
+    example: Arguments,
     target: float,
     mode: str = "flops",
     round_to: int = 8,
@@ -143,7 +151,7 @@ def synflow_channel_schedule(
     """
     config = config or SynFlowConfig()
     net = synflow_network(model)
-    inputs = synflow_inputs(batches[0])
+    inputs = synflow_inputs(example)
     masked = copy.copy(graph)
     masked.model = net
     pruned = [torch.zeros(g.channels, dtype=torch.bool) for g in graph.groups]
@@ -167,20 +175,25 @@ def synflow_channel_schedule(
 
 
 def synflow_channel_scores(
-    model: nn.Module, graph: ChannelGraph, batches: list[Batch], *args, **kwargs
+    model: nn.Module, graph: ChannelGraph, example: Arguments, *args, **kwargs
 ) -> list[torch.Tensor]:
     """SynFlow channel scores (higher = keep): the removal order of `synflow_channel_schedule`."""
-    return synflow_channel_schedule(model, graph, batches, *args, **kwargs)[0]
+    return synflow_channel_schedule(model, graph, example, *args, **kwargs)[0]
 
 
 def synflow_weight_scores(
-    model: nn.Module, batches: list[Batch], sparsity: float, config: SynFlowConfig | None = None, progress: bool = False
+    model: nn.Module,
+    example: Arguments,
+    sparsity: float,
+    config: SynFlowConfig | None = None,
+    progress: bool = False,
+    protected: set[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Iterative SynFlow over weight masks: a weight removed in round k scores k - n - 1, survivors their saliency."""
     config = config or SynFlowConfig()
     net = synflow_network(model)
-    inputs = synflow_inputs(batches[0])
-    weights = prunable_weights(net)
+    inputs = synflow_inputs(example)
+    weights = prunable_weights(net, protected)
     keep = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
     removed_at = {name: torch.zeros_like(w) for name, w in weights.items()}
     n = config.iterations
@@ -212,7 +225,7 @@ def channel_mask_scales(model: nn.Module, graph: ChannelGraph, masks: list[torch
     for group, mask in zip(graph.groups, masks):
         for item in group.items:
             m = modules[item.layer]
-            out_dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0
+            out_dim = 1 if isinstance(m, TRANSPOSED) else 0
             weight_dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
             targets = [(f"{item.layer}.weight", weight_dim)]
             if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
@@ -231,9 +244,14 @@ def channel_mask_scales(model: nn.Module, graph: ChannelGraph, masks: list[torch
     return scales
 
 
-def task_loss_of(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-    """The task loss of `model` run with `params` in place of its own parameters."""
-    return task_loss(functional_call(model, params, (), model_inputs(batch)), batch)[0]
+def functional_loss(task: Task) -> Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor]:
+    """loss(model, params, batch): the task loss of `model` run with `params` in place of its own parameters."""
+
+    def loss(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        args, kwargs = task.arguments(batch)
+        return task.loss_of(functional_call(model, params, args, kwargs), batch)
+
+    return loss
 
 
 def prospr_mask_gradients(
@@ -242,7 +260,7 @@ def prospr_mask_gradients(
     masks: list[torch.Tensor],
     scales: dict[str, torch.Tensor],
     config: ProsprConfig,
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor] = task_loss_of,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor],
 ) -> list[torch.Tensor]:
     """d L(theta_M; D_{M+1}) / d masks at masks = 1, theta_M after M SGD steps on theta * mask."""
     if config.mode not in PROSPR_MODES:
@@ -263,106 +281,26 @@ def prospr_mask_gradients(
 
 
 def prospr_channel_scores(
-    model: nn.Module, graph: ChannelGraph, batches: list[Batch], config: ProsprConfig | None = None
+    model: nn.Module, task: Task, graph: ChannelGraph, batches: list[Batch], config: ProsprConfig | None = None
 ) -> list[torch.Tensor]:
     """|meta-gradient| of one multiplicative mask per root channel."""
     dtype = next(model.parameters()).dtype
     masks = [torch.ones(g.channels, dtype=dtype, requires_grad=True) for g in graph.groups]
     scales = channel_mask_scales(model, graph, masks)
-    grads = prospr_mask_gradients(model, batches, masks, scales, config or ProsprConfig())
+    grads = prospr_mask_gradients(model, batches, masks, scales, config or ProsprConfig(), functional_loss(task))
     return [g.detach().double().abs() for g in grads]
 
 
 def prospr_weight_scores(
-    model: nn.Module, batches: list[Batch], config: ProsprConfig | None = None
+    model: nn.Module,
+    task: Task,
+    batches: list[Batch],
+    config: ProsprConfig | None = None,
+    protected: set[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """|meta-gradient| of one multiplicative mask per prunable weight."""
-    weights = prunable_weights(model)
+    weights = prunable_weights(model, protected)
     masks = [torch.ones_like(w, requires_grad=True) for w in weights.values()]
-    grads = prospr_mask_gradients(model, batches, masks, dict(zip(weights, masks)), config or ProsprConfig())
+    config = config or ProsprConfig()
+    grads = prospr_mask_gradients(model, batches, masks, dict(zip(weights, masks)), config, functional_loss(task))
     return {name: g.detach().abs() for name, g in zip(weights, grads)}
-
-
-# ---- IMP ----------------------------------------------------------------------------------------
-def level_steps(total: int, levels: int) -> list[int]:
-    """The fine-tune budget split as evenly as possible over the levels (earlier levels get the remainder)."""
-    return [total // levels + (1 if i < total % levels else 0) for i in range(levels)]
-
-
-def iterative_magnitude_prune(
-    model: nn.Module,
-    request,
-    batches: list[Batch],
-    finetune_config: FinetuneConfig | None = None,
-    levels: int | None = None,
-    partition=None,
-    progress: bool = True,
-    train_set=None,
-    finetune_last: bool = True,
-) -> dict:
-    """Prune in `levels` magnitude steps with a short fine-tune after each; returns one combined report.
-
-    The schedule is geometric: after level i the model keeps (1 - target)^(i / levels) of the original
-    GFLOPs (or weights), each level's relative target recomputed from the measured GFLOPs, so the last
-    level absorbs any overshoot and the total lands on the target ("fractional last level"). The
-    per-group cap is applied per level as 1 - (1 - cap)^(1 / levels), which compounds to the one-shot cap.
-    Fine-tune steps per level = total / levels: IMP gets the same total budget as one-shot methods.
-    With `finetune_last=False` the last level's share is left to the caller (`finetune_steps_remaining`).
-    """
-    from compress.prune import measured_gflops, prune_structured, prune_unstructured
-
-    finetune_config = finetune_config or request.imp.finetune
-    levels = levels or request.imp.levels
-    if levels < 1:
-        raise PruningError(f"IMP needs at least one level, got {levels}")
-    if request.channel_ratio is not None:
-        raise PruningError("IMP prunes to a GFLOPs target or a sparsity, not a channel ratio")
-    steps = level_steps(finetune_config.steps, levels)
-    example = {k: v[:1] for k, v in model_inputs(batches[0]).items()}
-    gflops0 = measured_gflops(model, example)
-    cap = 1.0 - (1.0 - request.max_group_ratio) ** (1.0 / levels)
-    reports, used = [], 0
-    for level in range(levels):
-        keep = (1.0 - (request.target_gflops or request.sparsity)) ** ((level + 1) / levels)
-        if request.structured:
-            relative = 1.0 - gflops0 * keep / measured_gflops(model, example)
-            if relative < 1e-3:  # an earlier level already overshot this one
-                continue
-            sub = dataclasses.replace(request, method="magnitude", target_gflops=relative, max_group_ratio=cap)
-            report = prune_structured(model, sub, batches, partition, progress=False)
-        else:
-            sub = dataclasses.replace(request, method="magnitude", sparsity=1.0 - keep)
-            report = prune_unstructured(model, sub, batches, partition, progress=False)
-        report["level"] = level + 1
-        if (level < levels - 1 or finetune_last) and steps[level] > 0:
-            tune = dataclasses.replace(finetune_config, steps=steps[level], seed=finetune_config.seed * 100 + level + 1)
-            finetune(model, tune, metadata={"pruning": report}, progress=progress, train_set=train_set)
-            report["finetune_steps"] = steps[level]
-            used += steps[level]
-        reports.append(report)
-    return _combined_report(request, reports, gflops0, measured_gflops(model, example), used, finetune_config.steps)
-
-
-def _combined_report(request, reports: list[dict], gflops0: float, gflops1: float, used: int, budget: int) -> dict:
-    """One report for the whole IMP run: totals against the original model, plus each level's."""
-    from compress.prune import _request_dict
-
-    first, last = reports[0], reports[-1]
-    combined = {**last, "request": _request_dict(request), "levels": reports}
-    combined["finetune_steps_used"] = used
-    combined["finetune_steps_remaining"] = budget - used
-    if last["kind"] != "structured":
-        return combined
-    combined.update(gflops_before=gflops0, gflops_after=gflops1, gflops_reduction=1.0 - gflops1 / gflops0)
-    partitions = {}
-    for part, after in last["partitions"].items():
-        before = first["partitions"][part]
-        partitions[part] = {
-            **after,
-            "channels_before": before["channels_before"],
-            "kept_ratio": after["channels_after"] / before["channels_before"],
-            "params_before": before["params_before"],
-            "gflops_before": before["gflops_before"],
-        }
-    combined["partitions"] = partitions
-    return combined

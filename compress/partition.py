@@ -1,8 +1,8 @@
 """The modality partition: the only view `compress` has of a model's internals.
 
 A partition names, by module-name prefixes, the camera backbone ("camera"), the LiDAR backbone
-("lidar") and everything after the fusion point ("fusion"). The reference model supplies its own
-(`model.partition()`); for any other model the user passes the prefixes.
+("lidar") and everything after the fusion point ("fusion"). It comes from the task description
+(`common.task.Task.partition`); nothing is read from the model itself.
 
 Masking a modality (AlterMOMA Eq. 3) zeroes every parameter of its partition, BN/LN affine
 included, so that modality contributes nothing, and restores the parameters bit for bit afterwards.
@@ -11,14 +11,15 @@ The `feature` mode is an ablation: it zeroes the modality's output features inst
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-PARTS = ("camera", "lidar", "fusion")
+from common.task import PARTS
+
 MODALITIES = ("camera", "lidar")
 
 
@@ -31,22 +32,24 @@ class Partition:
     prefixes: dict[str, tuple[str, ...]]
 
     @classmethod
-    def of(cls, model: nn.Module, prefixes: dict[str, tuple[str, ...] | list[str]] | None = None) -> Partition:
-        """The user's prefixes if given, else the model's own `partition()`; validated against the model."""
-        if prefixes is None:
-            if not hasattr(model, "partition"):
-                raise PartitionError("this model has no default partition: pass camera/lidar/fusion prefixes")
-            prefixes = model.partition()
+    def of(cls, model: nn.Module, prefixes: Mapping[str, Sequence[str]]) -> Partition:
+        """The task's prefixes, validated against the model: each names a module (with or without
+        parameters), and every parameter belongs to exactly one part."""
         unknown = sorted(set(prefixes) - set(PARTS))
         if unknown:
             raise PartitionError(f"unknown partition {unknown[0]!r} (partitions are {', '.join(PARTS)})")
         partition = cls({part: tuple(prefixes.get(part, ())) for part in PARTS})
-        names = [name for name, _ in model.named_parameters()]
+        modules = [name for name, _ in model.named_modules() if name]
+        params = [name for name, _ in model.named_parameters()]
         for part, part_prefixes in partition.prefixes.items():
             for prefix in part_prefixes:
-                if not any(name.startswith(prefix) for name in names):
-                    raise PartitionError(f"partition prefix {prefix!r} ({part}) matches no parameter of the model")
-        unassigned = [name for name in names if partition.part_of(name) is None]
+                if not any(_matches(name, prefix) for name in modules + params):
+                    raise PartitionError(f"partition prefix {prefix!r} ({part}) matches no module of the model")
+        for name in params:
+            parts = [part for part, pre in partition.prefixes.items() if any(_matches(name, p) for p in pre)]
+            if len(parts) > 1:
+                raise PartitionError(f"parameter {name} belongs to several partitions ({', '.join(parts)})")
+        unassigned = [name for name in params if partition.part_of(name) is None]
         if unassigned:
             raise PartitionError(f"parameter {unassigned[0]} belongs to no partition ({len(unassigned)} unassigned)")
         return partition
@@ -54,7 +57,7 @@ class Partition:
     def part_of(self, name: str) -> str | None:
         """The partition of a parameter or module name (None if no prefix matches)."""
         for part, prefixes in self.prefixes.items():
-            if any(name.startswith(p) or f"{name}." == p for p in prefixes):
+            if any(_matches(name, p) for p in prefixes):
                 return part
         return None
 
@@ -63,6 +66,11 @@ class Partition:
 
     def has(self, part: str) -> bool:
         return bool(self.prefixes.get(part))
+
+
+def _matches(name: str, prefix: str) -> bool:
+    """A prefix matches a name it starts, or the module it names ("camera." names module "camera")."""
+    return name.startswith(prefix) or name == prefix.rstrip(".")
 
 
 @contextmanager

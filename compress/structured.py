@@ -12,17 +12,28 @@ built-in importances and global pruner have known defects (see shared/notes/torc
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from common.task import Task
 from compress.partition import Partition
 
-LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+LAYERS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)  # layers that mix channels: the roots of channel groups, and the only layers whose FLOPs we count
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+TRANSPOSED = nn.modules.conv._ConvTransposeNd
 
 
 class PruningError(ValueError):
@@ -45,6 +56,20 @@ class ChannelGroup:
     items: list[GroupItem]
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every group holds one input channel: it prunes together with its producer."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+def unprunable_reason(module: nn.Module) -> str | None:
+    """Why torch-pruning cannot remove single channels of this layer (None: it can)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not is_depthwise(module):
+        return f"grouped convolution (groups={module.groups})"
+    if isinstance(module, nn.GroupNorm) and module.num_groups not in (1, module.num_channels):
+        return f"GroupNorm with {module.num_groups} groups"
+    return None
+
+
 def _signed_sum(
     module: nn.Module, name: str, kind: str, idxs: torch.Tensor, saliency: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -56,18 +81,15 @@ def _signed_sum(
     if isinstance(module, NORMS):
         total = weight[idxs]
         return total + bias[idxs] if bias is not None else total
-    # Output channels sit on dim 0 of Conv2d/Linear weights and on dim 1 of ConvTranspose2d weights.
-    out_dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
+    # Output channels sit on dim 0 of conv/linear weights and on dim 1 of transposed-conv weights. A
+    # depthwise conv's items are all "out" (torch-pruning prunes its in and out channels as one).
+    out_dim = 1 if isinstance(module, TRANSPOSED) else 0
     dim = out_dim if kind == "out" else 1 - out_dim
-    if kind == "in" and isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise PruningError(f"grouped convolution {name} is not supported")
     per_channel = weight.transpose(0, dim).flatten(1).sum(1) if weight.dim() > 1 else weight
     total = per_channel[idxs]
     if kind == "out" and bias is not None:
         total = total + bias[idxs]
     return total
-
-
 def global_ranks(scores: list[torch.Tensor], tiebreak: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each channel's position (0 = pruned first) in one global order: score, then tie-break, then position."""
     flat = torch.cat([s.double() for s in scores])
@@ -93,23 +115,105 @@ def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
-class ChannelGraph:
-    """The prunable channel groups of a model and the FLOPs of every layer as a function of widths."""
+def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.DependencyGraph, Any]:
+    """torch-pruning's dependency graph of `model` on the example batch, and the outputs it traced."""
+    args, kwargs = task.arguments(example_batch)
+    outputs: list[Any] = []
 
-    def __init__(self, model: nn.Module, partition: Partition, example_inputs: dict[str, torch.Tensor]):
+    def forward(m: nn.Module, _inputs: Any) -> Any:
+        outputs.append(m(*args, **kwargs))
+        return outputs[-1]
+
+    was_training = model.training
+    try:
+        with task.tracing(model), torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=(args, kwargs), forward_fn=forward)
+    finally:
+        model.train(was_training)  # build_dependency leaves the model in eval mode
+    return dg, outputs[-1]
+
+
+def output_layers(dg: tp.DependencyGraph, outputs: Any, names: dict[nn.Module, str]) -> set[str]:
+    """Names of the channel-mixing layers whose output reaches a model output without passing another.
+
+    Walks the traced graph forward from each layer through everything that keeps channels (norms,
+    activations, adds, concats, depthwise convs, gathers); reaching a model output means the layer's
+    channels are output channels (class scores, box parameters), which must never be pruned.
+    """
+    roots = {t.grad_fn for t in tp.utils.flatten_as_list(outputs) if isinstance(t, torch.Tensor)}
+    roots.discard(None)
+    nodes = list(dg.module2node.values())
+    terminal = {node for node in nodes if not node.outputs or node.grad_fn in roots}
+    protected = set()
+    for node in nodes:
+        if not isinstance(node.module, LAYERS) or is_depthwise(node.module):
+            continue
+        stack, seen = [node], {node}
+        while stack:
+            current = stack.pop()
+            if current in terminal:
+                protected.add(names[node.module])
+                break
+            for nxt in current.outputs:
+                mixes = isinstance(nxt.module, LAYERS) and not is_depthwise(nxt.module)
+                if nxt not in seen and not mixes:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    return protected
+
+
+def named_layers(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """The channel-mixing layers a task protects by name (a layer, or every layer under a module prefix)."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS)]
+    found = set()
+    for wanted in names:
+        prefix = wanted.rstrip(".")
+        matches = [n for n in layers if n == prefix or n.startswith(prefix + ".")]
+        if not matches:
+            raise PruningError(f"protected module {wanted!r} is not a conv or linear layer, nor contains one")
+        found.update(matches)
+    return found
+
+
+def protected_layers(model: nn.Module, task: Task, example_batch: Any) -> set[str]:
+    """Output layers found from the graph, plus the task's own protected modules."""
+    dg, outputs = trace(model, task, example_batch)
+    names = {module: name for name, module in model.named_modules()}
+    return output_layers(dg, outputs, names) | named_layers(model, task.protected)
+
+
+class ChannelGraph:
+    """The prunable channel groups of a model and the FLOPs of every layer as a function of widths.
+
+    Built from the model and its task alone. Output layers are protected automatically: a layer whose
+    output reaches a model output without passing another channel-mixing layer (a head's last conv)
+    keeps every channel, found from the traced graph, not from names. The task's `protected` names
+    add more. Groups torch-pruning cannot cut correctly (a grouped, non-depthwise conv; a GroupNorm
+    with several groups) are left whole and listed in `unprunable`.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, example_batch: Any):
         self.model = model
         self.names = {module: name for name, module in model.named_modules()}
-        protected = model.protected_modules() if hasattr(model, "protected_modules") else []
-        trace = model.pruning_trace() if hasattr(model, "pruning_trace") else nullcontext()
-        was_training = model.training
-        with trace:
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        model.train(was_training)
+        self.partition = Partition.of(model, task.partition)
+        self.dg, outputs = trace(model, task, example_batch)
+        self.protected = output_layers(self.dg, outputs, self.names) | named_layers(model, task.protected)
+        del outputs
         self.groups: list[ChannelGroup] = []
+        self.unprunable: list[dict[str, str]] = []
         self._handlers = []
-        for group in self.dg.get_all_groups(ignored_layers=protected, root_module_types=list(LAYERS)):
+        ignored = [m for m in model.modules() if self.names.get(m) in self.protected]
+        for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=list(LAYERS)):
             root_module = group[0].dep.target.module
             root = self.names[root_module]
+            reasons = [
+                f"{self.names[item.dep.target.module]}: {reason}"
+                for item in group
+                if (reason := unprunable_reason(item.dep.target.module)) is not None
+            ]
+            if reasons:
+                self.unprunable.append({"root": root, "reason": "; ".join(dict.fromkeys(reasons))})
+                continue
             items = []
             for item in group:
                 module = item.dep.target.module
@@ -118,34 +222,34 @@ class ChannelGraph:
                     items.append(
                         GroupItem(self.names[module], kind, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
                     )
-            self.groups.append(ChannelGroup(root, partition.part_of(root) or "fusion", len(group[0].idxs), items))
+            part = self.partition.part_of(root) or "fusion"
+            self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
             self._handlers.append((root_module, group[0].dep.handler))
-        self.layer_flops = self._measure_layer_flops(example_inputs)
-        self.partition = partition
+        self.layer_flops = self._measure_layer_flops(*task.arguments(example_batch))
 
-    def _measure_layer_flops(self, example_inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed output size."""
+    def _measure_layer_flops(self, args: tuple, kwargs: dict) -> dict[str, float]:
+        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed input/output sizes."""
         flops: dict[str, float] = {}
 
         def hook(module, inputs, output):
             name = self.names[module]
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                k = module.kernel_size[0] * module.kernel_size[1]
-                spatial = (
-                    output.shape[2] * output.shape[3]
-                    if isinstance(module, nn.Conv2d)
-                    else inputs[0].shape[2] * inputs[0].shape[3]
-                )
-                macs = output.shape[0] * module.out_channels * module.in_channels // module.groups * k * spatial
-            else:
+            if isinstance(module, nn.Linear):
                 macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
+            else:
+                # A conv's MACs per output element are in/groups x kernel; a transposed conv's per input element.
+                positions = output.shape[2:] if not isinstance(module, TRANSPOSED) else inputs[0].shape[2:]
+                kernel = math.prod(module.kernel_size)
+                macs = output.shape[0] * module.out_channels * module.in_channels // module.groups * kernel
+                macs *= math.prod(positions)
             flops[name] = flops.get(name, 0.0) + 2.0 * macs
 
         handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, LAYERS)]
+        was_training = self.model.training
         try:
             with torch.no_grad():
-                self.model.eval()(**example_inputs)
+                self.model.eval()(*args, **kwargs)
         finally:
+            self.model.train(was_training)
             for h in handles:
                 h.remove()
         return flops
@@ -286,7 +390,7 @@ class ChannelGraph:
                     if len(idxs) == 0:
                         continue
                     m = modules[item.layer]
-                    out_dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0
+                    out_dim = 1 if isinstance(m, TRANSPOSED) else 0
                     dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
                     m.weight.index_fill_(dim, idxs, 0.0)
                     if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):

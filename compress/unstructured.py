@@ -9,16 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+from compress.structured import LAYERS
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Conv and linear weights, except the protected layers (depth bins, head outputs)."""
-    protected = {id(m) for m in model.protected_modules()} if hasattr(model, "protected_modules") else set()
+def prunable_weights(model: nn.Module, protected: set[str] | frozenset[str] = frozenset()) -> dict[str, nn.Parameter]:
+    """Conv and linear weights, except the `protected` layers (by module name: output layers, the task's own)."""
     return {
-        f"{name}.weight": m.weight
-        for name, m in model.named_modules()
-        if isinstance(m, PRUNABLE) and id(m) not in protected
+        f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, LAYERS) and name not in protected
     }
 
 
@@ -46,11 +43,11 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The keep-masks of a folded unstructured checkpoint."""
+    """The keep-masks of a folded unstructured checkpoint (every conv/linear weight's non-zeros)."""
     return {name: w.detach() != 0 for name, w in prunable_weights(model).items()}
 
 
-def sparsity_of(model: nn.Module) -> float:
-    weights = list(prunable_weights(model).values())
+def sparsity_of(model: nn.Module, protected: set[str] | frozenset[str] = frozenset()) -> float:
+    weights = list(prunable_weights(model, protected).values())
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / sum(w.numel() for w in weights)

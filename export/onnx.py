@@ -1,4 +1,4 @@
-"""ONNX export of BEVFusion-style models: one graph, the CUDA-BEVFusion split, parity against PyTorch.
+"""ONNX export of any `nn.Module`: one graph, or a split into stages joined by named tensors, with parity.
 
 What an export does, in order (nothing is written at the destination until every step passed):
 
@@ -6,8 +6,9 @@ What an export does, in order (nothing is written at the destination until every
 2. Trace with the TorchScript ("legacy") exporter, `dynamo=False`, static shapes, named inputs and
    outputs. The dynamo exporter needs `onnxscript` (not a dependency here) and lowers `index_add` to
    ScatterND-add, which TensorRT rejects (shared/notes/torch-pruning.md, "Export facts"); the legacy
-   exporter gives a graph with nothing to fix for both pooling methods. Camera geometry and pooling
-   indices are module buffers, so they become initializers: no argsort/unique/nonzero in the graph.
+   exporter gives the reference model a graph with nothing to fix for both pooling methods (its camera
+   geometry and pooling indices are module buffers, so they become initializers: no argsort/unique/nonzero).
+   An opset that cannot express the graph fails here, as an `ExportError`.
 3. `onnx.checker.check_model`, then ONNX Runtime on the example inputs against PyTorch.
 4. onnxslim, with constant folding limited to `SLIM_FOLD_LIMIT_BYTES` per folded tensor. Unlimited
    folding turns the scatter variant's `Expand` of the pooling indices into a (1, C, points) int64
@@ -18,27 +19,28 @@ What an export does, in order (nothing is written at the destination until every
 6. Atomic write (temporary file in the same directory, then `os.replace`): a failed export leaves no
    file behind and never clobbers an existing good one.
 
-Measured on the 2-core CPU box (random weights, one thread): tiny exports in about 0.5 s per graph; r50
-(6 x 256 x 704 images, 180 x 180 BEV) takes 74 s / 5.8 GB peak RSS / 151 MB with cumsum pooling and 59 s /
-8.2 GB / 199 MB with scatter pooling (40 MB of that is the all-zero scatter canvas, which the tracer turns
-into an initializer; ONNX Runtime also folds the expanded (1, 80, 1.1 M) int64 scatter indices at load).
+Measured on the 2-core CPU box (random weights, one thread): the reference BEVFusion tiny exports in about
+0.5 s per graph; r50 (6 x 256 x 704 images, 180 x 180 BEV) takes 74 s / 5.8 GB peak RSS / 151 MB with cumsum
+pooling and 59 s / 8.2 GB / 199 MB with scatter pooling (40 MB of that is the all-zero scatter canvas, which
+the tracer turns into an initializer; ONNX Runtime also folds the expanded (1, 80, 1.1 M) int64 scatter
+indices at load).
 
-`export_split` writes the NVIDIA CUDA-BEVFusion split (camera backbone + depth, view transform, LiDAR
-backbone, fuser + decoder, heads) as separate graphs joined by named tensors; thin wrappers call the
-model's own submodules. `OrtPipeline` runs one graph or chains the split graphs; `parity_report`
-compares them with PyTorch (and, given a data set, compares detection metrics); `export_checkpoint`
-does all of it for a checkpoint and writes `export_report.{json,md}`.
+`export_onnx` exports one graph. `export_split` exports stages a model declares (`Stage`, or
+`(name, module, inputs, outputs)` tuples, in run order) as separate graphs joined by named tensors; the
+reference model's CUDA-BEVFusion split comes from `BEVFusion.export_stages`. `OrtPipeline` runs one graph or
+chains the stage graphs; `parity_report` compares them with PyTorch and, given a metrics callable, compares
+task metrics. Nothing here knows the reference model: `altermoma.export_reference` wires it up for a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,28 +52,22 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from common.io import atomic_write_bytes, atomic_write_text
+from common.io import atomic_write_bytes
 from export import trt_check
 from export.parity import compare_outputs
 
 SINGLE = "model"  # key of the one-graph export in a mapping of ONNX paths
-STAGES = ("camera_backbone", "camera_vtransform", "lidar_backbone", "fuser_decoder", "heads")
-POOL_METHODS = ("scatter", "cumsum")
 SLIM_FOLD_LIMIT_BYTES = 1 << 20  # onnxslim folds no constant larger than this (see the module docstring)
 SLIM_RTOL = 1e-5  # simplified vs unsimplified outputs: max abs error <= SLIM_RTOL * max(1, |reference|max)
 FP32_ATOL = 1e-4  # the fp32 parity target
-# The cumsum form of BEV pooling computes each cell as a difference of two FP32 prefix sums over all frustum
-# points of a channel, so its rounding grows with the prefix, not with the cell. ONNX Runtime's CumSum is
-# less accurate than PyTorch's: on trained tiny camera checkpoints (8 val scenes) ORT vs PyTorch reached
-# 2.6e-4 (bev_map, |ref| 11) and 1.4e-4 (heatmap) at step 500, 1.7e-4 / 7.6e-5 at step 1500, while
-# PyTorch's own cumsum is within 4.3e-5 of an FP64 reference and scatter parity stays below 1e-5.
-# Cumsum parity is therefore judged at this looser gate; reports still say whether 1e-4 was met. Larger
-# rigs (r50: 1.1 M frustum points in the grid instead of 7.4 k) have larger prefixes: expect larger errors.
-CUMSUM_ATOL = 1e-3
+
+# What `export_onnx` takes as example inputs: positional tensors, keyword tensors, or one tensor.
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class ExportError(ValueError):
-    """An export that must not be used: TensorRT-readiness errors, or a graph ONNX rejects."""
+    """An export that must not be used: the exporter failed, ONNX rejects the graph, or it is not TensorRT-ready."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,36 +91,16 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def pool_method_as(model: nn.Module, method: str | None) -> Iterator[None]:
-    """Temporarily switch the camera BEV pooling to "scatter" or "cumsum" (no-op for None or no camera)."""
-    if method is not None and method not in POOL_METHODS:
-        raise ValueError(f"pool_method must be one of {', '.join(POOL_METHODS)}, got {method!r}")
-    camera = getattr(model, "camera", None)
-    if method is None or camera is None:
-        yield
-        return
-    pool = camera.vtransform.pool
-    previous = pool.method
-    pool.method = method
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; afterwards every submodule gets its own flag back (a model may mix modes)."""
+    modes = {m: m.training for module in modules for m in module.modules()}
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
-        pool.method = previous
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def current_pool_method(model: nn.Module) -> str | None:
-    camera = getattr(model, "camera", None)
-    return None if camera is None else camera.vtransform.pool.method
+        for module, training in modes.items():
+            module.training = training
 
 
 def _check_destination(path: Path) -> None:
@@ -136,7 +112,8 @@ def _to_numpy(outputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: value.detach().cpu().numpy() for name, value in outputs.items()}
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of the packages an export depends on, for reports."""
     import onnxslim
 
     return {
@@ -170,136 +147,211 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The CUDA-BEVFusion split: thin wrappers around the model's own submodules
+# Inputs and outputs of any module, by name
+
+_OUTPUT_FORMS = "a tensor, a tuple/list of tensors or a flat dict of tensors"
 
 
-class CameraBackboneStage(nn.Module):
-    """images (B, N, 3, H, W) -> depth (B*N, D, h, w) softmaxed over bins, context (B*N, C, h, w)."""
+def _names(kind: str, given: Sequence[str] | None, default: list[str]) -> list[str]:
+    """`given` (checked: one string per value, no repeats) or `default`."""
+    if given is None:
+        return default
+    if isinstance(given, str):
+        given = [given]
+    names = list(given)
+    if len(names) != len(default):
+        raise ValueError(f"{len(names)} {kind} name(s) given for {len(default)} {kind}(s): {names}")
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{kind} names must be distinct non-empty strings, got {names}")
+    return names
 
-    def __init__(self, model: nn.Module):
+
+def named_inputs(
+    example_inputs: ExampleInputs, input_names: Sequence[str] | None = None
+) -> tuple[dict[str, torch.Tensor], list[int | str]]:
+    """The example inputs as graph-named tensors, and for each how the model takes it: a position or a keyword.
+
+    Names default to the dict keys (keyword inputs) or `input_0, input_1, ...` (positional inputs).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        keys: list[int | str] = list(example_inputs)
+        values = list(example_inputs.values())
+        default = [str(k) for k in keys]
+    elif isinstance(example_inputs, (tuple, list)):
+        keys = list(range(len(example_inputs)))
+        values = list(example_inputs)
+        default = [f"input_{i}" for i in keys]
+    else:
+        raise ValueError(
+            f"example inputs must be a tensor, a tuple/list or a dict of tensors, not {type(example_inputs).__name__}"
+        )
+    if not values:
+        raise ValueError("export needs at least one example input tensor")
+    for key, value in zip(default, values):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"example input {key!r} is a {type(value).__name__}, not a tensor")
+    names = _names("input", input_names, default)
+    return dict(zip(names, values)), keys
+
+
+def named_outputs(outputs: Any, output_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """A model's outputs by graph name: the dict keys, else `output` (one tensor) or `output_0, ...`."""
+    if isinstance(outputs, torch.Tensor):
+        values, default = [outputs], ["output"]
+    elif isinstance(outputs, Mapping):
+        values, default = list(outputs.values()), [str(k) for k in outputs]
+    elif isinstance(outputs, (tuple, list)):
+        values, default = list(outputs), [f"output_{i}" for i in range(len(outputs))]
+    else:
+        raise ValueError(f"the model returned a {type(outputs).__name__}; export needs {_OUTPUT_FORMS}")
+    if not values:
+        raise ValueError(f"the model returned no outputs; export needs {_OUTPUT_FORMS}")
+    for key, value in zip(default, values):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"model output {key!r} is a {type(value).__name__}, not a tensor; export needs {_OUTPUT_FORMS}"
+            )
+    return dict(zip(_names("output", output_names, default), values))
+
+
+class _ArgsAdapter(nn.Module):
+    """Takes the graph inputs positionally, in graph order, and calls `model` with its own positions and keywords.
+
+    Needed because the legacy exporter orders keyword inputs by the forward signature (not by the names
+    given) and drops any that go to `**kwargs`. The graph's node and weight names gain a "model." prefix.
+    """
+
+    def __init__(self, model: nn.Module, keys: Sequence[int | str]):
         super().__init__()
-        self.camera = model.camera
+        self.model = model
+        self.keys = list(keys)
+        self.train(model.training)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, c, h, w = images.shape
-        features = self.camera.neck(self.camera.backbone(images.view(b * n, c, h, w)))
-        return self.camera.vtransform.depth_and_context(features)
-
-    def owned_modules(self) -> list[nn.Module]:
-        """The layers whose parameters this stage runs (the wrapper also holds the camera's view transform)."""
-        vt = self.camera.vtransform
-        return [self.camera.backbone, self.camera.neck, vt.depth_conv, vt.feat_conv]
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        args = [t for t, key in zip(tensors, self.keys) if isinstance(key, int)]
+        kwargs = {key: t for t, key in zip(tensors, self.keys) if isinstance(key, str)}
+        return self.model(*args, **kwargs)
 
 
-class CameraVTransformStage(nn.Module):
-    """depth, context -> camera_bev (B, C, Y, X): lift (outer product), BEV pool, BEV downsample."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.vtransform = model.camera.vtransform
-
-    def forward(self, depth: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.vtransform.splat(depth, context)
-
-    def owned_modules(self) -> list[nn.Module]:
-        return [self.vtransform.pool, self.vtransform.downsample]
+def _harmless_default(p: inspect.Parameter) -> bool:
+    """Whether the legacy exporter's treatment of a parameter it got no input for changes nothing: it skips
+    *args / **kwargs and passes every other default positionally, which only a positional None survives."""
+    if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return True
+    return p.kind != inspect.Parameter.KEYWORD_ONLY and p.default is None
 
 
-class LidarBackboneStage(nn.Module):
-    """pillars, pillar_map -> lidar_bev (B, C, Y, X)."""
+def _legacy_keeps_order(model: nn.Module, keys: Sequence[int | str]) -> bool:
+    """Whether the legacy exporter passes these inputs to `model.forward` as they are, in order.
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.lidar = model.lidar
-
-    def forward(self, pillars: torch.Tensor, pillar_map: torch.Tensor) -> torch.Tensor:
-        return self.lidar(pillars, pillar_map)
-
-    def owned_modules(self) -> list[nn.Module]:
-        return [self.lidar]
-
-
-class FuserDecoderStage(nn.Module):
-    """camera_bev and/or lidar_bev -> bev_features (fuser when both exist, then the decoder)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.fuser = model.fuser
-        self.decoder = model.decoder
-
-    def forward(self, camera_bev: torch.Tensor | None = None, lidar_bev: torch.Tensor | None = None) -> torch.Tensor:
-        bev = [x for x in (camera_bev, lidar_bev) if x is not None]
-        x = self.fuser(bev) if self.fuser is not None else bev[0]
-        return self.decoder(x)
-
-    def owned_modules(self) -> list[nn.Module]:
-        return [m for m in (self.fuser, self.decoder) if m is not None]
+    It moves keyword inputs into signature order and fills the remaining parameters with their defaults;
+    that is harmless when the keywords already follow the signature and every filled-in default is None.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if isinstance(keys[0], int):
+        head = params[: len(keys)]
+        if not any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in head):
+            if len(head) < len(keys) or any(p.kind not in positional for p in head):
+                return False
+        return all(_harmless_default(p) for p in params[len(keys) :])
+    order = []
+    for p in params:
+        if p.name in keys and p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            order.append(p.name)
+        elif not _harmless_default(p):
+            return False
+    return order == list(keys)
 
 
-class HeadsStage(nn.Module):
-    """bev_features -> the head outputs (heatmap, offset, height, size, rotation[, bev_map])."""
+@dataclass
+class _Traceable:
+    """A module and its example inputs in the form the legacy exporter traces correctly."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.heads = model.heads
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor]
+    input_names: list[str]
 
-    def forward(self, bev_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads(bev_features)
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: ExampleInputs, input_names: Sequence[str] | None) -> _Traceable:
+        inputs, keys = named_inputs(example_inputs, input_names)
+        names, values = list(inputs), list(inputs.values())
+        if not _legacy_keeps_order(model, keys):
+            return cls(_ArgsAdapter(model, keys), tuple(values), {}, names)
+        if isinstance(keys[0], int):
+            return cls(model, tuple(values), {}, names)
+        return cls(model, (), dict(zip(keys, values)), names)  # the exporter's keyword path: unprefixed names
 
-    def owned_modules(self) -> list[nn.Module]:
-        return [self.heads]
+    def __call__(self) -> Any:
+        return self.module(*self.args, **self.kwargs)
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.input_names, [*self.args, *self.kwargs.values()]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages a model declares
 
 
 @dataclass
 class Stage:
+    """One graph of a split export: `module(**{input: tensor})` produces the named `outputs`, in order."""
+
     name: str
     module: nn.Module
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
     def __call__(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        result = self.module(**{name: tensors[name] for name in self.inputs})
-        if isinstance(result, Mapping):
-            return dict(result)
-        result = result if isinstance(result, tuple) else (result,)
-        return dict(zip(self.outputs, result))
+        return named_outputs(self.module(**{name: tensors[name] for name in self.inputs}), self.outputs)
 
     @property
     def params(self) -> int:
-        """Parameters this stage runs; the stages of a model sum to all of its parameters."""
-        return sum(p.numel() for m in self.module.owned_modules() for p in m.parameters())
+        """Parameters this stage runs: its module's `owned_modules()` when it has one (a wrapper may hold more
+        of the model than it runs), else all of the module's parameters."""
+        owned = getattr(self.module, "owned_modules", None)
+        modules = owned() if callable(owned) else [self.module]
+        return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def split_stages(model: nn.Module, head_outputs: Sequence[str]) -> list[Stage]:
-    """The stages that apply to this model (camera-only and LiDAR-only models get a subset), in run order."""
-    stages = []
-    bev = []
-    if model.camera is not None:
-        stages.append(Stage("camera_backbone", CameraBackboneStage(model), ("images",), ("depth", "context")))
-        stages.append(Stage("camera_vtransform", CameraVTransformStage(model), ("depth", "context"), ("camera_bev",)))
-        bev.append("camera_bev")
-    if model.lidar is not None:
-        stages.append(Stage("lidar_backbone", LidarBackboneStage(model), ("pillars", "pillar_map"), ("lidar_bev",)))
-        bev.append("lidar_bev")
-    stages.append(Stage("fuser_decoder", FuserDecoderStage(model), tuple(bev), ("bev_features",)))
-    stages.append(Stage("heads", HeadsStage(model), ("bev_features",), tuple(head_outputs)))
+StageLike = Stage | tuple[str, nn.Module, Sequence[str], Sequence[str]]
+
+
+def as_stages(stages: Iterable[StageLike]) -> list[Stage]:
+    """`Stage`s from stages or `(name, module, input_names, output_names)` tuples, in the order given (run order)."""
+    result = []
     for stage in stages:
-        # A fresh wrapper says training=True; torch.onnx.export "restores" that mode recursively after
-        # tracing, which would put the model's BatchNorms in training mode (and the next forward would
-        # update their running statistics). Give the wrappers the model's own flag, not recursively.
-        stage.module.training = model.training
-    return stages
+        if not isinstance(stage, Stage):
+            name, module, inputs, outputs = stage
+            stage = Stage(str(name), module, tuple(inputs), tuple(outputs))
+        if not stage.name or stage.name == SINGLE or Path(stage.name).name != stage.name:
+            raise ValueError(f"stage name {stage.name!r} must be a plain file name other than {SINGLE!r}")
+        result.append(stage)
+    names = [s.name for s in result]
+    if not result or len(set(names)) != len(names):
+        raise ValueError(f"stages need distinct names, got {names}")
+    return result
 
 
 @torch.no_grad()
-def stage_tensors(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple[list[Stage], dict[str, torch.Tensor]]:
-    """Run the split in PyTorch: the stages and every named tensor (model inputs, intermediates, outputs)."""
-    head_outputs = list(model(**{name: inputs[name] for name in model.input_names}))
-    stages = split_stages(model, head_outputs)
-    tensors = {name: inputs[name] for name in model.input_names}
-    for stage in stages:
+def stage_tensors(stages: Iterable[StageLike], inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run the stages in order in PyTorch: every named tensor (the inputs, intermediates and outputs)."""
+    tensors = dict(inputs)
+    for stage in as_stages(stages):
+        missing = [name for name in stage.inputs if name not in tensors]
+        if missing:
+            raise ValueError(
+                f"stage {stage.name!r} needs {missing}, which neither the inputs nor an earlier stage give"
+            )
         tensors.update(stage(tensors))
-    return stages, tensors
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,49 +398,51 @@ def _simplify(
 
 
 def _export_graph(
-    module: nn.Module,
-    inputs: Mapping[str, torch.Tensor],
-    output_names: Sequence[str],
+    traceable: _Traceable,
     path: Path,
     *,
+    output_names: Sequence[str] | None,
     opset: int,
     simplify: bool,
     check: bool,
     threads: int = 1,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Export `module(**inputs)` to `path` (see the module docstring for the steps). Returns the details;
+    """Export `traceable` to `path` (see the module docstring for the steps). Returns the details;
     with `write=False` nothing is written and the graph's bytes are returned under "_bytes"."""
     path = Path(path)
     _check_destination(path)
     start = time.perf_counter()
-    inputs = dict(inputs)
+    inputs = traceable.inputs
     feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
     with torch.no_grad():
-        reference = module(**inputs)
-    if not isinstance(reference, Mapping):
-        reference = dict(zip(output_names, reference if isinstance(reference, tuple) else (reference,)))
-    reference = _to_numpy(reference)
-    if list(reference) != list(output_names):
-        raise ValueError(f"module outputs {list(reference)} do not match output names {list(output_names)}")
+        reference = _to_numpy(named_outputs(traceable(), output_names))
+    output_names = list(reference)
 
     fd, raw_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".raw.tmp", dir=path.parent)
     os.close(fd)
+    module = traceable.module
     modes = {m: m.training for m in module.modules()}  # the exporter resets modes recursively: restore each
     try:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(
-                module,
-                (),
-                raw_tmp,
-                kwargs=inputs,
-                input_names=list(inputs),
-                output_names=list(output_names),
-                opset_version=int(opset),
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    module,
+                    traceable.args,
+                    raw_tmp,
+                    kwargs=traceable.kwargs or None,
+                    input_names=list(inputs),
+                    output_names=output_names,
+                    opset_version=int(opset),
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            except Exception as error:  # noqa: BLE001 - unsupported op or opset: one line, nothing written
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ExportError(
+                    f"{path.name}: torch.onnx.export failed at opset {opset}: {type(error).__name__}: {reason}"
+                ) from error
         raw_size = os.path.getsize(raw_tmp)
         raw = onnx.load(raw_tmp)
     finally:
@@ -430,8 +484,11 @@ def _export_graph(
         **({} if write else {"_bytes": final_bytes}),
         "path": str(path),
         "opset": int(opset),
+        "input_names": list(inputs),
+        "output_names": output_names,
         "inputs": {name: list(value.shape) for name, value in inputs.items()},
         "outputs": {name: list(value.shape) for name, value in reference.items()},
+        "checker": "ok",
         "size_bytes_unsimplified": raw_size,
         "size_bytes": len(final_bytes),
         "simplified": final is not raw,
@@ -441,7 +498,8 @@ def _export_graph(
         "ops": op_histogram(final),
         "findings": [asdict(f) for f in findings],
         "readiness_errors": len(errors),
-        "example_parity": parity.to_dict(),
+        "parity": parity.to_dict(),
+        "max_abs_error": max(out.max_abs for out in parity.outputs.values()),
         "exporter_warnings": exporter_warnings,
         "export_seconds": round(time.perf_counter() - start, 3),
     }
@@ -449,77 +507,71 @@ def _export_graph(
 
 def export_onnx(
     model: nn.Module,
+    example_inputs: ExampleInputs,
     path: str | os.PathLike,
-    batch_size: int = 1,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     opset: int = 17,
-    pool_method: str | None = None,
     simplify: bool = True,
     check: bool = True,
     threads: int = 1,
-    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Export the whole model as one ONNX graph with static shapes.
+    """Export `model(*example_inputs)` (tuple/list or one tensor) or `model(**example_inputs)` (dict) as one
+    ONNX graph with static shapes, in eval mode (the model's modes are restored afterwards).
 
-    Inputs are named `model.input_names`, outputs by the forward dict's keys in order. `pool_method`
-    ("scatter" | "cumsum") switches the BEV pooling for the export only. With `check=True` the export
-    fails (`ExportError`, nothing written) when the TensorRT-readiness check finds an error. Returns the
-    details: path, sizes before/after onnxslim, op histogram, findings, parity on the example inputs.
+    Input names default to the dict keys or `input_0, ...`; output names to the output dict's keys, else
+    `output` (one tensor) or `output_0, ...`; given names must match in number (ValueError). Outputs must
+    be a tensor, a tuple/list of tensors or a flat dict of tensors (ValueError otherwise). With `check=True`
+    the export fails (`ExportError`, nothing written) when the TensorRT-readiness check finds an error.
+    Returns the details: path, names, shapes, sizes before/after onnxslim, op histogram, readiness findings,
+    and "parity" / "max_abs_error": ONNX Runtime against PyTorch on the example inputs.
     """
     path = Path(path)
     _check_destination(path)
-    from fusion.models.bevfusion import example_inputs
-
-    if inputs is None:
-        inputs = example_inputs(model.config, batch_size, model.modality)
-    inputs = {name: inputs[name] for name in model.input_names}
-    with eval_mode(model), pool_method_as(model, pool_method), torch_threads(threads):
-        with torch.no_grad():
-            output_names = list(model(**inputs))
-        details = _export_graph(
-            model, inputs, output_names, path, opset=opset, simplify=simplify, check=check, threads=threads
+    with eval_mode(model), torch_threads(threads):
+        traceable = _Traceable.build(model, example_inputs, input_names)
+        return _export_graph(
+            traceable,
+            path,
+            output_names=output_names,
+            opset=opset,
+            simplify=simplify,
+            check=check,
+            threads=threads,
         )
-        details["pool_method"] = current_pool_method(model)
-    details["batch_size"] = int(next(iter(inputs.values())).shape[0])
-    return details
 
 
 def export_split_details(
-    model: nn.Module,
+    stages: Iterable[StageLike],
+    example_inputs: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
-    batch_size: int = 1,
+    *,
     opset: int = 17,
-    pool_method: str | None = None,
     simplify: bool = True,
     check: bool = True,
     threads: int = 1,
-    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`export_split`, returning each stage's export details (as `export_onnx`) instead of only paths."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output directory {out_dir} does not exist")
-    from fusion.models.bevfusion import example_inputs
-
-    if inputs is None:
-        inputs = example_inputs(model.config, batch_size, model.modality)
+    stages = as_stages(stages)
     details = {}
-    with eval_mode(model), pool_method_as(model, pool_method), torch_threads(threads):
-        stages, tensors = stage_tensors(model, inputs)
+    with eval_mode(*[stage.module for stage in stages]), torch_threads(threads):
+        tensors = stage_tensors(stages, example_inputs)
         for stage in stages:
-            stage_inputs = {name: tensors[name] for name in stage.inputs}
-            result = _export_graph(
-                stage.module,
-                stage_inputs,
-                stage.outputs,
+            traceable = _Traceable.build(stage.module, {name: tensors[name] for name in stage.inputs}, None)
+            details[stage.name] = _export_graph(
+                traceable,
                 out_dir / f"{stage.name}.onnx",
+                output_names=stage.outputs,
                 opset=opset,
                 simplify=simplify,
                 check=check,
                 threads=threads,
                 write=False,
             )
-            result["pool_method"] = current_pool_method(model)
-            details[stage.name] = result
     # Written only once every stage passed: a failure never leaves a mixed set of old and new stages.
     for result in details.values():
         atomic_write_bytes(result["path"], result.pop("_bytes"))
@@ -527,22 +579,21 @@ def export_split_details(
 
 
 def export_split(
-    model: nn.Module,
+    stages: Iterable[StageLike],
+    example_inputs: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
-    batch_size: int = 1,
+    *,
     opset: int = 17,
-    pool_method: str | None = None,
     simplify: bool = True,
     check: bool = True,
     threads: int = 1,
 ) -> dict[str, Path]:
-    """The NVIDIA CUDA-BEVFusion split as `<out_dir>/<stage>.onnx`, joined by named tensors:
-
-    camera_backbone: images -> depth, context; camera_vtransform: depth, context -> camera_bev;
-    lidar_backbone: pillars, pillar_map -> lidar_bev; fuser_decoder: camera_bev, lidar_bev -> bev_features;
-    heads: bev_features -> head outputs. Single-modal models get the stages that apply.
-    """
-    details = export_split_details(model, out_dir, batch_size, opset, pool_method, simplify, check, threads)
+    """Each stage as `<out_dir>/<stage>.onnx`, in run order, joined by tensor names: a stage's inputs are model
+    inputs (keys of `example_inputs`) or outputs of earlier stages. The graphs are traced on the tensors the
+    stages produce from `example_inputs`; no file is written unless every stage exports."""
+    details = export_split_details(
+        stages, example_inputs, out_dir, opset=opset, simplify=simplify, check=check, threads=threads
+    )
     return {name: Path(d["path"]) for name, d in details.items()}
 
 
@@ -551,11 +602,13 @@ def export_split(
 
 
 class OrtPipeline:
-    """One ONNX graph, or the split graphs chained by tensor name, in ONNX Runtime.
+    """One ONNX graph, or stage graphs chained by tensor name, in ONNX Runtime.
 
-    `paths` is a path (one graph), or a mapping: {"model": path} for one graph, {stage: path} for the split.
-    Calling it takes numpy inputs at the graph's static batch size; `run_any_batch` chunks and pads other
-    batch sizes; `torch_runner()` adapts it to `fusion.evaluate.evaluate` (torch tensors in and out).
+    `paths` is a path (one graph), or a mapping: {"model": path} for one graph, {stage: path} for a split,
+    in run order (the mapping's order). The pipeline's inputs are the graph inputs no earlier graph
+    produces; its outputs are the graph outputs no graph consumes. Calling it takes numpy inputs at the
+    graph's static batch size; `run_any_batch` chunks and pads other batch sizes; `torch_runner()` adapts it
+    to torch tensors in and out (for metric code written for PyTorch models).
     """
 
     def __init__(
@@ -566,28 +619,33 @@ class OrtPipeline:
     ):
         if not isinstance(paths, Mapping):
             paths = {SINGLE: paths}
+        if not paths:
+            raise ValueError("no ONNX graph given")
         if SINGLE in paths and len(paths) > 1:
             raise ValueError("give either the single graph ('model') or the split stages, not both")
-        unknown = sorted(set(paths) - {SINGLE, *STAGES})
-        if unknown:
-            raise ValueError(f"unknown graph name(s) {unknown} (expected 'model' or {', '.join(STAGES)})")
         for name, path in paths.items():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"ONNX file for {name} not found: {path}")
-        order = [SINGLE, *STAGES]
-        self.sessions = {name: ort_session(paths[name], threads, providers) for name in sorted(paths, key=order.index)}
+        self.sessions = {name: ort_session(path, threads, providers) for name, path in paths.items()}
         produced: set[str] = set()
+        consumed: set[str] = set()
         self.input_names: list[str] = []
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         for session in self.sessions.values():
             for value in session.get_inputs():
+                consumed.add(value.name)
                 if value.name not in produced and value.name not in self.input_names:
                     self.input_names.append(value.name)
                     self.input_shapes[value.name] = tuple(value.shape)
             produced.update(o.name for o in session.get_outputs())
-        last = list(self.sessions.values())[-1]
-        self.output_names = [o.name for o in last.get_outputs()]
-        self.batch_size = int(self.input_shapes[self.input_names[0]][0])
+        late = [n for n in self.input_names if n in produced]
+        if late:
+            raise ValueError(f"graphs are not in run order: {late[0]!r} is read before the graph that writes it runs")
+        self.output_names = [
+            o.name for session in self.sessions.values() for o in session.get_outputs() if o.name not in consumed
+        ]
+        first = self.input_shapes[self.input_names[0]] if self.input_names else ()
+        self.batch_size = int(first[0]) if first and isinstance(first[0], int) else 1
 
     @property
     def is_split(self) -> bool:
@@ -621,8 +679,8 @@ class OrtPipeline:
             chunks.append({name: v[: step - short] for name, v in out.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in self.output_names}
 
-    def torch_runner(self) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        """A callable for `fusion.evaluate.evaluate`: torch -> numpy -> ONNX Runtime -> torch."""
+    def torch_runner(self) -> Runner:
+        """The pipeline as a function of torch tensors (by input name) to torch tensors (by output name)."""
 
         def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             outputs = self.run_any_batch({name: inputs[name].cpu().numpy() for name in self.input_names})
@@ -639,31 +697,26 @@ def _stack(runs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([np.asarray(r[name]) for r in runs]) for name in runs[0]}
 
 
-def _metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
-    keys = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mIoU")
-    return {k: float(metrics[k]) for k in keys if k in metrics}
-
-
 def parity_report(
     model: nn.Module,
     onnx_paths: str | os.PathLike | Mapping[str, str | os.PathLike],
-    samples: Sequence[Mapping[str, torch.Tensor]],
+    samples: Sequence[ExampleInputs],
     threads: int = 1,
     *,
-    pool_method: str | None = None,
-    dataset: Any = None,
-    eval_batch_size: int | None = None,
-    atol: float | None = None,
+    input_names: Sequence[str] | None = None,
+    atol: float = FP32_ATOL,
+    metrics_fn: Callable[[Runner], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """ONNX Runtime (CPU, `threads` intra-op threads) against PyTorch on `samples` (input dicts).
+    """ONNX Runtime (CPU, `threads` intra-op threads) against PyTorch (eval mode) on `samples`.
 
-    `onnx_paths`: one path, or a mapping with "model" (the single graph) and/or the split stages. Per
-    output max/mean abs error over all samples (`export.parity.compare_outputs`, fp32, `atol`) for the
-    single graph and the chained split, and the chained split against the single graph. With `dataset`
-    (a `SyntheticScenes`), detection/segmentation metrics through PyTorch and through each ORT pipeline.
-    `pool_method` must be the one the graphs were exported with (the PyTorch reference uses it).
-    `atol` defaults to FP32_ATOL (1e-4), or CUMSUM_ATOL for cumsum pooling (see there); "meets_fp32_target"
-    says whether every error is within 1e-4 regardless.
+    `onnx_paths`: one path, or a mapping with "model" (the single graph) and/or split stages in run order.
+    A sample is a dict keyed by graph input name (passed to the model as keywords), or a tuple/list or one
+    tensor (positional, in graph input order). `input_names` default to the graphs' inputs. Per output
+    max/mean abs error over all samples (`export.parity.compare_outputs`, fp32, `atol`) for the single graph
+    and the chained split, and the chained split against the single graph; "meets_fp32_target" says
+    whether every error is within 1e-4 regardless of `atol`. With `metrics_fn(runner) -> metrics`, the
+    metrics through PyTorch and through each ORT pipeline, where a runner maps a dict of torch input
+    tensors to a dict of output tensors.
     """
     if not samples:
         raise ValueError("parity needs at least one sample")
@@ -675,184 +728,37 @@ def parity_report(
     split = {name: p for name, p in onnx_paths.items() if name != SINGLE}
     if split:
         pipelines["split"] = OrtPipeline(split, threads)
-    result: dict[str, Any] = {"threads": int(threads), "samples": len(samples), "precision": "fp32"}
-    with eval_mode(model), pool_method_as(model, pool_method), torch_threads(threads), torch.no_grad():
-        result["pool_method"] = current_pool_method(model)
-        if atol is None:
-            atol = CUMSUM_ATOL if result["pool_method"] == "cumsum" else FP32_ATOL
-        result["atol"] = atol
-        reference = [_to_numpy(model(**{k: s[k] for k in model.input_names})) for s in samples]
+    first = next(iter(pipelines.values()))
+    names = list(input_names) if input_names is not None else first.input_names
+    output_names = first.output_names
+    keyword = isinstance(samples[0], Mapping)
+
+    def run_torch(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if keyword:
+            return named_outputs(model(**{name: inputs[name] for name in names}), output_names)
+        return named_outputs(model(*[inputs[name] for name in names]), output_names)
+
+    result: dict[str, Any] = {"threads": int(threads), "samples": len(samples), "precision": "fp32", "atol": atol}
+    with eval_mode(model), torch_threads(threads), torch.no_grad():
+        named = [named_inputs(sample, None if keyword else names)[0] for sample in samples]
+        reference = [_to_numpy(run_torch(sample)) for sample in named]
         candidates = {}
         for label, pipeline in pipelines.items():
             candidates[label] = [
-                pipeline.run_any_batch({k: s[k].cpu().numpy() for k in pipeline.input_names}) for s in samples
+                pipeline.run_any_batch({k: s[k].cpu().numpy() for k in pipeline.input_names}) for s in named
             ]
             report = compare_outputs(_stack(reference), _stack(candidates[label]), atol_fp32=atol)
             result[label] = report.to_dict()
         if "single" in candidates and "split" in candidates:
             report = compare_outputs(_stack(candidates["single"]), _stack(candidates["split"]), atol_fp32=atol)
             result["split_vs_single"] = report.to_dict()
-        if dataset is not None:
-            from fusion.evaluate import evaluate
-
-            batch = eval_batch_size or max(p.batch_size for p in pipelines.values())
-            metrics = {"torch": _metric_summary(evaluate(model, dataset, batch_size=batch, progress=False))}
+        if metrics_fn is not None:
+            metrics = {"torch": dict(metrics_fn(run_torch))}
             for label, pipeline in pipelines.items():
-                metrics[label] = _metric_summary(evaluate(pipeline.torch_runner(), dataset, batch, progress=False))
+                metrics[label] = dict(metrics_fn(pipeline.torch_runner()))
             result["metrics"] = metrics
-            result["mAP_equal"] = all(m["mAP"] == metrics["torch"]["mAP"] for m in metrics.values())
-            result["metrics_scenes"] = len(dataset)
     compared = [k for k in ("single", "split", "split_vs_single") if k in result]
     result["ok"] = all(result[k]["ok"] for k in compared)
     result["max_abs"] = {k: max(o["max_abs"] for o in result[k]["outputs"].values()) for k in compared}
     result["meets_fp32_target"] = all(v <= FP32_ATOL for v in result["max_abs"].values())
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint -> ONNX files + report
-
-
-def export_checkpoint(
-    checkpoint_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    preset: str | None = None,
-    pool_method: str | None = None,
-    opset: int = 17,
-    samples: int = 8,
-    simplify: bool = True,
-    threads: int = 1,
-    batch_size: int = 1,
-    split: bool = True,
-) -> dict[str, Any]:
-    """Load a checkpoint (pruned or not), export `model.onnx` and `split/<stage>.onnx`, check parity on
-    `samples` synthetic val scenes, and write `export_report.json` + `export_report.md` in `out_dir`.
-
-    Raises `CheckpointError` for a missing/corrupt checkpoint or one of another preset than `preset`,
-    `ValueError` for bad arguments, `ExportError` when a graph is not TensorRT-ready.
-    """
-    from fusion.checkpoint import load_checkpoint
-    from fusion.data.dataset import SyntheticScenes, collate, model_inputs
-
-    if int(samples) < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if pool_method is not None and pool_method not in POOL_METHODS:
-        raise ValueError(f"pool_method must be one of {', '.join(POOL_METHODS)}, got {pool_method!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-    model, meta = load_checkpoint(checkpoint_dir, expect_preset=preset)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    single = export_onnx(
-        model, out_dir / "model.onnx", batch_size, opset, pool_method, simplify, check=True, threads=threads
-    )
-    paths: dict[str, Any] = {SINGLE: single["path"]}
-    split_details: dict[str, Any] = {}
-    if split:
-        (out_dir / "split").mkdir(exist_ok=True)
-        split_details = export_split_details(
-            model, out_dir / "split", batch_size, opset, pool_method, simplify, check=True, threads=threads
-        )
-        paths.update({name: d["path"] for name, d in split_details.items()})
-    dataset = SyntheticScenes(model.config, "val", num_scenes=int(samples), progress=False)
-    sample_inputs = [model_inputs(collate([dataset[i]])) for i in range(len(dataset))]
-    parity = parity_report(
-        model, paths, sample_inputs, threads, pool_method=pool_method, dataset=dataset, eval_batch_size=batch_size
-    )
-    report = {
-        "checkpoint": str(checkpoint_dir),
-        "preset": model.config.preset,
-        "modality": model.modality,
-        "params": sum(p.numel() for p in model.parameters()),
-        "pruned": bool(meta.get("pruning") or meta.get("pruned")),
-        "opset": int(opset),
-        "batch_size": int(batch_size),
-        "pool_method": single["pool_method"],
-        "threads": int(threads),
-        "versions": _versions(),
-        "single": single,
-        "split": split_details,
-        "parity": parity,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    atomic_write_text(out_dir / "export_report.json", json.dumps(report, indent=2))
-    atomic_write_text(out_dir / "export_report.md", report_markdown(report))
-    return report
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f}"
-
-
-def report_markdown(report: Mapping[str, Any]) -> str:
-    """Human-readable export report."""
-    lines = [
-        f"# ONNX export: {report['checkpoint']}",
-        "",
-        f"- preset `{report['preset']}`, modality `{report['modality']}`, {report['params']:,} parameters"
-        + (" (pruned)" if report.get("pruned") else ""),
-        f"- opset {report['opset']}, batch {report['batch_size']}, static shapes, BEV pooling "
-        f"`{report['pool_method']}`, legacy TorchScript exporter (dynamo=False)",
-        f"- ONNX Runtime CPUExecutionProvider, intra_op_num_threads={report['threads']}, inter_op=1, sequential",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-        "",
-        "## Graphs",
-        "",
-        "| graph | inputs | outputs | MiB before onnxslim | MiB after | nodes before | nodes after | note |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    graphs = {"model.onnx": report["single"], **{f"split/{k}.onnx": v for k, v in report["split"].items()}}
-    for name, d in graphs.items():
-        lines.append(
-            f"| {name} | {', '.join(d['inputs'])} | {', '.join(d['outputs'])} | {_mib(d['size_bytes_unsimplified'])} "
-            f"| {_mib(d['size_bytes'])} | {d['nodes_unsimplified']} | {d['nodes']} | {d['simplify_note']} |"
-        )
-    lines += ["", "## Op histogram (model.onnx)", "", "| op | count |", "| --- | ---: |"]
-    lines += [f"| {op} | {n} |" for op, n in report["single"]["ops"].items()]
-    lines += ["", "## TensorRT readiness", ""]
-    for name, d in graphs.items():
-        if not d["findings"]:
-            lines.append(f"- {name}: no findings")
-        for f in d["findings"]:
-            lines.append(f"- {name}: {f['severity'].upper()} [{f['rule']}] {f['node']}: {f['message']}")
-    parity = report["parity"]
-    lines += [
-        "",
-        f"## Parity (fp32, atol {parity['atol']:.0e}, {parity['samples']} synthetic val scenes): "
-        + ("OK" if parity["ok"] else "FAILED"),
-        "",
-        f"Largest error: {', '.join(f'{k} {v:.2e}' for k, v in parity['max_abs'].items())}; the fp32 target "
-        f"1e-04 is {'met' if parity['meets_fp32_target'] else 'NOT met'}."
-        + (
-            " Cumsum pooling is judged at the looser CUMSUM_ATOL: its cells are differences of FP32 prefix sums, "
-            "whose rounding PyTorch and ONNX Runtime accumulate differently."
-            if parity["pool_method"] == "cumsum"
-            else ""
-        ),
-        "",
-        "| comparison | output | max abs | mean abs | max |ref| | ok |",
-        "| --- | --- | ---: | ---: | ---: | --- |",
-    ]
-    titles = {
-        "single": "ORT model.onnx vs PyTorch",
-        "split": "ORT split chain vs PyTorch",
-        "split_vs_single": "split vs single (ORT)",
-    }
-    for key, title in titles.items():
-        for name, out in parity.get(key, {}).get("outputs", {}).items():
-            lines.append(
-                f"| {title} | {name} | {out['max_abs']:.3e} | {out['mean_abs']:.3e} | {out['max_ref_abs']:.3e} "
-                f"| {'yes' if out['ok'] else 'NO'} |"
-            )
-    if "metrics" in parity:
-        lines += ["", f"## Metrics on {parity['metrics_scenes']} val scenes", ""]
-        keys = list(parity["metrics"]["torch"])
-        lines += ["| runtime | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
-        for label, m in parity["metrics"].items():
-            lines.append(f"| {label} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
-        lines.append("")
-        lines.append(f"mAP equal through PyTorch and ONNX Runtime: {'yes' if parity['mAP_equal'] else 'NO'}")
-    return "\n".join(lines) + "\n"

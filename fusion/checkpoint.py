@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.io import atomic_write, atomic_write_text
+from common.resize import ResizeError
+from common.resize import resize_to_state_dict as resize
 from fusion.config import Config, ConfigError
 from fusion.models.bevfusion import BEVFusion, build_model
 
@@ -75,35 +77,11 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Give every Conv/ConvTranspose/BatchNorm/Linear the channel counts found in `state`; returns layers resized."""
-    resized = 0
-    for name, module in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if key not in state or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            continue
-        shape = state[key].shape
-        if shape == module.weight.shape:
-            continue
-        if isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d):
-            module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
-        elif isinstance(module, nn.ConvTranspose2d):
-            module.in_channels, module.out_channels = shape[0], shape[1] * module.groups
-        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
-            module.num_features = shape[0]
-        elif isinstance(module, nn.Linear):
-            module.out_features, module.in_features = shape[0], shape[1]
-        else:
-            raise CheckpointError(f"cannot resize layer {name} ({type(module).__name__}) to {tuple(shape)}")
-        for param_name, _ in list(module.named_parameters(recurse=False)):
-            full = f"{name}.{param_name}"
-            if full in state:
-                setattr(module, param_name, nn.Parameter(torch.empty_like(state[full])))
-        for buffer_name, tensor in list(module.named_buffers(recurse=False)):
-            full = f"{name}.{buffer_name}"
-            if full in state and tensor is not None:
-                setattr(module, buffer_name, torch.empty_like(state[full]))
-        resized += 1
-    return resized
+    """Give every layer the channel counts found in `state` (see `common.resize`); returns layers resized."""
+    try:
+        return resize(model, state)
+    except ResizeError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

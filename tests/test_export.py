@@ -1,5 +1,6 @@
-"""ONNX export: parity with PyTorch for both BEV-pooling forms, the CUDA-BEVFusion split, single-modal
-models, the TensorRT-readiness gate, atomic writes and checkpoint errors. Tiny models, random weights."""
+"""ONNX export of the reference BEVFusion: parity with PyTorch for both BEV-pooling forms, the CUDA-BEVFusion
+split (`BEVFusion.export_stages` through the generic `export_split`), single-modal models, the TensorRT-readiness
+gate, atomic writes and checkpoint errors. Tiny models, random weights."""
 
 from __future__ import annotations
 
@@ -12,19 +13,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from altermoma.export_reference import CUMSUM_ATOL, export_checkpoint
 from export import trt_check
-from export.onnx import (
-    CUMSUM_ATOL,
-    STAGES,
-    ExportError,
-    OrtPipeline,
-    export_checkpoint,
-    export_onnx,
-    export_split,
-    parity_report,
-)
+from export.onnx import FP32_ATOL, ExportError, OrtPipeline, export_onnx, export_split, parity_report
 from fusion.checkpoint import CheckpointError, save_checkpoint
-from fusion.models.bevfusion import build_model, example_inputs
+from fusion.models.bevfusion import build_model, example_inputs, pool_method_as
+from fusion.models.stages import STAGES, split_stages
 
 torch.set_num_threads(1)
 
@@ -40,11 +34,23 @@ def samples(tiny_config):
     return [example_inputs(tiny_config, 1, "fusion", seed=seed) for seed in (1, 2)]
 
 
+def _export(model, path, pool_method=None, **options):
+    """The reference single graph: the config's example inputs, the BEV pooling switched for the export only."""
+    with pool_method_as(model, pool_method):
+        return export_onnx(model, example_inputs(model.config, 1, model.modality), path, **options)
+
+
+def _export_split(model, out_dir, **options):
+    """The reference CUDA-BEVFusion split through the generic split export."""
+    inputs = example_inputs(model.config, 1, model.modality)
+    return export_split(split_stages(model, inputs), inputs, out_dir, **options)
+
+
 @pytest.fixture(scope="module")
 def split_export(fusion_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("split")
-    single = export_onnx(fusion_model, out / "model.onnx")
-    paths = export_split(fusion_model, out)
+    single = _export(fusion_model, out / "model.onnx")
+    paths = _export_split(fusion_model, out)
     return single, paths
 
 
@@ -55,7 +61,7 @@ def _state(model):
 @pytest.mark.parametrize("method", ["scatter", "cumsum"])
 def test_single_graph_parity(fusion_model, samples, tmp_path, method):
     before = _state(fusion_model)
-    details = export_onnx(fusion_model, tmp_path / f"{method}.onnx", pool_method=method)
+    details = _export(fusion_model, tmp_path / f"{method}.onnx", pool_method=method)
     assert fusion_model.camera.vtransform.pool.method == "scatter"  # restored
     assert all(torch.equal(v, before[k]) for k, v in fusion_model.state_dict().items())  # BN stats untouched
     assert not fusion_model.training
@@ -70,14 +76,17 @@ def test_single_graph_parity(fusion_model, samples, tmp_path, method):
     else:
         assert "CumSum" in ops and not any(op.startswith("Scatter") for op in ops)
     assert not {"NonZero", "Unique", "TopK", "ScatterND"} & set(ops)
-    assert details["readiness_errors"] == 0
+    assert details["readiness_errors"] == 0 and details["checker"] == "ok"
+    assert details["max_abs_error"] <= 1e-4 and details["parity"]["ok"]
     assert not [f for f in trt_check.check_model(details["path"]) if f.severity == trt_check.ERROR]
     assert details["size_bytes_unsimplified"] > 0 and details["size_bytes"] > 0
     # no all-zero initializer as large as the BEV canvas (1 x 32 x 4096 on tiny): it would be 40 MB on r50
     zeros = [i.name for i in model.graph.initializer if np.prod(i.dims) >= 4096 and not numpy_helper.to_array(i).any()]
     assert not zeros, zeros
 
-    report = parity_report(fusion_model, details["path"], samples, threads=1, pool_method=method)
+    with pool_method_as(fusion_model, method):
+        atol = CUMSUM_ATOL if method == "cumsum" else FP32_ATOL
+        report = parity_report(fusion_model, details["path"], samples, threads=1, atol=atol)
     assert report["ok"], report
     for out in report["single"]["outputs"].values():
         assert out["max_abs"] <= 1e-4
@@ -98,6 +107,8 @@ def test_split_chain_reproduces_single_graph(fusion_model, samples, split_export
     assert io["fuser_decoder"] == (["camera_bev", "lidar_bev"], ["bev_features"])
     assert io["heads"] == (["bev_features"], list(single["outputs"]))
     assert chain.output_names == list(single["outputs"])
+    with pytest.raises(ValueError, match="not in run order"):
+        OrtPipeline(dict(reversed(paths.items())))  # the mapping's order is the run order
     depth = chain.run_stage("camera_backbone", {"images": samples[0]["images"].numpy()})["depth"]
     np.testing.assert_allclose(depth.sum(axis=1), 1.0, atol=1e-5)  # softmaxed over depth bins
 
@@ -125,8 +136,8 @@ def test_ort_runner_handles_other_batch_sizes(fusion_model, split_export, tiny_c
 def test_single_modal_exports(tiny_config, tmp_path, modality):
     torch.manual_seed(0)
     model = build_model(tiny_config, modality).eval()
-    single = export_onnx(model, tmp_path / "model.onnx")
-    paths = export_split(model, tmp_path)
+    single = _export(model, tmp_path / "model.onnx")
+    paths = _export_split(model, tmp_path)
     expected = {"camera": ["camera_backbone", "camera_vtransform"], "lidar": ["lidar_backbone"]}[modality]
     assert list(paths) == [*expected, "fuser_decoder", "heads"]
     assert list(single["inputs"]) == model.input_names
@@ -141,10 +152,10 @@ def test_single_modal_exports(tiny_config, tmp_path, modality):
 def test_missing_output_directory(fusion_model, tmp_path):
     target = tmp_path / "nope" / "model.onnx"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export_onnx(fusion_model, target)
+        _export(fusion_model, target)
     assert not target.parent.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export_split(fusion_model, tmp_path / "nope")
+        _export_split(fusion_model, tmp_path / "nope")
 
 
 def test_readiness_error_blocks_export_and_keeps_old_file(fusion_model, tmp_path, monkeypatch):
@@ -156,11 +167,11 @@ def test_readiness_error_blocks_export_and_keeps_old_file(fusion_model, tmp_path
 
     monkeypatch.setattr(trt_check, "check_model", planted)
     with pytest.raises(ExportError, match="not TensorRT-ready.*planted failure"):
-        export_onnx(fusion_model, target)
+        _export(fusion_model, target)
     assert target.read_bytes() == b"previous good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files left
     with pytest.raises(ExportError):
-        export_onnx(fusion_model, tmp_path / "fresh.onnx")
+        _export(fusion_model, tmp_path / "fresh.onnx")
     assert not (tmp_path / "fresh.onnx").exists()
     calls = []
 
@@ -172,11 +183,11 @@ def test_readiness_error_blocks_export_and_keeps_old_file(fusion_model, tmp_path
     split_dir = tmp_path / "split"
     split_dir.mkdir()
     with pytest.raises(ExportError, match="heads.onnx"):
-        export_split(fusion_model, split_dir)
+        _export_split(fusion_model, split_dir)
     assert not list(split_dir.iterdir())  # no stage written when any stage fails
     monkeypatch.setattr(trt_check, "check_model", planted)
     # check=False records the findings instead of failing
-    details = export_onnx(fusion_model, tmp_path / "unchecked.onnx", check=False, simplify=False)
+    details = _export(fusion_model, tmp_path / "unchecked.onnx", check=False, simplify=False)
     assert details["readiness_errors"] == 1 and (tmp_path / "unchecked.onnx").is_file()
 
 
@@ -187,16 +198,19 @@ def test_failed_simplification_keeps_unsimplified_graph(fusion_model, tmp_path, 
         raise RuntimeError("planted onnxslim failure")
 
     monkeypatch.setattr(onnxslim, "slim", broken)
-    details = export_onnx(fusion_model, tmp_path / "model.onnx", pool_method="cumsum")
+    details = _export(fusion_model, tmp_path / "model.onnx", pool_method="cumsum")
     assert not details["simplified"] and "planted onnxslim failure" in details["simplify_note"]
     assert details["size_bytes"] == len((tmp_path / "model.onnx").read_bytes())
-    assert details["example_parity"]["ok"]
+    assert details["parity"]["ok"]
 
 
 def test_bad_pool_method(fusion_model, tmp_path):
     with pytest.raises(ValueError, match="pool_method"):
-        export_onnx(fusion_model, tmp_path / "model.onnx", pool_method="index_add")
+        _export(fusion_model, tmp_path / "model.onnx", pool_method="index_add")
     assert not (tmp_path / "model.onnx").exists()
+    with pytest.raises(ValueError, match="pool_method"):  # refused before the checkpoint is read
+        export_checkpoint(tmp_path / "missing", tmp_path / "out", pool_method="index_add")
+    assert not (tmp_path / "out").exists()
 
 
 def _cli():

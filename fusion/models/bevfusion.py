@@ -10,7 +10,7 @@ is initialised by loading both pretrained single-modal checkpoints: the setting 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +22,13 @@ from fusion.models.heads import CenterHead, MapHead
 from fusion.models.lss import LSSViewTransform
 from fusion.models.pointpillars import LidarEncoder
 from fusion.models.resnet import FPN, ResNet
+from fusion.models.stages import (
+    CameraBackboneStage,
+    CameraVTransformStage,
+    FuserDecoderStage,
+    HeadsStage,
+    LidarBackboneStage,
+)
 
 MODALITIES = ("camera", "lidar", "fusion")
 # Module-name prefixes of the three partitions AlterMOMA distinguishes.
@@ -30,6 +37,7 @@ DEFAULT_PARTITION = {
     "lidar": ("lidar.",),
     "fusion": ("fuser.", "decoder.", "heads."),
 }
+POOL_METHODS = ("scatter", "cumsum")  # forms of the camera BEV pooling (fusion.models.lss.BEVPool)
 
 
 class CameraEncoder(nn.Module):
@@ -134,6 +142,56 @@ class BEVFusion(nn.Module):
             yield
         finally:
             self.camera.vtransform.pruning_trace = False
+
+    def export_stages(
+        self, head_outputs: Sequence[str]
+    ) -> list[tuple[str, nn.Module, tuple[str, ...], tuple[str, ...]]]:
+        """The CUDA-BEVFusion split as `(name, module, inputs, outputs)` in run order, for `export.onnx.export_split`.
+
+        Camera-only and LiDAR-only models get the stages that apply. `head_outputs`: the forward's output names
+        (`fusion.models.stages.split_stages` takes them from one forward pass).
+        """
+        stages: list[tuple[str, nn.Module, tuple[str, ...], tuple[str, ...]]] = []
+        bev = []
+        if self.camera is not None:
+            stages.append(("camera_backbone", CameraBackboneStage(self), ("images",), ("depth", "context")))
+            stages.append(("camera_vtransform", CameraVTransformStage(self), ("depth", "context"), ("camera_bev",)))
+            bev.append("camera_bev")
+        if self.lidar is not None:
+            stages.append(("lidar_backbone", LidarBackboneStage(self), ("pillars", "pillar_map"), ("lidar_bev",)))
+            bev.append("lidar_bev")
+        stages.append(("fuser_decoder", FuserDecoderStage(self), tuple(bev), ("bev_features",)))
+        stages.append(("heads", HeadsStage(self), ("bev_features",), tuple(head_outputs)))
+        for _, module, _, _ in stages:
+            # A fresh wrapper says training=True; torch.onnx.export "restores" that mode recursively after
+            # tracing, which would put the model's BatchNorms in training mode (and the next forward would
+            # update their running statistics). Give the wrappers the model's own flag, not recursively.
+            module.training = self.training
+        return stages
+
+
+@contextmanager
+def pool_method_as(model: nn.Module, method: str | None) -> Iterator[None]:
+    """Temporarily switch the camera BEV pooling to "scatter" or "cumsum" (no-op for None or no camera)."""
+    if method is not None and method not in POOL_METHODS:
+        raise ValueError(f"pool_method must be one of {', '.join(POOL_METHODS)}, got {method!r}")
+    camera = getattr(model, "camera", None)
+    if method is None or camera is None:
+        yield
+        return
+    pool = camera.vtransform.pool
+    previous = pool.method
+    pool.method = method
+    try:
+        yield
+    finally:
+        pool.method = previous
+
+
+def current_pool_method(model: nn.Module) -> str | None:
+    """The camera BEV pooling form in force ("scatter" | "cumsum"), None for a model without a camera."""
+    camera = getattr(model, "camera", None)
+    return None if camera is None else camera.vtransform.pool.method
 
 
 def build_model(config: Config, modality: str = "fusion") -> BEVFusion:

@@ -1,0 +1,74 @@
+"""Resize a freshly built model's layers to the shapes found in a state dict (a pruned checkpoint).
+
+A pruned checkpoint stores only tensors; rebuilding the model at its original widths and then
+giving every layer the stored shapes ("explicit widths") needs neither torch-pruning nor the code
+that pruned it. Depthwise convs keep `groups == channels`. Shared by the reference checkpoints
+(`fusion.checkpoint`) and the model-agnostic pruned format (`compress.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResizeError(ValueError):
+    """A stored tensor that no layer of this model can take."""
+
+
+def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Give every conv/linear/norm layer the channel counts found in `state`; returns the layers resized."""
+    resized = 0
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if key not in state or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        shape = tuple(state[key].shape)
+        if shape == tuple(module.weight.shape):
+            continue
+        _resize_layer(name, module, shape)
+        for param_name, _ in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{param_name}"
+            if full in state:
+                setattr(module, param_name, nn.Parameter(torch.empty_like(state[full])))
+        for buffer_name, tensor in list(module.named_buffers(recurse=False)):
+            full = f"{name}.{buffer_name}"
+            if full in state and tensor is not None:
+                setattr(module, buffer_name, torch.empty_like(state[full]))
+        resized += 1
+    return resized
+
+
+def _resize_layer(name: str, module: nn.Module, shape: tuple[int, ...]) -> None:
+    """One small rule per layer kind; anything else cannot change shape."""
+    if isinstance(module, nn.modules.conv._ConvNd) and len(shape) == module.weight.dim():
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        out_dim, in_dim = (1, 0) if transposed else (0, 1)
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if depthwise:  # weight (C * multiplier, 1, k, k): channels and groups shrink together
+            multiplier = module.out_channels // module.groups
+            if shape[out_dim] % multiplier or shape[in_dim] != module.weight.shape[in_dim]:
+                raise ResizeError(f"layer {name}: depthwise conv cannot take a weight of shape {shape}")
+            module.groups = shape[out_dim] // multiplier
+            module.in_channels, module.out_channels = module.groups, shape[out_dim]
+        elif module.groups > 1:
+            raise ResizeError(f"layer {name}: grouped conv (groups={module.groups}) cannot change shape to {shape}")
+        elif transposed:
+            module.in_channels, module.out_channels = shape[0], shape[1]
+        else:
+            module.out_channels, module.in_channels = shape[0], shape[1]
+        if shape[2:] != tuple(module.weight.shape[2:]):
+            raise ResizeError(f"layer {name}: kernel {tuple(module.weight.shape[2:])} cannot become {shape[2:]}")
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm):
+        module.num_features = shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.num_groups in (1, module.num_channels):
+        module.num_groups = 1 if module.num_groups == 1 else shape[0]
+        module.num_channels = shape[0]
+    elif isinstance(module, nn.LayerNorm) and len(shape) == len(module.normalized_shape):
+        module.normalized_shape = shape
+    elif isinstance(module, nn.Linear) and len(shape) == 2:
+        module.out_features, module.in_features = shape
+    elif isinstance(module, nn.PReLU) and len(shape) == 1:
+        module.num_parameters = shape[0]
+    else:
+        raise ResizeError(f"cannot resize layer {name} ({type(module).__name__}) to {shape}")

@@ -1,0 +1,281 @@
+"""One-shot pruning: score, select, remove, report. Every method shares this harness.
+
+The same scoring set, the same GFLOPs target found by the same bisection, the same caps and
+rounding: only the score differs. The model is seen through its `Task` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.task import PARTS, Task
+from compress.altereva import altereva_saliency, signed_saliency
+from compress.baselines import (
+    magnitude_channel_scores,
+    magnitude_weight_scores,
+    output_tensors,
+    prospr_channel_scores,
+    prospr_weight_scores,
+    synflow_channel_scores,
+    synflow_weight_scores,
+)
+from compress.partition import Partition
+from compress.request import PruneRequest, request_dict
+from compress.scores import altereva_scores
+from compress.structured import ChannelGraph, PruningError, protected_layers
+from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
+
+ZERO_THEN_PRUNE_RTOL = 1e-4  # pruned vs zeroed outputs, relative to the largest output magnitude
+
+
+def measured_gflops(model: nn.Module, task: Task, example_batch: Any) -> float:
+    """GFLOPs (2 x MACs) counted by torch's FlopCounterMode on one forward pass of the example batch."""
+    was_training = model.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        task.forward(model.eval(), example_batch)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def parameter_counts(model: nn.Module, partition: Partition) -> dict[str, int]:
+    counts = {part: 0 for part in PARTS}
+    for name, p in model.named_parameters():
+        counts[partition.part_of(name) or "fusion"] += p.numel()
+    return counts
+
+
+# ---- structured --------------------------------------------------------------------------------
+def channel_scores(
+    method: str,
+    model: nn.Module,
+    task: Task,
+    graph: ChannelGraph,
+    batches: list,
+    example_batch: Any,
+    request: PruneRequest,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """Per group, one score per root channel; higher means keep."""
+    parts = [g.part for g in graph.groups]
+    if method == "altereva":
+        saliency = altereva_saliency(model, task, batches, request.altereva, progress)
+        deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
+        reri = {masked: [s.abs() for s in graph.channel_saliency(sal)] for masked, sal in saliency.reri.items()}
+        a = request.altereva
+        return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)
+    if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
+        return [s.abs() for s in graph.channel_saliency(signed_saliency(model, task, batches))]
+    if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
+        return magnitude_channel_scores(model, graph)
+    if method == "synflow":
+        mode = "flops" if request.target_gflops is not None else "channels"
+        target = request.target_gflops if mode == "flops" else request.channel_ratio
+        tiebreak = magnitude_channel_scores(model, graph)
+        args = (target, mode, request.round_to, request.max_group_ratio, request.synflow, tiebreak, progress)
+        return synflow_channel_scores(model, graph, task.arguments(example_batch), *args)
+    if method == "prospr":
+        return prospr_channel_scores(model, task, graph, batches, request.prospr)
+    generator = torch.Generator().manual_seed(request.seed)
+    return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
+
+
+def prune_structured(
+    model: nn.Module,
+    task: Task,
+    batches: list,
+    request: PruneRequest,
+    example_batch: Any = None,
+    progress: bool = True,
+    verify: bool = True,
+) -> dict:
+    """Score, select and physically remove channels in place; returns the pruning report.
+
+    With `verify`, the pruned model's outputs on the example batch are compared with the unpruned
+    model's outputs after zeroing the same channels ("zero-then-prune"): they agree when the graph
+    was understood. A mismatch (an op that mixes channels torch-pruning treats as element-wise) is
+    recorded in the report and warned about.
+    """
+    request.validate()
+    example_batch = batches[0] if example_batch is None else example_batch
+    graph = ChannelGraph(model, task, example_batch)
+    partition = graph.partition
+    mode, target = (
+        ("flops", request.target_gflops) if request.target_gflops is not None else ("channels", request.channel_ratio)
+    )
+    if not graph.groups:
+        raise PruningError("the model has no prunable channel group (every group is protected or unsupported)")
+    if mode == "flops":
+        reachable = graph.max_reduction(request.round_to, request.max_group_ratio)
+        if target > reachable + 0.02:
+            raise PruningError(
+                f"a {target:.0%} GFLOPs reduction is not reachable: the per-group cap ({request.max_group_ratio:.0%}), "
+                f"round_to={request.round_to}, protected output layers and unprunable groups allow at most {reachable:.1%}"
+            )
+    before = {"gflops": measured_gflops(model, task, example_batch), "params": parameter_counts(model, partition)}
+    flops_before = _flops_by_part(graph, partition, None)
+    scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress)
+    tiebreak = magnitude_channel_scores(model, graph)
+    pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak=tiebreak)
+    flops_after = _flops_by_part(graph, partition, pruned)
+    kept = _kept_channels(graph, pruned)
+    reference = _zeroed_outputs(model, task, graph, pruned, example_batch) if verify else None
+    graph.prune(pruned)
+    after = {"gflops": measured_gflops(model, task, example_batch), "params": parameter_counts(model, partition)}
+    report = {
+        "kind": "structured",
+        "request": request_dict(request),
+        "gflops_before": before["gflops"],
+        "gflops_after": after["gflops"],
+        "gflops_reduction": 1.0 - after["gflops"] / before["gflops"],
+        "partitions": {
+            part: {
+                "channels_before": kept[part][1],
+                "channels_after": kept[part][0],
+                "kept_ratio": kept[part][0] / kept[part][1] if kept[part][1] else math.nan,
+                "params_before": before["params"][part],
+                "params_after": after["params"][part],
+                "gflops_before": flops_before[part] / 1e9,
+                "gflops_after": flops_after[part] / 1e9,
+            }
+            for part in PARTS
+            if kept[part][1] or before["params"][part]
+        },
+        "widths": graph.widths(),
+        "protected": sorted(graph.protected),
+        "unpruned_groups": graph.unprunable,
+        "score_summary": _score_summary(scores, graph),
+    }
+    if reference is not None:
+        report["zero_then_prune_error"] = _relative_error(reference, _outputs(model, task, example_batch))
+    return report
+
+
+def _outputs(model: nn.Module, task: Task, example_batch: Any) -> list[torch.Tensor]:
+    was_training = model.training
+    with torch.no_grad():
+        outputs = [t.detach().double() for t in output_tensors(task.forward(model.eval(), example_batch))]
+    model.train(was_training)
+    return outputs
+
+
+def _zeroed_outputs(model: nn.Module, task: Task, graph: ChannelGraph, pruned, example_batch: Any):
+    """The unpruned model's outputs with the pruned channels' coupled weights zeroed (on a copy)."""
+    zeroed = copy.deepcopy(model)
+    view = copy.copy(graph)
+    view.model = zeroed
+    view.zero_channels(pruned)
+    return _outputs(zeroed, task, example_batch)
+
+
+def _relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    """Largest |difference| over every output, divided by the largest |reference| value (at least 1)."""
+    if len(reference) != len(candidate) or any(r.shape != c.shape for r, c in zip(reference, candidate)):
+        return math.inf
+    worst = max((float((r - c).abs().max()) for r, c in zip(reference, candidate) if r.numel()), default=0.0)
+    scale = max((float(r.abs().max()) for r in reference if r.numel()), default=1.0)
+    return worst / max(1.0, scale)
+
+
+def _flops_by_part(graph: ChannelGraph, partition: Partition, pruned) -> dict[str, float]:
+    totals = {part: 0.0 for part in PARTS}
+    for layer, flops in graph.flops(pruned).items():
+        totals[partition.part_of(layer) or "fusion"] += flops
+    return totals
+
+
+def _kept_channels(graph: ChannelGraph, pruned) -> dict[str, tuple[int, int]]:
+    kept = {part: [0, 0] for part in PARTS}
+    for group, mask in zip(graph.groups, pruned):
+        kept[group.part][0] += group.channels - int(mask.sum())
+        kept[group.part][1] += group.channels
+    return {part: (k, n) for part, (k, n) in kept.items()}
+
+
+def _score_summary(scores: list[torch.Tensor], graph: ChannelGraph) -> dict[str, dict[str, float]]:
+    summary = {}
+    for part in PARTS:
+        values = [s for s, g in zip(scores, graph.groups) if g.part == part]
+        if values:
+            flat = torch.cat(values).double()
+            summary[part] = {
+                "mean": float(flat.mean()),
+                "std": float(flat.std()),
+                "min": float(flat.min()),
+                "max": float(flat.max()),
+            }
+    return summary
+
+
+# ---- unstructured ------------------------------------------------------------------------------
+def weight_scores(
+    model: nn.Module,
+    task: Task,
+    batches: list,
+    example_batch: Any,
+    request: PruneRequest,
+    protected: set[str],
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    weights = prunable_weights(model, protected)
+    partition = Partition.of(model, task.partition)
+    if request.method == "altereva":
+        saliency = altereva_saliency(model, task, batches, request.altereva, progress)
+        names = list(weights)
+        parts = [partition.part_of(n) or "fusion" for n in names]
+        deci = [saliency.deci[n].abs() for n in names]
+        reri = {masked: [s[n].abs() for n in names] for masked, s in saliency.reri.items()}
+        a = request.altereva
+        return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)))
+    if request.method == "snip":
+        saliency = signed_saliency(model, task, batches)
+        return {n: saliency[n].abs() for n in weights}
+    if request.method in ("magnitude", "imp"):
+        return magnitude_weight_scores(model, protected)
+    if request.method == "synflow":
+        example = task.arguments(example_batch)
+        return synflow_weight_scores(model, example, request.sparsity, request.synflow, progress, protected)
+    if request.method == "prospr":
+        return prospr_weight_scores(model, task, batches, request.prospr, protected)
+    generator = torch.Generator().manual_seed(request.seed)
+    return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
+
+
+def prune_unstructured(
+    model: nn.Module,
+    task: Task,
+    batches: list,
+    request: PruneRequest,
+    example_batch: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Global per-weight masks at the requested sparsity, folded into the weights in place.
+
+    Output layers (found from the graph) and the task's protected modules keep every weight.
+    """
+    request.validate()
+    example_batch = batches[0] if example_batch is None else example_batch
+    partition = Partition.of(model, task.partition)
+    protected = protected_layers(model, task, example_batch)
+    scores = weight_scores(model, task, batches, example_batch, request, protected, progress)
+    masks = global_masks(scores, request.sparsity)
+    apply_masks(model, masks)
+    per_part: dict[str, list[int]] = {part: [0, 0] for part in PARTS}
+    for name, mask in masks.items():
+        part = partition.part_of(name) or "fusion"
+        per_part[part][0] += int(mask.sum())
+        per_part[part][1] += mask.numel()
+    return {
+        "kind": "unstructured",
+        "request": request_dict(request),
+        "sparsity": sparsity_of(model, protected),
+        "protected": sorted(protected),
+        "partitions": {
+            p: {"weights_kept": k, "weights": n, "kept_ratio": k / n} for p, (k, n) in per_part.items() if n
+        },
+    }

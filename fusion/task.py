@@ -1,0 +1,49 @@
+"""The reference model's task description: one user of the model-agnostic API, nothing more.
+
+`compress` and `export` never import `fusion`; the CLI and the benchmarks wire the reference model
+to them through `reference_task(model)`, exactly as a user wires their own model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.task import Task
+from fusion.config import Config
+from fusion.data.dataset import collate, make_sample
+from fusion.losses import task_loss
+from fusion.models.bevfusion import BEVFusion
+
+SCORING_STREAM = 1000  # scenes of the scoring set come from their own seeded stream
+
+
+def reference_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return task_loss(outputs, batch)[0]
+
+
+def reference_task(model: BEVFusion) -> Task:
+    """Partition, inputs and loss of the reference BEVFusion (camera-only and LiDAR-only variants too).
+
+    The depth conv is protected by name: its D outputs are depth bins, not features. The output
+    layers of the heads need no naming: the toolkit finds them from the graph.
+    """
+    names = model.input_names
+    protected = ("camera.vtransform.depth_conv",) if model.camera is not None else ()
+    return Task(
+        partition=model.partition(),
+        loss=reference_loss,
+        inputs=lambda batch: {name: batch[name] for name in names},
+        protected=protected,
+        trace=lambda m: m.pruning_trace(),
+    )
+
+
+def scoring_set(config: Config, num_batches: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The fixed scoring set D: the same scenes for every method, drawn from a dedicated stream."""
+    samples = [make_sample(config, SCORING_STREAM + seed, i) for i in range(num_batches * batch_size)]
+    return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def first_sample(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example batch for tracing and GFLOPs: one sample, so reported GFLOPs are per sample."""
+    return {k: v[:1] for k, v in batch.items()}
