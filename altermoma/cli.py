@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ USER_ERRORS = (
     PruningError,
     TensorRTUnavailable,
     FileNotFoundError,
+    FileExistsError,
     ValueError,
 )
 
@@ -125,18 +127,49 @@ def prune_request(args: argparse.Namespace):
 
 
 def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool = True) -> dict:
-    """Load, prune, save; the output directory is written only once pruning has succeeded."""
-    from compress.prune import prune, scoring_set
+    """Load a reference checkpoint, prune, save; the output directory is written only once pruning has succeeded."""
+    from compress.prune import prune
     from fusion.checkpoint import load_checkpoint, save_checkpoint
+    from fusion.finetune import FinetuneConfig, imp_finetune_fn
+    from fusion.task import first_sample, reference_task, scoring_set
 
     model, meta = load_checkpoint(checkpoint)
     if meta.get("pruning"):
         raise ValueError(f"{checkpoint} is already pruned; prune the unpruned checkpoint instead")
     batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed)
-    report = prune(model, request, batches, progress=progress)
+    imp_tune = imp_finetune_fn(FinetuneConfig(), None, not request.structured, progress)
+    task, example = reference_task(model), first_sample(batches[0])
+    report = prune(model, task, batches, request, example_batch=example, finetune_fn=imp_tune, progress=progress)
     report["source_checkpoint"] = str(checkpoint)
     save_checkpoint(out, model, {"pruning": report, "command": " ".join(["altermoma", *sys.argv[1:]])})
     return report
+
+
+def run_user_prune(spec: str, request, out: str | Path, progress: bool = True) -> dict:
+    """`prune --task`: the user's model, task and scoring set; saved in the model-agnostic pruned format."""
+    from altermoma.user_task import load_setup
+    from compress.checkpoint import save_pruned
+    from compress.prune import prune
+
+    check_output_dir(out)
+    setup = load_setup(spec)
+    train = setup.train_batches if isinstance(setup.train_batches, list | tuple) else None
+    report = prune(setup.model, setup.task, setup.scoring_batches, request, train_batches=train, progress=progress)
+    report["task"] = spec
+    save_pruned(setup.model, out, report)
+    return report
+
+
+def check_output_dir(out: str | Path) -> None:
+    """Refuse an output path that cannot become a directory, before any work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable directory")
 
 
 def print_prune_report(report: dict) -> None:
@@ -158,8 +191,20 @@ def print_prune_report(report: dict) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     request = prune_request(args)
-    report = run_prune(args.checkpoint, request, args.out)
+    if (args.task is None) == (args.checkpoint is None):
+        raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
+    if args.task is not None:
+        report = run_user_prune(args.task, request, args.out)
+    else:
+        report = run_prune(args.checkpoint, request, args.out)
     print_prune_report(report)
+    if report.get("unpruned_groups"):
+        print("left unpruned: " + "; ".join(f"{g['root']} ({g['reason']})" for g in report["unpruned_groups"]))
+    if report.get("zero_then_prune_error", 0.0) > 1e-4:
+        print(
+            f"warning: the pruned model differs from the zeroed one by {report['zero_then_prune_error']:.2e} "
+            "(relative): an op mixes channels (a LayerNorm over channels, a channel mean); fine-tune before use"
+        )
     if "finetune_steps_remaining" in report:
         print(
             f"IMP fine-tuned between its levels: give `altermoma finetune` --steps {report['finetune_steps_remaining']}"
@@ -168,13 +213,40 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from compress.finetune import FinetuneConfig, finetune
+    if args.task is not None:
+        return finetune_user(args)
     from fusion.checkpoint import load_checkpoint
+    from fusion.finetune import FinetuneConfig, finetune
 
     model, meta = load_checkpoint(args.checkpoint)
     meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
     config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=args.threads)
     finetune(model, config, args.out, metadata=meta, resume=args.resume)
+    print(f"saved {args.out}")
+
+
+def finetune_user(args: argparse.Namespace) -> None:
+    """`finetune --task`: load the pruned checkpoint into the user's freshly built model, fine-tune, save."""
+    import torch
+
+    from altermoma.user_task import load_setup
+    from compress.checkpoint import load_pruned, read_pruned_metadata, save_pruned
+    from compress.finetune import finetune
+
+    if args.resume:
+        raise ValueError("--resume is for reference checkpoints; with --task, fine-tune again from the checkpoint")
+    check_output_dir(args.out)
+    meta = read_pruned_metadata(args.checkpoint)
+    setup = load_setup(args.task)
+    model = load_pruned(setup.model, args.checkpoint)
+    torch.set_num_threads(args.threads)
+    batches = setup.train_batches if setup.train_batches is not None else setup.scoring_batches
+    result = finetune(model, setup.task, batches, steps=args.steps, lr=args.lr)
+    save_pruned(model, args.out, {**meta.get("report", {}), "finetune": result})
+    print(
+        f"fine-tuned {result['steps']} steps in {result['seconds']:.1f} s: loss {result['first_loss']:.4f} -> "
+        f"{result['final_loss']:.4f}" + (" (zeros kept)" if result["kept_zeros"] else "")
+    )
     print(f"saved {args.out}")
 
 
@@ -240,13 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("prune", help="score channels (or weights) and remove them")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="a reference-model checkpoint to prune")
+    p.add_argument("--task", metavar="FILE.py:FUNCTION", help="your own model, task and data (see README)")
     p.add_argument("--out", required=True)
     add_prune_args(p)
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint with the task loss")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", metavar="FILE.py:FUNCTION", help="your own model, task and data (see README)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-4)

@@ -88,8 +88,8 @@ def plan(methods: tuple[str, ...], seeds: int, quick: bool) -> list[RunSpec]:
 # ---- one run ------------------------------------------------------------------------------------
 def prune_request(spec: RunSpec, settings: Settings):
     from compress.altereva import AlterEvaConfig
-    from compress.baselines import IMPConfig, SynFlowConfig
-    from compress.prune import PruneRequest
+    from compress.baselines import SynFlowConfig
+    from compress.request import IMPConfig, PruneRequest
 
     target = {"target_gflops": spec.target} if spec.kind == "structured" else {"sparsity": spec.target}
     floor = None if spec.method == EQ13 else AlterEvaConfig.floor
@@ -97,14 +97,14 @@ def prune_request(spec: RunSpec, settings: Settings):
         method="altereva" if spec.method == EQ13 else spec.method,
         seed=spec.seed,
         altereva=AlterEvaConfig(alpha=1.0, beta=spec.beta, floor=floor),
-        imp=IMPConfig(levels=settings.imp_levels, finetune=finetune_config(settings, spec.seed)),
+        imp=IMPConfig(levels=settings.imp_levels, finetune_steps=settings.finetune_steps),
         synflow=SynFlowConfig(iterations=settings.synflow_iterations),
         **target,
     ).validate()
 
 
 def finetune_config(settings: Settings, seed: int):
-    from compress.finetune import FinetuneConfig
+    from fusion.finetune import FinetuneConfig
 
     return FinetuneConfig(
         steps=settings.finetune_steps, scenes=settings.train_scenes, seed=seed, threads=settings.threads
@@ -113,13 +113,16 @@ def finetune_config(settings: Settings, seed: int):
 
 def model_stats(model) -> dict:
     """GFLOPs of one sample (dense count), parameters, and non-zero prunable weights."""
-    from compress.prune import measured_gflops
+    from compress.oneshot import measured_gflops
+    from compress.structured import protected_layers
     from compress.unstructured import prunable_weights
     from fusion.models.bevfusion import example_inputs
+    from fusion.task import reference_task
 
-    weights = prunable_weights(model)
+    task, example = reference_task(model), example_inputs(model.config)
+    weights = prunable_weights(model, protected_layers(model, task, example))
     return {
-        "gflops": measured_gflops(model, example_inputs(model.config)),
+        "gflops": measured_gflops(model, task, example),
         "params": sum(p.numel() for p in model.parameters()),
         "prunable_nonzero": sum(int((w != 0).sum()) for w in weights.values()),
         "prunable": sum(w.numel() for w in weights.values()),
@@ -132,15 +135,18 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict:
     """Prune a fresh copy of `base`, fine-tune it with the shared budget, evaluate it."""
-    from compress.finetune import finetune
-    from compress.prune import prune, scoring_set
+    from compress.prune import prune
     from fusion.evaluate import evaluate
+    from fusion.finetune import finetune, imp_finetune_fn
+    from fusion.task import first_sample, reference_task, scoring_set
 
     model = copy.deepcopy(base)
     request = prune_request(spec, settings)
     batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, spec.seed)
     start = time.perf_counter()
-    report = prune(model, request, batches, progress=False, train_set=train_set)
+    imp_tune = imp_finetune_fn(finetune_config(settings, spec.seed), train_set, not request.structured, progress=False)
+    task, example = reference_task(model), first_sample(batches[0])
+    report = prune(model, task, batches, request, example_batch=example, finetune_fn=imp_tune, progress=False)
     pruned_at = time.perf_counter()
     steps = report.get("finetune_steps_remaining", settings.finetune_steps)
     if steps > 0:
@@ -441,12 +447,12 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
 
     from benchmarks.scoring_cost import cost_of
     from compress.baselines import ProsprConfig, SynFlowConfig
-    from compress.partition import Partition
-    from compress.prune import PruneRequest, channel_scores, scoring_set
+    from compress.oneshot import channel_scores
+    from compress.request import PruneRequest
     from compress.structured import ChannelGraph
     from fusion.config import get_config
-    from fusion.data.dataset import model_inputs
     from fusion.models.bevfusion import build_model
+    from fusion.task import first_sample, reference_task, scoring_set
 
     torch.set_num_threads(threads)
     config = get_config("tiny")
@@ -460,9 +466,9 @@ def _cost_child(kind: str, threads: int, synflow_iterations: int) -> dict:
         prospr=ProsprConfig(mode=mode or "full"),
     )
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size)
-    partition = Partition.of(model)
-    graph = ChannelGraph(model, partition, {k: v[:1] for k, v in model_inputs(batches[0]).items()})
-    return cost_of(kind, lambda: channel_scores(method, model, graph, partition, batches, request, progress=False))
+    task, example = reference_task(model), first_sample(batches[0])
+    graph = ChannelGraph(model, task, example)
+    return cost_of(kind, lambda: channel_scores(method, model, task, graph, batches, example, request, progress=False))
 
 
 def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]:

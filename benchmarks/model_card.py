@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from common.io import atomic_write_text
-from compress.prune import measured_gflops
+from compress.oneshot import measured_gflops
 from fusion.checkpoint import load_checkpoint
 from fusion.data.dataset import SyntheticScenes
 from fusion.evaluate import evaluate
 from fusion.models.bevfusion import example_inputs
+from fusion.task import reference_task
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 MODALITIES = ("camera", "lidar", "fusion")
@@ -40,7 +41,7 @@ def measure(weights: Path, val_scenes: int) -> dict[str, dict]:
             "seed": model.config.train.seed,
             "train_scenes": model.config.data.train_scenes,
             "batch_size": model.config.train.batch_size,
-            "gflops": measured_gflops(model, example_inputs(model.config, modality=modality)),
+            "gflops": measured_gflops(model, reference_task(model), example_inputs(model.config, modality=modality)),
             "params": sum(p.numel() for p in model.parameters()),
             "size_mib": (weights / f"tiny-{modality}" / "model.safetensors").stat().st_size / 2**20,
         }

@@ -43,24 +43,26 @@ def measure(checkpoint: Path, val_scenes: int, threads: int, progress: bool = Tr
     import torch
 
     from compress.baselines import magnitude_channel_scores
-    from compress.partition import Partition
-    from compress.prune import PruneRequest, channel_scores, scoring_set
+    from compress.oneshot import channel_scores
+    from compress.request import PruneRequest
     from compress.structured import ChannelGraph
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
     from fusion.evaluate import evaluate
     from fusion.models.bevfusion import example_inputs
+    from fusion.task import reference_task, scoring_set
 
     torch.set_num_threads(threads)
     model, _ = load_checkpoint(checkpoint)
     model.eval()
-    partition = Partition.of(model)
-    graph = ChannelGraph(model, partition, example_inputs(model.config))
+    task = reference_task(model)
+    example = example_inputs(model.config)
+    graph = ChannelGraph(model, task, example)
     batches = scoring_set(model.config, 4, 2, seed=0)
     magnitude = magnitude_channel_scores(model, graph)
     request = PruneRequest(target_gflops=0.5)
     scores = {
-        "snip": channel_scores("snip", model, graph, partition, batches, request, progress=False),
+        "snip": channel_scores("snip", model, task, graph, batches, example, request, progress=False),
         "magnitude": magnitude,
     }
     val = SyntheticScenes(model.config, "val", num_scenes=val_scenes, progress=progress)
@@ -78,7 +80,7 @@ def measure(checkpoint: Path, val_scenes: int, threads: int, progress: bool = Tr
             "partition": part,
             "channels": channels,
             "dead_channels": dead,
-            "gflops_share": sum(v for k, v in flops.items() if (partition.part_of(k) or "fusion") == part)
+            "gflops_share": sum(v for k, v in flops.items() if (graph.partition.part_of(k) or "fusion") == part)
             / total_flops,
             "map_after_zeroing": {},
         }

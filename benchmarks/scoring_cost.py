@@ -47,28 +47,25 @@ def _child(kind: str, preset: str, threads: int, batches: int, steps: int) -> di
     import torch
 
     from compress.altereva import AlterEvaConfig, altereva_saliency, signed_saliency
-    from compress.partition import Partition
-    from compress.prune import scoring_set
     from fusion.config import get_config
-    from fusion.data.dataset import model_inputs
-    from fusion.losses import task_loss
     from fusion.models.bevfusion import build_model
+    from fusion.task import reference_task, scoring_set
 
     torch.set_num_threads(threads)
     config = get_config(preset)
     torch.manual_seed(0)
     model = build_model(config).eval()
     data = scoring_set(config, batches, 2)
+    task = reference_task(model)
 
     def work() -> None:
         if kind == "forward_backward":
-            loss, _ = task_loss(model(**model_inputs(data[0])), data[0])
-            loss.backward()
+            task.loss_of(task.forward(model, data[0]), data[0]).backward()
         elif kind == "snip":
-            signed_saliency(model, data)
+            signed_saliency(model, task, data)
         else:
             settings = AlterEvaConfig(reactivation_steps=steps)
-            altereva_saliency(model, Partition.of(model), data, settings, progress=False)
+            altereva_saliency(model, task, data, settings, progress=False)
 
     return cost_of(kind, work)
 

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.latency import bench
-from compress.prune import PruneRequest, prune, scoring_set
+from compress.prune import prune
+from compress.request import PruneRequest
 from fusion.checkpoint import save_checkpoint
 from fusion.config import get_config
 from fusion.models.bevfusion import build_model
+from fusion.task import first_sample, reference_task, scoring_set
 
 
 def prepare(preset: str, target: float, method: str, round_to: int, out: Path) -> tuple[Path, Path]:
@@ -28,7 +30,8 @@ def prepare(preset: str, target: float, method: str, round_to: int, out: Path) -
     model = build_model(config).eval()
     unpruned = save_checkpoint(out / f"{preset}-unpruned", model, {"note": "random weights (seed 0), for latency only"})
     batches = scoring_set(config, 1, 2)
-    report = prune(model, PruneRequest(method=method, target_gflops=target, round_to=round_to), batches)
+    request = PruneRequest(method=method, target_gflops=target, round_to=round_to)
+    report = prune(model, reference_task(model), batches, request, example_batch=first_sample(batches[0]))
     pruned = save_checkpoint(out / f"{preset}-{method}-{round(target * 100)}", model, {"pruning": report})
     print(
         f"pruned {report['gflops_before']:.2f} -> {report['gflops_after']:.2f} GFLOPs ({report['gflops_reduction']:.1%})"

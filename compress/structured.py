@@ -90,6 +90,8 @@ def _signed_sum(
     if kind == "out" and bias is not None:
         total = total + bias[idxs]
     return total
+
+
 def global_ranks(scores: list[torch.Tensor], tiebreak: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each channel's position (0 = pruned first) in one global order: score, then tie-break, then position."""
     flat = torch.cat([s.double() for s in scores])

@@ -15,7 +15,9 @@ from compress.structured import LAYERS
 def prunable_weights(model: nn.Module, protected: set[str] | frozenset[str] = frozenset()) -> dict[str, nn.Parameter]:
     """Conv and linear weights, except the `protected` layers (by module name: output layers, the task's own)."""
     return {
-        f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, LAYERS) and name not in protected
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, LAYERS) and name not in protected
     }
 
 

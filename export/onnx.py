@@ -227,7 +227,7 @@ class _ArgsAdapter(nn.Module):
         super().__init__()
         self.model = model
         self.keys = list(keys)
-        self.train(model.training)
+        self.training = model.training  # not recursive: the model's submodules keep their own flags
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         args = [t for t, key in zip(tensors, self.keys) if isinstance(key, int)]
@@ -236,8 +236,8 @@ class _ArgsAdapter(nn.Module):
 
 
 def _harmless_default(p: inspect.Parameter) -> bool:
-    """Whether the legacy exporter's treatment of a parameter it got no input for changes nothing: it skips
-    *args / **kwargs and passes every other default positionally, which only a positional None survives."""
+    """Whether the legacy exporter's handling of a parameter it got no input for changes nothing: it skips
+    *args / **kwargs and passes every other default positionally, harmless only for a positional None."""
     if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
         return True
     return p.kind != inspect.Parameter.KEYWORD_ONLY and p.default is None
@@ -335,7 +335,9 @@ def as_stages(stages: Iterable[StageLike]) -> list[Stage]:
             raise ValueError(f"stage name {stage.name!r} must be a plain file name other than {SINGLE!r}")
         result.append(stage)
     names = [s.name for s in result]
-    if not result or len(set(names)) != len(names):
+    if not result:
+        raise ValueError("no stages given")
+    if len(set(names)) != len(names):
         raise ValueError(f"stages need distinct names, got {names}")
     return result
 

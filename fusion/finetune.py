@@ -26,9 +26,7 @@ class FinetuneConfig:
 def keep_zeros(model: nn.Module):
     """A step hook that holds every conv/linear weight's current zeros at zero (unstructured pruning)."""
     masks = {
-        m: m.weight.detach() != 0
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
+        m: m.weight.detach() != 0 for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
     }
 
     def apply(_model: nn.Module) -> None:

@@ -10,8 +10,6 @@ from compress.baselines import (
     ProsprConfig,
     SynFlowConfig,
     channel_mask_scales,
-    iterative_magnitude_prune,
-    level_steps,
     prospr_channel_scores,
     prospr_mask_gradients,
     prospr_weight_scores,
@@ -21,14 +19,16 @@ from compress.baselines import (
     synflow_saliency,
     synflow_weight_scores,
 )
-from compress.finetune import FinetuneConfig
-from compress.partition import Partition
-from compress.prune import PruneRequest, channel_scores, prune, scoring_set
+from compress.imp import iterative_magnitude_prune, level_steps
+from compress.oneshot import channel_scores
+from compress.prune import prune as prune_with
+from compress.request import PruneRequest
 from compress.scores import altereva_scores
 from compress.structured import ChannelGraph
 from compress.unstructured import global_masks, prunable_weights, sparsity_of
-from fusion.data.dataset import model_inputs
+from fusion.finetune import FinetuneConfig, imp_finetune_fn
 from fusion.models.bevfusion import build_model
+from fusion.task import first_sample, reference_task, scoring_set
 
 # One planted channel per group: every coupled weight (conv out/in slices, BN affine, biases) x 1e-3,
 # so the channel carries ~nothing. The groups chosen have no naturally dead (exactly zero) channels.
@@ -53,8 +53,8 @@ def planted(tiny_config):
     """(model, graph, partition, scoring batches) with the PLANTED channels scaled to ~nothing."""
     model = _random_model(tiny_config)
     batches = scoring_set(tiny_config, 2, 1)
-    partition = Partition.of(model)
-    graph = ChannelGraph(model, partition, {k: v[:1] for k, v in model_inputs(batches[0]).items()})
+    task = reference_task(model)
+    graph = ChannelGraph(model, task, first_sample(batches[0]))
     masks = [torch.ones(g.channels) for g in graph.groups]
     for mask, group in zip(masks, graph.groups):
         if group.root in PLANTED:
@@ -62,7 +62,20 @@ def planted(tiny_config):
     with torch.no_grad():
         for name, scale in channel_mask_scales(model, graph, masks).items():
             model.get_parameter(name).mul_(scale)
-    return model, graph, partition, batches
+    return model, graph, task, batches
+
+
+def _scores(method, model, graph, task, batches, request):
+    return channel_scores(method, model, task, graph, batches, first_sample(batches[0]), request, progress=False)
+
+
+def _example(model, batches):
+    return reference_task(model).arguments(first_sample(batches[0]))
+
+
+def prune(model, request, batches, progress=False, finetune_fn=None):
+    task, example = reference_task(model), first_sample(batches[0])
+    return prune_with(model, task, batches, request, example_batch=example, finetune_fn=finetune_fn, progress=progress)
 
 
 def _planted_ranks(graph, scores) -> dict[str, int]:
@@ -85,16 +98,16 @@ def _planted_ranks(graph, scores) -> dict[str, int]:
     ids=["magnitude", "snip", "synflow", "prospr-full", "prospr-first-order", "altereva-beta0", "altereva", "beta2"],
 )
 def test_planted_channel_ranks_last(planted, method, request_):
-    model, graph, partition, batches = planted
-    scores = channel_scores(method, model, graph, partition, batches, request_, progress=False)
+    model, graph, task, batches = planted
+    scores = _scores(method, model, graph, task, batches, request_)
     assert _planted_ranks(graph, scores) == dict.fromkeys(PLANTED, 0)
 
 
 def test_printed_eq13_ranks_live_channels_below_a_dead_one(planted):
     """Why AlterEva floors its scores: with Eq. 13 as printed (floor=None) the planted channel scores ~0
     while live channels reactivated more than they contribute score below it, so they would go first."""
-    model, graph, partition, batches = planted
-    saliency = altereva_saliency(model, partition, batches, AlterEvaConfig(reactivation_steps=1), progress=False)
+    model, graph, task, batches = planted
+    saliency = altereva_saliency(model, task, batches, AlterEvaConfig(reactivation_steps=1), progress=False)
     deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
     reri = {k: [s.abs() for s in graph.channel_saliency(v)] for k, v in saliency.reri.items()}
     assert _planted_ranks(graph, deci) == dict.fromkeys(PLANTED, 0)
@@ -118,10 +131,10 @@ def test_floor_bounds_the_reri_discount_and_keeps_order_by_contribution():
 def test_altereva_with_beta_zero_ranks_like_snip_within_each_partition(planted):
     """beta = 0 leaves alpha * DeCI / sum_partition(DeCI): SNIP divided by one positive constant per
     partition. Rankings agree inside a partition; across partitions they need not (that is the point)."""
-    model, graph, partition, batches = planted
+    model, graph, task, batches = planted
     request = PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1, beta=0.0))
-    alter = channel_scores("altereva", model, graph, partition, batches, request, progress=False)
-    snip = channel_scores("snip", model, graph, partition, batches, request, progress=False)
+    alter = _scores("altereva", model, graph, task, batches, request)
+    snip = _scores("snip", model, graph, task, batches, request)
     for part in ("camera", "lidar", "fusion"):
         a = torch.cat([s for s, g in zip(alter, graph.groups) if g.part == part])
         b = torch.cat([s for s, g in zip(snip, graph.groups) if g.part == part])
@@ -134,8 +147,8 @@ def test_altereva_with_beta_zero_ranks_like_snip_within_each_partition(planted):
 def test_synflow_leaves_the_model_bit_identical(planted):
     model, graph, _, batches = planted
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    synflow_channel_scores(model, graph, batches, 0.5, config=SynFlowConfig(iterations=2))
-    synflow_weight_scores(model, batches, 0.8, SynFlowConfig(iterations=2))
+    synflow_channel_scores(model, graph, _example(model, batches), 0.5, config=SynFlowConfig(iterations=2))
+    synflow_weight_scores(model, _example(model, batches), 0.8, SynFlowConfig(iterations=2))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
@@ -162,7 +175,7 @@ def test_synflow_saliency_is_positive_on_a_relu_network():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(-1.5, 1.5)
                 m.running_mean.uniform_(-1.0, 1.0)
-    saliency = synflow_saliency(synflow_network(model), {"x": torch.ones(1, 3, 6, 6, dtype=torch.float64)}, False)
+    saliency = synflow_saliency(synflow_network(model), ((), {"x": torch.ones(1, 3, 6, 6, dtype=torch.float64)}), False)
     assert all(bool((s >= 0).all()) for s in saliency.values())
     assert all(float(s.sum()) > 0 for name, s in saliency.items() if name.endswith("weight"))
 
@@ -175,7 +188,7 @@ def test_synflow_conserves_flow_layer_by_layer_on_a_linear_chain():
     )
     net = synflow_network(chain)
     inputs = {"input": torch.ones(1, 5, dtype=torch.float64)}
-    sums = torch.stack([s.sum() for s in synflow_saliency(net, inputs).values()])
+    sums = torch.stack([s.sum() for s in synflow_saliency(net, ((), inputs)).values()])
     with torch.no_grad():
         total = net(**inputs).sum()
     assert torch.allclose(sums, total.expand_as(sums), rtol=1e-5)
@@ -183,11 +196,12 @@ def test_synflow_conserves_flow_layer_by_layer_on_a_linear_chain():
 
 def test_synflow_removal_order_reproduces_its_selection(planted):
     model, graph, _, batches = planted
-    keys, final = synflow_channel_schedule(model, graph, batches, 0.5, config=SynFlowConfig(iterations=4))
+    example = _example(model, batches)
+    keys, final = synflow_channel_schedule(model, graph, example, 0.5, config=SynFlowConfig(iterations=4))
     shared = graph.threshold_for(keys, 0.5, "flops", 8, 0.9, tiebreak=[torch.rand(g.channels) for g in graph.groups])
     assert all(torch.equal(a, b) for a, b in zip(shared, final))
     assert abs(1 - graph.total_flops(final) / graph.total_flops() - 0.5) < 0.02
-    scores = synflow_weight_scores(model, batches, 0.8, SynFlowConfig(iterations=3))
+    scores = synflow_weight_scores(model, example, 0.8, SynFlowConfig(iterations=3))
     masks = global_masks(scores, 0.8)  # exactly the weights removed over the rounds (negative scores)
     assert all(torch.equal(masks[n], s >= 0) for n, s in scores.items())
 
@@ -195,14 +209,14 @@ def test_synflow_removal_order_reproduces_its_selection(planted):
 # ---- ProsPr -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["full", "first-order"])
 def test_prospr_without_inner_steps_is_snip(planted, mode):
-    model, graph, _, batches = planted
+    model, graph, task, batches = planted
     config = ProsprConfig(steps=0, mode=mode)
-    prospr = prospr_channel_scores(model, graph, batches, config)
-    snip = [s.abs() for s in graph.channel_saliency(signed_saliency(model, batches[:1]))]
+    prospr = prospr_channel_scores(model, task, graph, batches, config)
+    snip = [s.abs() for s in graph.channel_saliency(signed_saliency(model, task, batches[:1]))]
     for p, s in zip(prospr, snip):
         assert torch.allclose(p, s, rtol=1e-5, atol=1e-7 * float(s.max())), "channel"
-    weights = prospr_weight_scores(model, batches, config)
-    saliency = signed_saliency(model, batches[:1])
+    weights = prospr_weight_scores(model, task, batches, config)
+    saliency = signed_saliency(model, task, batches[:1])
     for name, score in weights.items():
         ref = saliency[name].abs()
         assert torch.allclose(score, ref, rtol=1e-5, atol=1e-7 * float(ref.max())), name
@@ -261,7 +275,12 @@ def test_imp_hits_the_gflops_target_in_levels(tiny_config, tiny_samples):
     batches = scoring_set(tiny_config, 1, 2)
     ft = FinetuneConfig(steps=3, batch_size=2, threads=1)
     request = PruneRequest(method="imp", target_gflops=0.5)
-    report = iterative_magnitude_prune(model, request, batches, ft, levels=3, progress=False, train_set=tiny_samples)
+    request.imp.finetune_steps = 3
+    tune = imp_finetune_fn(ft, tiny_samples, unstructured=False, progress=False)
+    task, example = reference_task(model), first_sample(batches[0])
+    report = iterative_magnitude_prune(
+        model, task, batches, request, example_batch=example, finetune_fn=tune, progress=False
+    )
     assert abs(report["gflops_reduction"] - 0.5) <= 0.02
     assert len(report["levels"]) == 3 and report["finetune_steps_used"] == 3
     assert all(0.15 < level["gflops_reduction"] < 0.35 for level in report["levels"])  # geometric: ~20.6% each
@@ -272,10 +291,11 @@ def test_prune_routes_imp_and_leaves_the_last_fine_tune_to_the_caller(tiny_confi
     model = _random_model(tiny_config)
     batches = scoring_set(tiny_config, 1, 2)
     request = PruneRequest(method="imp", sparsity=0.8)
-    request.imp.finetune = FinetuneConfig(steps=2, batch_size=2, threads=1)
+    request.imp.finetune_steps = 2
     request.imp.levels = 2
-    report = prune(model, request, batches, progress=False, train_set=tiny_samples)
-    assert abs(sparsity_of(model) - 0.8) < 1e-3 and report["kind"] == "unstructured"
+    tune = imp_finetune_fn(FinetuneConfig(batch_size=2, threads=1), tiny_samples, unstructured=True, progress=False)
+    report = prune(model, request, batches, finetune_fn=tune)
+    assert abs(sparsity_of(model, set(report["protected"])) - 0.8) < 1e-3 and report["kind"] == "unstructured"
     assert abs(report["levels"][0]["sparsity"] - (1 - 0.2**0.5)) < 1e-3
     assert report["finetune_steps_used"] == 1 and report["finetune_steps_remaining"] == 1
 
@@ -296,7 +316,7 @@ def test_new_methods_prune_through_the_shared_harness(tiny_config, request_):
     if request_.structured:
         assert abs(report["gflops_reduction"] - 0.5) <= 0.02
     else:
-        assert abs(sparsity_of(model) - 0.85) < 1e-3
+        assert abs(sparsity_of(model, set(report["protected"])) - 0.85) < 1e-3
     assert request_.method in str(report["request"]) and "altereva" not in report["request"]
     assert len(prunable_weights(model)) > 0
 

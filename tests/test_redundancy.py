@@ -3,15 +3,15 @@
 import torch
 
 from benchmarks.redundancy import markdown, partition_masks
-from compress.partition import Partition
 from compress.structured import ChannelGraph
 from fusion.models.bevfusion import build_model, example_inputs
+from fusion.task import reference_task
 
 
 def test_partition_masks_select_the_lowest_channels_of_one_partition_only(tiny_config):
     torch.manual_seed(0)
     model = build_model(tiny_config).eval()
-    graph = ChannelGraph(model, Partition.of(model), example_inputs(tiny_config))
+    graph = ChannelGraph(model, reference_task(model), example_inputs(tiny_config))
     generator = torch.Generator().manual_seed(0)
     scores = [torch.rand(g.channels, generator=generator) for g in graph.groups]
     for part in ("camera", "lidar"):
