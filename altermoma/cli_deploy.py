@@ -25,6 +25,10 @@ def _positive(text: str) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
+    if args.task is not None:
+        return export_user(args)
+    if args.checkpoint is None:
+        raise ValueError("give --checkpoint (a reference checkpoint) or --task with an optional --checkpoint")
     from altermoma.export_reference import export_checkpoint
 
     report = export_checkpoint(
@@ -53,6 +57,78 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/export_report.md")
 
 
+def user_model(spec: str, checkpoint: str | None):
+    """The user's setup and its model, with a pruned checkpoint loaded if one is given."""
+    from altermoma.user_task import load_setup
+    from compress.checkpoint import load_pruned
+
+    setup = load_setup(spec)
+    model = load_pruned(setup.model, checkpoint) if checkpoint is not None else setup.model.eval()
+    return setup, model
+
+
+def export_user(args: argparse.Namespace) -> None:
+    """`export onnx --task`: `model.onnx` of the user's (pruned) model and `export_report.json`, staged and swapped in."""
+    import json
+    from pathlib import Path
+
+    from common.io import staged_directory
+    from export.onnx import export_onnx
+
+    if args.batch_size != 1 or args.pool_method is not None or args.preset is not None:
+        raise ValueError("--batch-size, --pool-method and --preset are for reference checkpoints, not --task")
+    setup, model = user_model(args.task, args.checkpoint)
+    positional, keywords = setup.task.arguments(setup.scoring_batches[0])
+    example = keywords if keywords else positional
+    out = Path(args.out)
+    with staged_directory(out) as staging:
+        report = export_onnx(
+            model,
+            example,
+            staging / "model.onnx",
+            opset=args.opset,
+            simplify=not args.no_simplify,
+            threads=args.threads,
+        )
+        report["path"] = str(out / "model.onnx")
+        report["task"], report["checkpoint"] = args.task, args.checkpoint
+        ok = report["max_abs_error"] <= 1e-4 and report["readiness_errors"] == 0
+        if not ok:
+            raise ValueError(
+                f"export failed its checks (max abs error {report['max_abs_error']:.2e}, "
+                f"{report['readiness_errors']} readiness errors); nothing was written"
+            )
+        (staging / "export_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(
+        f"wrote {out / 'model.onnx'} (inputs {', '.join(report['input_names'])}; outputs "
+        f"{', '.join(report['output_names'])}); ONNX Runtime vs PyTorch max abs error {report['max_abs_error']:.2e}"
+    )
+    print(f"report: {out / 'export_report.json'}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from benchmarks.latency import run_from_args
+
+    if args.task is None:
+        return run_from_args(args)
+    from benchmarks.user_bench import bench_models
+
+    if args.batch_size != 1 or args.pool_method is not None or args.preset is not None:
+        raise ValueError("--batch-size, --pool-method and --preset are for reference checkpoints, not --task")
+    setup, _ = user_model(args.task, None)
+    models = [("unpruned", setup.model.eval())]
+    for checkpoint in args.checkpoint:
+        models.append((str(checkpoint), user_model(args.task, checkpoint)[1]))
+    report = bench_models(models, setup.task, setup.scoring_batches[0], args.out, args.threads, args.runs, args.warmup)
+    for row in report["models"]:
+        t, o = row["torch_cpu"], row["ort_cpu"]
+        print(
+            f"{row['model']}: {row['gflops']:.4f} GFLOPs, torch CPU {t['median_ms']:.3f} ms ({t['speedup']:.2f}x), "
+            f"ONNX Runtime CPU {o['median_ms']:.3f} ms ({o['speedup']:.2f}x), {args.threads} thread(s)"
+        )
+    print(f"report: {args.out}/bench.md")
+
+
 def cmd_export_trt(args: argparse.Namespace) -> None:
     from export.engines import build_engines
 
@@ -72,7 +148,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "onnx",
         help="ONNX export (one graph + the CUDA-BEVFusion split), TensorRT-readiness check, parity report",
     )
-    o.add_argument("--checkpoint", required=True, help="checkpoint directory (pruned or not)")
+    o.add_argument("--checkpoint", help="checkpoint directory (pruned or not; with --task: a pruned checkpoint)")
+    o.add_argument("--task", metavar="FILE.py:FUNCTION", help="your own model, task and data (see README)")
     o.add_argument("--out", required=True, help="output directory (created if missing)")
     o.add_argument("--preset", help="refuse a checkpoint of another preset")
     o.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
@@ -95,4 +172,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for the parity check")
     t.set_defaults(run=cmd_export_trt)
 
-    add_bench_parser(sub)
+    b = add_bench_parser(sub)
+    b.add_argument(
+        "--task",
+        metavar="FILE.py:FUNCTION",
+        help="your own model: the unpruned model against each --checkpoint (pruned checkpoints of it)",
+    )
+    b.set_defaults(run=cmd_bench)
