@@ -227,7 +227,35 @@ class ChannelGraph:
             part = self.partition.part_of(root) or "fusion"
             self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
             self._handlers.append((root_module, group[0].dep.handler))
+        self._drop_overlapping_groups()
         self.layer_flops = self._measure_layer_flops(*task.arguments(example_batch))
+
+    def _drop_overlapping_groups(self) -> None:
+        """Leave whole every group whose output channels another group also claims.
+
+        A correct dependency graph splits a model's output channels into disjoint groups. Overlap
+        means torch-pruning coupled channels that are not coupled (a reshape right before a concat
+        shifts its index mapping: camera channel k tied to LiDAR channel k), and pruning either group
+        would cut the wrong channels of the other.
+        """
+        owners: dict[str, list[int]] = {}
+        for i, group in enumerate(self.groups):
+            for layer in dict.fromkeys(item.layer for item in group.items if item.kind == "out"):
+                owners.setdefault(layer, []).append(i)
+        clashing = {i for claimants in owners.values() if len(claimants) > 1 for i in claimants}
+        if not clashing:
+            return
+        for i in sorted(clashing):
+            others = sorted({self.groups[j].root for c in owners.values() if i in c for j in c if j != i})
+            self.unprunable.append(
+                {
+                    "root": self.groups[i].root,
+                    "reason": f"torch-pruning couples its channels with {', '.join(others)} (often a reshape before "
+                    "a concat; a conv after the reshape avoids it)",
+                }
+            )
+        self.groups = [g for i, g in enumerate(self.groups) if i not in clashing]
+        self._handlers = [h for i, h in enumerate(self._handlers) if i not in clashing]
 
     def _measure_layer_flops(self, args: tuple, kwargs: dict) -> dict[str, float]:
         """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed input/output sizes."""
