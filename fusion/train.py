@@ -117,7 +117,7 @@ def fit(
         optimizer.step()
         if after_step is not None:
             after_step(model)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
         if (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
             checkpoint(step + 1)
     checkpoint(train.steps)
