@@ -84,6 +84,10 @@ def synflow_inputs(example: Arguments) -> Arguments:
     def convert(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             return torch.ones_like(v, dtype=torch.float64) if v.is_floating_point() else v.clone()
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return type(v)(convert(x) for x in v)
         return v
 
     args, kwargs = example

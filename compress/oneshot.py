@@ -122,6 +122,18 @@ def prune_structured(
     scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress)
     tiebreak = magnitude_channel_scores(model, graph)
     pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak=tiebreak)
+    for _ in range(3):  # a pruned copy must run before the model itself is cut
+        breaking = graph.groups_breaking_the_model(pruned)
+        if not breaking:
+            break
+        keep = [i for i in range(len(graph.groups)) if i not in breaking]
+        scores, tiebreak = [scores[i] for i in keep], [tiebreak[i] for i in keep]
+        graph.leave_whole({i: f"pruning it breaks the forward pass ({error})" for i, error in breaking.items()})
+        if not graph.groups:
+            raise PruningError("every prunable group breaks the forward pass when pruned")
+        pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak)
+    else:
+        raise PruningError("the pruned model still does not run after leaving three rounds of groups whole")
     flops_after = _flops_by_part(graph, partition, pruned)
     kept = _kept_channels(graph, pruned)
     reference = _zeroed_outputs(model, task, graph, pruned, example_batch) if verify else None

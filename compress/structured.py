@@ -11,6 +11,7 @@ built-in importances and global pruner have known defects (see shared/notes/torc
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,9 +106,10 @@ def global_ranks(scores: list[torch.Tensor], tiebreak: list[torch.Tensor] | None
 
 
 def min_kept(channels: int, round_to: int, max_group_ratio: float) -> int:
-    """The fewest channels a group may keep: the per-group cap, and at least one `round_to` block."""
+    """The fewest channels a group may keep: the per-group cap rounded up to whole `round_to` blocks (at
+    least one), so a capped group keeps a multiple of `round_to` like every other (never above its width)."""
     floor = max(1, math.ceil(channels * (1.0 - max_group_ratio)))
-    return max(floor, round_to) if channels >= round_to else floor
+    return min(channels, math.ceil(floor / round_to) * round_to) if channels >= round_to else floor
 
 
 def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -115,6 +117,16 @@ def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
     mask = torch.zeros(len(score), dtype=torch.bool)
     mask[torch.argsort(score, stable=True)[:count]] = True
     return mask
+
+
+def channel_count(module: nn.Module, kind: str) -> int:
+    """How many output ("out") or input ("in") channels a layer has; a norm's features either way."""
+    if isinstance(module, NORMS):
+        return int(module.weight.shape[0]) if module.weight is not None else 0
+    out_dim = 1 if isinstance(module, TRANSPOSED) else 0
+    dim = out_dim if kind == "out" else 1 - out_dim
+    size = int(module.weight.shape[dim])
+    return size * module.groups if kind == "in" and isinstance(module, nn.modules.conv._ConvNd) else size
 
 
 def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.DependencyGraph, Any]:
@@ -130,6 +142,11 @@ def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.Dependen
     try:
         with task.tracing(model), torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=(args, kwargs), forward_fn=forward)
+    except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as error:
+        if not outputs:
+            raise  # the model itself failed on the example batch: the user's error, with its traceback
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise PruningError(f"torch-pruning could not trace the model: {type(error).__name__}: {message}") from error
     finally:
         model.train(was_training)  # build_dependency leaves the model in eval mode
     return dg, outputs[-1]
@@ -205,7 +222,9 @@ class ChannelGraph:
         self.unprunable: list[dict[str, str]] = []
         self._handlers = []
         ignored = [m for m in model.modules() if self.names.get(m) in self.protected]
-        for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=list(LAYERS)):
+        modules = dict(model.named_modules())
+        self.task, self.example_batch = task, example_batch
+        for group in self._all_groups(ignored):
             root_module = group[0].dep.target.module
             root = self.names[root_module]
             reasons = [
@@ -224,11 +243,48 @@ class ChannelGraph:
                     items.append(
                         GroupItem(self.names[module], kind, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
                     )
+            outside = [i for i in items if len(i.idxs) and int(i.idxs.max()) >= channel_count(modules[i.layer], i.kind)]
+            if outside:
+                bad = outside[0]
+                reason = (
+                    f"torch-pruning maps its channels outside {bad.layer}'s {channel_count(modules[bad.layer], bad.kind)} "
+                    f"{'output' if bad.kind == 'out' else 'input'} channels (a reshape between layers?)"
+                )
+                self.unprunable.append({"root": root, "reason": reason})
+                continue
             part = self.partition.part_of(root) or "fusion"
             self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
             self._handlers.append((root_module, group[0].dep.handler))
         self._drop_overlapping_groups()
         self.layer_flops = self._measure_layer_flops(*task.arguments(example_batch))
+
+    def _all_groups(self, ignored: list[nn.Module]):
+        """torch-pruning's `get_all_groups`, one root at a time, so that a root whose group torch-pruning
+        cannot build (an index mapping it gets wrong) is left whole and reported instead of stopping
+        everything. Same order and the same rules otherwise."""
+        ignored = ignored + list(self.dg.IGNORED_LAYERS_IN_TRACING)
+        visited: set[nn.Module] = set()
+        for module in list(self.dg.module2node):
+            if module in ignored or module in visited or not isinstance(module, LAYERS):
+                continue
+            pruner = self.dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            channels = list(range(pruner.get_out_channels(module)))
+            try:
+                group = self.dg.get_pruning_group(module, pruner.prune_out_channels, channels)
+            except Exception as error:  # noqa: BLE001 - torch-pruning's own failure: leave the group whole
+                reason = f"torch-pruning cannot build its group ({type(error).__name__}: {error})"
+                self.unprunable.append({"root": self.names[module], "reason": reason.splitlines()[0][:300]})
+                visited.add(module)
+                continue
+            prunable = True
+            for dep, _ in group:
+                if self.dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(dep.target.module)
+                    prunable = prunable and dep.target.module not in ignored
+            if prunable:
+                yield group
 
     def _drop_overlapping_groups(self) -> None:
         """Leave whole every group whose output channels another group also claims.
@@ -387,26 +443,48 @@ class ChannelGraph:
         One rank step of the global threshold can drop a whole block of a FLOP-heavy layer at once: with
         random scores that missed a 30% target by 2.3 points. Each move prunes the group's next-lowest
         ranked block or restores its highest-ranked pruned one, so the order inside a group is kept.
+        When no single step helps but the gap is still wide (every step of the one group left overshoots,
+        as with 32-channel layers at round_to 8), one step across the target is tried, followed by
+        steps back: the few smallest crossings, keeping whichever lands nearest.
         """
-        masks = [m.clone() for m in masks]
-        gap = abs(reduction(masks) - target)
-        while gap > tolerance:
-            best_move, best_gap = None, gap
+
+        def moves(masks, frozen=-1):
+            """(group, masks after one width step of that group), for every group but `frozen`."""
             for i, (group, rank) in enumerate(zip(self.groups, ranks)):
+                if i == frozen:
+                    continue
                 n, kept = group.channels, group.channels - int(masks[i].sum())
                 step = round_to if n >= round_to else 1
                 for new_kept in ((kept - 1) // step * step, min(n, (kept // step + 1) * step)):
-                    if new_kept == kept or new_kept < min_kept(n, round_to, max_group_ratio):
-                        continue
-                    count = n - new_kept
-                    trial = masks[:i] + [lowest(rank, count)] + masks[i + 1 :]
+                    if new_kept != kept and new_kept >= min_kept(n, round_to, max_group_ratio):
+                        yield i, masks[:i] + [lowest(rank, n - new_kept)] + masks[i + 1 :]
+
+        def greedy(masks, frozen=-1):
+            gap = abs(reduction(masks) - target)
+            while gap > tolerance:
+                best, best_gap = None, gap
+                for _, trial in moves(masks, frozen):
                     trial_gap = abs(reduction(trial) - target)
                     if trial_gap < best_gap:
-                        best_move, best_gap = (i, count), trial_gap
-            if best_move is None:
-                break
-            masks[best_move[0]] = lowest(ranks[best_move[0]], best_move[1])
-            gap = best_gap
+                        best, best_gap = trial, trial_gap
+                if best is None:
+                    break
+                masks, gap = best, best_gap
+            return masks, gap
+
+        masks, gap = greedy([m.clone() for m in masks])
+        if gap > tolerance:
+            side = reduction(masks) > target
+            crossings = []
+            for k, (group, trial) in enumerate(moves(masks)):
+                achieved = reduction(trial)
+                if (achieved > target) != side:
+                    crossings.append((abs(achieved - target), k, group, trial))
+            crossings.sort(key=lambda c: c[:2])
+            for _, _, group, trial in crossings[:8]:  # the crossing group stays put: a step back there undoes it
+                candidate, candidate_gap = greedy(trial, frozen=group)
+                if candidate_gap < gap:
+                    masks, gap = candidate, candidate_gap
         return masks
 
     # ---- removal ----------------------------------------------------------------------------
@@ -433,6 +511,54 @@ class ChannelGraph:
             if idxs:
                 group = self.dg.get_pruning_group(module, handler, idxs)
                 group.prune()
+
+    def pruned_copy_error(self, pruned: list[torch.Tensor], only: Sequence[int] | None = None) -> str | None:
+        """Prune a copy of the model (all groups, or the groups `only`) and run it on the example batch:
+        None if it runs, else the error. The model itself is not touched."""
+        model = copy.deepcopy(self.model)
+        try:
+            dg, _ = trace(model, self.task, self.example_batch)
+            modules = dict(model.named_modules())
+            for i, (group, mask) in enumerate(zip(self.groups, pruned)):
+                idxs = torch.nonzero(mask).flatten().tolist()
+                if idxs and (only is None or i in only):
+                    root = modules[group.root]
+                    dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+            with torch.no_grad():
+                self.task.forward(model.eval(), self.example_batch)
+        except Exception as error:  # noqa: BLE001 - any failure of the pruned copy is the answer
+            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        return None
+
+    def groups_breaking_the_model(self, pruned: list[torch.Tensor]) -> dict[int, str]:
+        """Groups whose pruning alone stops the model from running (a channel count hard-coded in a
+        reshape, say), found by bisection over the groups with pruned channels; {} if the pruned copy runs."""
+        if self.pruned_copy_error(pruned) is None:
+            return {}
+
+        def search(candidates: list[int]) -> dict[int, str]:
+            error = self.pruned_copy_error(pruned, candidates)
+            if error is None:
+                return {}
+            if len(candidates) == 1:
+                return {candidates[0]: error}
+            half = len(candidates) // 2
+            return {**search(candidates[:half]), **search(candidates[half:])}
+
+        touched = [i for i, mask in enumerate(pruned) if bool(mask.any())]
+        found = search(touched)
+        if not found:
+            raise PruningError(
+                f"the pruned model does not run ({self.pruned_copy_error(pruned)}), and no single group is to blame"
+            )
+        return found
+
+    def leave_whole(self, indices: dict[int, str]) -> None:
+        """Move groups out of the prunable set, recording why."""
+        for i, reason in sorted(indices.items()):
+            self.unprunable.append({"root": self.groups[i].root, "reason": reason})
+        self.groups = [g for i, g in enumerate(self.groups) if i not in indices]
+        self._handlers = [h for i, h in enumerate(self._handlers) if i not in indices]
 
     def widths(self) -> dict[str, int]:
         """Current output width of every group's root layer."""
