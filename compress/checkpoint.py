@@ -1,10 +1,9 @@
 """The pruned-model format, for any model: `model.safetensors` plus `pruned.json`. No pickle.
 
 `load_pruned` takes a freshly built, unpruned instance of the user's model, gives every layer the
-stored widths (depthwise convs keep groups == channels) and loads the weights strictly. The JSON
-records the pruning report and a SHA-256 of the weights, checked on load, so a weights file from
-another save is refused instead of being silently paired with this report. The folder is written
-whole (staged, then swapped in).
+stored widths (depthwise convs keep groups == channels) and loads the weights strictly. The folder
+is written whole (staged, then swapped in) with a manifest of SHA-256 hashes, checked on load, so a
+weights file from another save is refused instead of being silently paired with this report.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.io import sha256_of, staged_directory
+from common.io import OutputError, staged_directory, verify_manifest
 from common.resize import ResizeError, resize_to_state_dict
 
 FORMAT = "altermoma-pruned"
@@ -36,14 +35,13 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, report: dict | N
     """Write the model's tensors and the pruning report; returns the folder."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    with staged_directory(directory) as staging:
+    with staged_directory(directory, kind="pruned") as staging:
         save_file(state, str(staging / WEIGHTS))
         meta = {
             "format": FORMAT,
             "version": VERSION,
             "model_class": type(model).__qualname__,
             "tensors": len(state),
-            "sha256": {WEIGHTS: sha256_of(staging / WEIGHTS)},
             "report": report or {},
         }
         (staging / META).write_text(json.dumps(meta, indent=2, default=_jsonable))
@@ -73,9 +71,10 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise PrunedCheckpointError(f"pruned checkpoint weights {weights} are missing")
-    expected = meta.get("sha256", {}).get(WEIGHTS)
-    if expected is not None and sha256_of(weights) != expected:
-        raise PrunedCheckpointError(f"{weights} does not match the hash in {META} (a mixed or corrupt checkpoint)")
+    try:
+        verify_manifest(directory, [WEIGHTS, META])
+    except OutputError as error:
+        raise PrunedCheckpointError(str(error)) from None
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:

@@ -160,6 +160,14 @@ class Config:
             raise ConfigError("the BEV grid must have a multiple of 4 cells per side")
         if m.num_depth_bins < 1:
             raise ConfigError(f"model.depth_bins {m.depth_bins} gives no depth bin")
+        t = self.train
+        for name in ("steps", "batch_size", "threads", "checkpoint_every"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.warmup_steps < 0 or not t.lr > 0 or t.weight_decay < 0:
+            raise ConfigError("train.warmup_steps and train.weight_decay must be >= 0 and train.lr > 0")
+        if self.data.train_scenes < 1 or self.data.val_scenes < 1:
+            raise ConfigError("data.train_scenes and data.val_scenes must be >= 1")
         return self
 
 
@@ -176,11 +184,38 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, default, f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, default: Any, where: str) -> Any:
+    """`value` checked against the type of the field's default (ints are accepted for floats); a wrong
+    type is a one-line error before any work, not a TypeError deep inside rendering or training."""
+    if default is None:
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if default and len(value) != len(default) and len({type(d) for d in default}) > 1:
+            raise ConfigError(f"{where} must have {len(default)} entries, got {len(value)}")
+        kind = default[0] if default else None
+        return tuple(_typed(v, kind, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
 
 
 def _tiny() -> Config:

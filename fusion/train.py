@@ -13,19 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from common.io import atomic_write, atomic_write_text
 from common.progress import progress_bar
-from fusion.checkpoint import CheckpointError, load_into, read_weights, save_checkpoint
+from fusion.checkpoint import (
+    META,
+    TRAIN_STATE,
+    TRAIN_STATE_META,
+    WEIGHTS,
+    CheckpointError,
+    load_into,
+    read_metadata,
+    read_weights,
+    save_checkpoint,
+    verify_files,
+)
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.losses import task_loss
 from fusion.models.bevfusion import BEVFusion
-
-TRAIN_STATE = "train_state.safetensors"
-TRAIN_STATE_META = "train_state.json"
 
 
 def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -52,25 +59,43 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     )
 
 
-def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, step: int) -> None:
+def train_state(optimizer: torch.optim.Optimizer, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's tensors and its JSON-able rest, for `save_checkpoint(..., train_state=...)`."""
     state = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    atomic_write(directory / TRAIN_STATE, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_text(directory / TRAIN_STATE_META, json.dumps({"step": step, "param_groups": state["param_groups"]}))
+    return tensors, {"step": step, "param_groups": state["param_groups"]}
 
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> int:
+    """Load the optimizer state saved with the weights in `directory`; returns its step."""
+    verify_files(directory, [WEIGHTS, META, TRAIN_STATE, TRAIN_STATE_META])
     try:
         meta = json.loads((directory / TRAIN_STATE_META).read_text())
         tensors = load_file(str(directory / TRAIN_STATE))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except Exception as error:  # noqa: BLE001 - any failure means the state cannot be trusted
-        raise CheckpointError(f"cannot resume from {directory}: {error}") from None
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        raise CheckpointError(f"cannot resume from {directory}: {str(error).splitlines()[0]}") from None
     return int(meta["step"])
+
+
+def check_resumable(out: Path, train: TrainConfig) -> None:
+    """Resume is exact or refused: the saved run must have the same schedule and not be past `steps`."""
+    meta = read_metadata(out)
+    saved_step, saved = int(meta.get("step", 0)), meta.get("train") or {}
+    if saved_step > train.steps:
+        raise CheckpointError(f"{out} is at step {saved_step}; --steps {train.steps} is below it (nothing to resume)")
+    changed = [
+        k
+        for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "seed")
+        if k in saved and saved[k] != getattr(train, k)
+    ]
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"cannot resume {out}: train.{k} was {saved[k]!r}, now {getattr(train, k)!r}")
 
 
 def fit(
@@ -93,14 +118,15 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     start = 0
     if resume and out is not None and (out / TRAIN_STATE_META).is_file():
+        check_resumable(out, train)
         load_into(model, read_weights(out), f"checkpoint {out}")
         start = load_train_state(out, optimizer)
 
     def checkpoint(step: int) -> None:
         if out is None:
             return
-        save_checkpoint(out, model, {**(metadata or {}), "step": step, "train": train.__dict__})
-        save_train_state(out, optimizer, step)
+        meta = {**(metadata or {}), "step": step, "train": train.__dict__}
+        save_checkpoint(out, model, meta, train_state=train_state(optimizer, step))
 
     model.train()
     bar = progress_bar(range(start, train.steps), desc=desc, enabled=progress, initial=start, total=train.steps)

@@ -39,11 +39,36 @@ def test_narrower_checkpoint_is_rebuilt_from_stored_shapes(tiny_config, tmp_path
     inputs = example_inputs(tiny_config)
     with torch.no_grad():
         expected = model(**inputs)["heatmap"]
-    save_checkpoint(tmp_path / "slim", model)
+    save_checkpoint(tmp_path / "slim", model, {"pruning": {"kind": "structured"}})
     loaded, _ = load_checkpoint(tmp_path / "slim")
     assert loaded.lidar.blocks[0].conv1.out_channels == len(keep)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs)["heatmap"], expected)
+    # The same narrower weights without a pruning record do not match their config: refused.
+    save_checkpoint(tmp_path / "unrecorded", model)
+    with pytest.raises(CheckpointError, match="the config needs"):
+        load_checkpoint(tmp_path / "unrecorded")
+
+
+def test_a_head_with_another_class_count_is_refused_even_when_pruned(tiny_config, tmp_path):
+    model = build_model(tiny_config).eval()
+    head = model.heads.det.branches["heatmap"][-1]
+    head.weight = torch.nn.Parameter(head.weight[:2].clone())
+    head.bias = torch.nn.Parameter(head.bias[:2].clone())
+    head.out_channels = 2
+    save_checkpoint(tmp_path / "two-class", model, {"pruning": {"kind": "structured"}})
+    with pytest.raises(CheckpointError, match="a protected layer needs"):
+        load_checkpoint(tmp_path / "two-class")
+
+
+def test_files_from_another_save_are_refused(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "a", build_model(tiny_config), {"step": 1})
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "b", build_model(tiny_config), {"step": 2})
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        load_checkpoint(tmp_path / "a")
 
 
 def test_clear_errors(tiny_config, tmp_path):
@@ -56,6 +81,9 @@ def test_clear_errors(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="preset 'tiny', expected 'small'"):
         load_checkpoint(tmp_path / "ok", expect_preset="small")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "manifest.json").unlink()  # as written before manifests: the file itself is checked
     with pytest.raises(CheckpointError, match="corrupt checkpoint weights"):
         load_checkpoint(tmp_path / "ok")
     (tmp_path / "ok" / "checkpoint.json").write_text("{broken")
@@ -68,6 +96,9 @@ def test_weights_of_another_modality_do_not_fit(tiny_config, tmp_path):
     meta = json.loads((tmp_path / "cam" / "checkpoint.json").read_text())
     meta["modality"] = "lidar"
     (tmp_path / "cam" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checkpoint.json does not match the manifest"):
+        load_checkpoint(tmp_path / "cam")
+    (tmp_path / "cam" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_checkpoint(tmp_path / "cam")
 

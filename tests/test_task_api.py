@@ -181,12 +181,14 @@ def test_pruned_checkpoint_refuses_a_mixed_folder(tmp_path):
     other = _model()
     altermoma.save_pruned(other, tmp_path / "b")
     (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
-    with pytest.raises(PrunedCheckpointError, match="does not match the hash"):
+    with pytest.raises(PrunedCheckpointError, match="does not match the manifest"):
         altermoma.load_pruned(_model(), tmp_path / "a")
     with pytest.raises(PrunedCheckpointError, match="not a pruned checkpoint"):
         altermoma.load_pruned(_model(), tmp_path)
     meta = json.loads((tmp_path / "b" / "pruned.json").read_text())
-    assert meta["format"] == "altermoma-pruned" and len(meta["sha256"]["model.safetensors"]) == 64
+    assert meta["format"] == "altermoma-pruned"
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["kind"] == "pruned" and len(manifest["files"]["model.safetensors"]) == 64
 
 
 def test_save_pruned_replaces_a_previous_output_whole(tmp_path):
@@ -194,7 +196,7 @@ def test_save_pruned_replaces_a_previous_output_whole(tmp_path):
     altermoma.save_pruned(model, tmp_path / "out", {"note": "first"})
     (tmp_path / "out" / "stray.txt").write_text("from an older run")
     altermoma.save_pruned(model, tmp_path / "out", {"note": "second"})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "pruned.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.safetensors", "pruned.json"]
     assert json.loads((tmp_path / "out" / "pruned.json").read_text())["report"]["note"] == "second"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
