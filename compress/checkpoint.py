@@ -67,7 +67,7 @@ def read_pruned_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 def load_pruned(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Resize a freshly built `model` to the stored widths and load the stored weights; returns it (eval mode)."""
     directory = Path(directory)
-    meta = read_pruned_metadata(directory)
+    read_pruned_metadata(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise PrunedCheckpointError(f"pruned checkpoint weights {weights} are missing")
