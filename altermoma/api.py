@@ -14,6 +14,7 @@ Plain functions over `compress` and `export`; the CLI's `--task module:function`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from compress import prune as _prune
 from compress.altereva import AlterEvaConfig
 from compress.baselines import ProsprConfig, SynFlowConfig
 from compress.imp import FinetuneFn
+from compress.latency import LatencyTable
 from compress.request import IMPConfig, PruneRequest
 
 
@@ -50,9 +52,13 @@ def prune(
     target_gflops: float | None = None,
     sparsity: float | None = None,
     channel_ratio: float | None = None,
+    target_latency: float | None = None,
+    latency_table: str | os.PathLike | LatencyTable | None = None,
+    latency_backend: str | None = None,
     round_to: int = 8,
     max_group_ratio: float = 0.9,
     seed: int = 0,
+    best_effort: bool = False,
     altereva: AlterEvaConfig | None = None,
     synflow: SynFlowConfig | None = None,
     prospr: ProsprConfig | None = None,
@@ -64,20 +70,29 @@ def prune(
 ) -> dict:
     """Prune `model` in place and return the pruning report.
 
-    Give one target: `target_gflops` (fraction of GFLOPs to remove) or `channel_ratio` (fraction
-    of channels) for structured pruning, `sparsity` (fraction of weights) for unstructured. Methods:
+    Give one target: `target_gflops` (fraction of GFLOPs to remove), `channel_ratio` (fraction
+    of channels) or `target_latency` (fraction of the unpruned model's predicted latency to keep, from
+    `latency_table`, a per-layer table built by `altermoma latency-table` for this model) for structured
+    pruning, `sparsity` (fraction of weights) for unstructured. A `latency_table` given with another
+    structured target only adds the predicted latency to the report; `latency_backend` refuses a table
+    measured on another backend. Methods:
     altereva, snip, magnitude, random, synflow, prospr, imp. `batches` is the scoring set; its first
     batch (or `example_batch`) is traced and counted. Output layers keep every channel; groups that
-    cannot be pruned are listed in the report's "unpruned_groups".
+    cannot be pruned are listed in the report's "unpruned_groups". A selection more than 2 points
+    from the target raises `PruningError` before anything is removed (`best_effort=True`: a warning).
     """
     request = PruneRequest(
         method=method,
         target_gflops=target_gflops,
         channel_ratio=channel_ratio,
         sparsity=sparsity,
+        target_latency=target_latency,
+        latency_table=latency_table,
+        latency_backend=latency_backend,
         round_to=round_to,
         max_group_ratio=max_group_ratio,
         seed=seed,
+        best_effort=best_effort,
         altereva=altereva or AlterEvaConfig(),
         synflow=synflow or SynFlowConfig(),
         prospr=prospr or ProsprConfig(),

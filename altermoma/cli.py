@@ -10,10 +10,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
+from altermoma.cli_latency import add_latency_table_parser
 from benchmarks.compare import add_parser as add_compare_parser
+from common.argtypes import Parser, non_negative_int, positive_float, positive_int
+from common.io import check_replaceable
 from compress.partition import PartitionError
 from compress.structured import PruningError
 from export.runtime import TensorRTUnavailable
@@ -64,12 +68,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fusion.train import fit, load_pretrained
 
     config = config_from_args(args)
+    if not args.resume:
+        check_replaceable(args.out, ("checkpoint",), args.overwrite)
+    sources = {name: path for name, path in (("lidar", args.init_lidar), ("camera", args.init_camera)) if path}
+    check_init_sources(sources, args.modality, config.preset)
     torch.manual_seed(config.train.seed)  # the initial weights are part of "same seed, same result"
     model = build_model(config, args.modality)
     metadata = {"command": " ".join(["altermoma", *sys.argv[1:]])}
     # LiDAR first: its decoder and heads initialise the fusion model's (as in BEVFusion); the camera
     # checkpoint then contributes only what the LiDAR one lacks, the camera branch.
-    sources = {name: path for name, path in (("lidar", args.init_lidar), ("camera", args.init_camera)) if path}
     if sources:
         loaded = load_pretrained(model, {name: read_weights(path) for name, path in sources.items()})
         metadata["initialised_from"] = {
@@ -89,12 +96,42 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved {args.out}")
 
 
+def check_init_sources(sources: dict[str, str], modality: str, preset: str) -> None:
+    """--init-camera must be a camera-only checkpoint and --init-lidar a LiDAR-only one, of this preset:
+    swapped, they would load the wrong half of the model without complaint."""
+    from fusion.checkpoint import read_metadata
+
+    if sources and modality != "fusion":
+        raise ValueError("--init-camera/--init-lidar initialise a fusion model: use them with --modality fusion")
+    for role, path in sources.items():
+        meta = read_metadata(path)
+        found = meta.get("modality")
+        if found != role:
+            raise ValueError(f"--init-{role} {path} is a {found} checkpoint, not a {role}-only one (swapped?)")
+        if meta.get("config", {}).get("preset") != preset:
+            raise ValueError(f"--init-{role} {path} is preset {meta.get('config', {}).get('preset')!r}, not {preset!r}")
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """A file to be written later: its folder must exist and be writable, and it must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{what} {path}: {path.parent} is not a writable directory")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
     from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes
     from fusion.evaluate import evaluate, summary_line
 
+    if args.json:
+        check_output_file(args.json, "--json")
+    torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.checkpoint)
     dataset = SyntheticScenes(model.config, args.split, num_scenes=args.scenes)
     metrics = evaluate(model, dataset)
@@ -112,6 +149,9 @@ def prune_request(args: argparse.Namespace):
         target_gflops=args.target_gflops,
         channel_ratio=args.channel_ratio,
         sparsity=args.sparsity,
+        target_latency=args.target_latency,
+        latency_table=args.latency_table,
+        latency_backend=args.latency_backend,
         round_to=args.round_to,
         max_group_ratio=args.max_group_ratio,
         scoring_batches=args.scoring_batches,
@@ -126,16 +166,19 @@ def prune_request(args: argparse.Namespace):
     ).validate()
 
 
-def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool = True) -> dict:
+def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Load a reference checkpoint, prune, save; the output directory is written only once pruning has succeeded."""
     from compress.prune import prune
     from fusion.checkpoint import load_checkpoint, save_checkpoint
     from fusion.finetune import FinetuneConfig, imp_finetune_fn
     from fusion.task import first_sample, reference_task, scoring_set
 
+    check_replaceable(out, ("checkpoint",), overwrite)
     model, meta = load_checkpoint(checkpoint)
     if meta.get("pruning"):
         raise ValueError(f"{checkpoint} is already pruned; prune the unpruned checkpoint instead")
+    if meta.get("quantized"):
+        raise ValueError(f"{checkpoint} is quantized; prune the floating-point checkpoint, then quantize")
     batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed)
     imp_tune = imp_finetune_fn(FinetuneConfig(), None, not request.structured, progress)
     task, example = reference_task(model), first_sample(batches[0])
@@ -145,31 +188,19 @@ def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool =
     return report
 
 
-def run_user_prune(spec: str, request, out: str | Path, progress: bool = True) -> dict:
+def run_user_prune(spec: str, request, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """`prune --task`: the user's model, task and scoring set; saved in the model-agnostic pruned format."""
     from altermoma.user_task import load_setup
     from compress.checkpoint import save_pruned
     from compress.prune import prune
 
-    check_output_dir(out)
+    check_replaceable(out, ("pruned",), overwrite)
     setup = load_setup(spec)
     train = setup.train_batches if isinstance(setup.train_batches, list | tuple) else None
     report = prune(setup.model, setup.task, setup.scoring_batches, request, train_batches=train, progress=progress)
     report["task"] = spec
     save_pruned(setup.model, out, report)
     return report
-
-
-def check_output_dir(out: str | Path) -> None:
-    """Refuse an output path that cannot become a directory, before any work starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: {parent} is not a writable directory")
 
 
 def print_prune_report(report: dict) -> None:
@@ -190,13 +221,18 @@ def print_prune_report(report: dict) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    request = prune_request(args)
+    import dataclasses
+
+    import torch
+
+    request = dataclasses.replace(prune_request(args), best_effort=args.best_effort)
     if (args.task is None) == (args.checkpoint is None):
         raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
+    torch.set_num_threads(args.threads)
     if args.task is not None:
-        report = run_user_prune(args.task, request, args.out)
+        report = run_user_prune(args.task, request, args.out, overwrite=args.overwrite)
     else:
-        report = run_prune(args.checkpoint, request, args.out)
+        report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite)
     print_prune_report(report)
     if report.get("unpruned_groups"):
         print("left unpruned: " + "; ".join(f"{g['root']} ({g['reason']})" for g in report["unpruned_groups"]))
@@ -215,14 +251,19 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     if args.task is not None:
         return finetune_user(args)
-    from fusion.checkpoint import load_checkpoint
+    from fusion.checkpoint import load_checkpoint, read_metadata
     from fusion.finetune import FinetuneConfig, finetune
 
+    if not args.resume:
+        check_replaceable(args.out, ("checkpoint",), args.overwrite)
     model, meta = load_checkpoint(args.checkpoint)
     meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
     config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=args.threads)
+    start = time.perf_counter()
     finetune(model, config, args.out, metadata=meta, resume=args.resume)
-    print(f"saved {args.out}")
+    losses = read_metadata(args.out).get("last_loss")
+    loss = f", last loss {losses:.4f}" if isinstance(losses, float) else ""
+    print(f"fine-tuned {args.steps} steps in {time.perf_counter() - start:.0f} s{loss}; saved {args.out}")
 
 
 def finetune_user(args: argparse.Namespace) -> None:
@@ -235,7 +276,7 @@ def finetune_user(args: argparse.Namespace) -> None:
 
     if args.resume:
         raise ValueError("--resume is for reference checkpoints; with --task, fine-tune again from the checkpoint")
-    check_output_dir(args.out)
+    check_replaceable(args.out, ("pruned",), args.overwrite)
     meta = read_pruned_metadata(args.checkpoint)
     setup = load_setup(args.task)
     model = load_pruned(setup.model, args.checkpoint)
@@ -274,6 +315,17 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     )
     p.add_argument("--channel-ratio", type=float, help="fraction of channels to remove (structured)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to remove (unstructured)")
+    p.add_argument(
+        "--target-latency",
+        type=float,
+        help="fraction of the unpruned model's PREDICTED latency to keep, e.g. 0.5 for 2x (needs --latency-table)",
+    )
+    p.add_argument(
+        "--latency-table",
+        metavar="T.json",
+        help="per-layer latency table (`altermoma latency-table`); with another target, only reported",
+    )
+    p.add_argument("--latency-backend", help="refuse a latency table measured on another backend (e.g. ort-cpu)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
     p.add_argument("--max-group-ratio", type=float, default=0.9, help="never prune more of one group (default 0.9)")
     p.add_argument("--scoring-batches", type=int, default=4, help="batches (of 2 scenes) in the scoring set")
@@ -288,8 +340,15 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--best-effort", action="store_true", help="accept a result more than 2 points from the target (warned)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="altermoma",
         description="AlterMOMA pruning for camera-LiDAR fusion models: train, prune, fine-tune, evaluate, export, benchmark.",
     )
@@ -301,14 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-camera", help="camera-only checkpoint to initialise a fusion model from")
     p.add_argument("--init-lidar", help="LiDAR-only checkpoint to initialise a fusion model from")
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     add_config_args(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="detection mAP/NDS and map mIoU of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", choices=("train", "val"), default="val")
-    p.add_argument("--scenes", type=int, help="number of scenes (default: the config's split size)")
+    p.add_argument("--scenes", type=positive_int, help="number of scenes (default: the config's split size)")
     p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("prune", help="score channels (or weights) and remove them")
@@ -316,30 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", metavar="FILE.py:FUNCTION", help="your own model, task and data (see README)")
     p.add_argument("--out", required=True)
     add_prune_args(p)
+    add_trust_args(p)
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint with the task loss")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", metavar="FILE.py:FUNCTION", help="your own model, task and data (see README)")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--scenes", type=int, default=500, help="training scenes to render for fine-tuning")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--scenes", type=positive_int, default=500, help="training scenes to render for fine-tuning")
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("pipeline", help="the main job: shipped checkpoints -> prune -> fine-tune -> evaluate")
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--from-scratch", action="store_true", help="retrain the camera, LiDAR and fusion models first")
-    p.add_argument("--finetune-steps", type=int, default=300)
-    p.add_argument("--val-scenes", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--finetune-steps", type=non_negative_int, default=300)
+    p.add_argument("--val-scenes", type=positive_int, default=200)
+    p.add_argument("--threads", type=positive_int, default=2)
     add_prune_args(p, default_target=0.5)
+    add_trust_args(p)
     p.set_defaults(run=cmd_pipeline)
 
     add_compare_parser(sub)
     add_deploy_parsers(sub)
+    add_latency_table_parser(sub)
     return parser
 
 

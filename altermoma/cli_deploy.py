@@ -41,6 +41,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
         simplify=not args.no_simplify,
         threads=args.threads,
         batch_size=args.batch_size,
+        force=args.force,
+        overwrite=args.overwrite,
     )
     single, parity = report["single"], report["parity"]
     print(
@@ -72,16 +74,18 @@ def export_user(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from common.io import staged_directory
-    from export.onnx import export_onnx
+    from altermoma.export_reference import EXPORT_KIND
+    from common.io import check_replaceable, staged_directory
+    from export.onnx import ExportError, export_onnx
 
     if args.batch_size != 1 or args.pool_method is not None or args.preset is not None:
         raise ValueError("--batch-size, --pool-method and --preset are for reference checkpoints, not --task")
+    check_replaceable(args.out, (EXPORT_KIND,), args.overwrite)
     setup, model = user_model(args.task, args.checkpoint)
     positional, keywords = setup.task.arguments(setup.scoring_batches[0])
     example = keywords if keywords else positional
     out = Path(args.out)
-    with staged_directory(out) as staging:
+    with staged_directory(out, kind=EXPORT_KIND) as staging:
         report = export_onnx(
             model,
             example,
@@ -94,9 +98,9 @@ def export_user(args: argparse.Namespace) -> None:
         report["task"], report["checkpoint"] = args.task, args.checkpoint
         ok = report["max_abs_error"] <= 1e-4 and report["readiness_errors"] == 0
         if not ok:
-            raise ValueError(
+            raise ExportError(
                 f"export failed its checks (max abs error {report['max_abs_error']:.2e}, "
-                f"{report['readiness_errors']} readiness errors); nothing was written"
+                f"{report['readiness_errors']} readiness errors); {out} was left as it was"
             )
         (staging / "export_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(
@@ -135,9 +139,14 @@ def cmd_export_trt(args: argparse.Namespace) -> None:
     report = build_engines(
         args.onnx_dir, args.out, tuple(args.precision or ["fp16"]), args.workspace_mib, args.samples, args.threads
     )
+    if not report["built"]:
+        print(f"no engine built here ({report['reason']}); wrote {report['script']}: run it on the target device")
+        return
     for name, result in report["engines"].items():
         print(f"{name}: parity vs ONNX Runtime {'OK' if result['ok'] else 'FAILED'}")
     print(f"engines, build_engines.sh and trt_report.json in {args.out}")
+    if not report["ok"]:
+        raise ValueError("an engine's parity against ONNX Runtime FAILED (see trt_report.json)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +167,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     o.add_argument("--threads", type=_positive, default=1, help="torch and ONNX Runtime threads (default 1)")
     o.add_argument("--batch-size", type=_positive, default=1, help="static batch size of the graphs (default 1)")
+    o.add_argument("--force", action="store_true", help="keep an export that fails its checks, in <out>-failed")
+    o.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     o.set_defaults(run=cmd_export_onnx)
 
     t = formats.add_parser(

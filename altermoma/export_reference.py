@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_text
+from common.io import check_replaceable, fault_point, staged_directory, work_directory
 from export.onnx import (
     FP32_ATOL,
     SINGLE,
+    ExportError,
     eval_mode,
     export_onnx,
     export_split_details,
@@ -36,11 +38,28 @@ from fusion.models.stages import split_stages
 # Cumsum parity is therefore judged at this looser gate; reports still say whether 1e-4 was met. Larger
 # rigs (r50: 1.1 M frustum points in the grid instead of 7.4 k) have larger prefixes: expect larger errors.
 CUMSUM_ATOL = 1e-3
+MAX_OPSET = 20  # the TorchScript exporter's highest (torch.onnx ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+EXPORT_KIND = "onnx-export"
 METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mIoU")
 
 
 def _metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in METRIC_KEYS if k in metrics}
+
+
+def opset_problem(opset: int, pool_method: str) -> str | None:
+    """Why an opset cannot express the reference graph (None: it can). Checked before any export work:
+    below opset 16 ScatterElements has no `reduction`, and the legacy exporter silently drops the
+    scatter-add (the BEV map was off by 6.9 at opset 13)."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        return f"--opset must be a whole number, got {opset!r}"
+    needed = 16 if pool_method == "scatter" else 11
+    if opset < needed:
+        reason = "ScatterElements with reduction=add" if pool_method == "scatter" else "CumSum"
+        return f"opset {opset} cannot express {pool_method} BEV pooling ({reason} needs opset >= {needed})"
+    if opset > MAX_OPSET:
+        return f"opset {opset} is above {MAX_OPSET}, the highest the TorchScript exporter writes"
+    return None
 
 
 def export_checkpoint(
@@ -54,12 +73,17 @@ def export_checkpoint(
     threads: int = 1,
     batch_size: int = 1,
     split: bool = True,
+    force: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint (pruned or not), export `model.onnx` and `split/<stage>.onnx`, check parity on
     `samples` synthetic val scenes, and write `export_report.json` + `export_report.md` in `out_dir`.
 
+    The export is one transaction: everything is written beside `out_dir` and swapped in only when
+    every graph passed the readiness check and parity passed; otherwise `ExportError` is raised and
+    the previous export stays as it was (`force` keeps the failing one in `<out_dir>-failed`).
     Raises `CheckpointError` for a missing/corrupt checkpoint or one of another preset than `preset`,
-    `ValueError` for bad arguments, `ExportError` when a graph is not TensorRT-ready.
+    `ValueError`/`OutputError` for bad arguments, all before any export work.
     """
     from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes, collate, model_inputs
@@ -72,22 +96,67 @@ def export_checkpoint(
     if pool_method is not None and pool_method not in POOL_METHODS:
         raise ValueError(f"pool_method must be one of {', '.join(POOL_METHODS)}, got {pool_method!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+    check_replaceable(out_dir, (EXPORT_KIND,), overwrite)
     model, meta = load_checkpoint(checkpoint_dir, expect_preset=preset)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = opset_problem(opset, pool_method or model.config.model.pool_method)
+    if problem:
+        raise ValueError(problem)
+    work = work_directory(out_dir)
+    try:
+        report = _export_into(
+            work,
+            model,
+            meta,
+            checkpoint_dir,
+            pool_method,
+            opset,
+            samples,
+            simplify,
+            threads,
+            batch_size,
+            split,
+            load=(SyntheticScenes, collate, model_inputs, evaluate),
+        )
+        ok = report["parity"]["ok"]
+        target = out_dir if ok else (out_dir.with_name(out_dir.name + "-failed") if force else None)
+        if target is not None:
+            report = json.loads(json.dumps(report).replace(str(work), str(target)))
+            (work / "export_report.json").write_text(json.dumps(report, indent=2))
+            (work / "export_report.md").write_text(report_markdown(report))
+            with staged_directory(target, kind=EXPORT_KIND, clean=False) as staging:
+                for item in work.iterdir():
+                    os.replace(item, staging / item.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not ok:
+        parity = report["parity"]
+        worst = ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs"].items())
+        kept = f"; the failing export is in {target}" if target is not None else " (--force keeps it in <out>-failed)"
+        raise ExportError(
+            f"parity FAILED (max abs error {worst}, atol {parity['atol']:.0e}): {out_dir} was left as it was{kept}"
+        )
+    return report
+
+
+def _export_into(
+    work, model, meta, checkpoint_dir, pool_method, opset, samples, simplify, threads, batch_size, split, load
+):
+    """The export proper, into the folder `work`; returns the report."""
+    SyntheticScenes, collate, model_inputs, evaluate = load
     start = time.perf_counter()
     inputs = example_inputs(model.config, batch_size, model.modality)
     options = {"opset": opset, "simplify": simplify, "check": True, "threads": threads}
     with eval_mode(model), pool_method_as(model, pool_method), torch_threads(threads):
         method = current_pool_method(model)
-        single = export_onnx(model, inputs, out_dir / "model.onnx", **options)
+        single = export_onnx(model, inputs, work / "model.onnx", **options)
+        fault_point()
         single.update(pool_method=method, batch_size=int(batch_size))
         paths: dict[str, Any] = {SINGLE: single["path"]}
         split_details: dict[str, Any] = {}
         if split:
-            (out_dir / "split").mkdir(exist_ok=True)
-            split_details = export_split_details(split_stages(model, inputs), inputs, out_dir / "split", **options)
+            (work / "split").mkdir(exist_ok=True)
+            split_details = export_split_details(split_stages(model, inputs), inputs, work / "split", **options)
+            fault_point()
             for details in split_details.values():
                 details["pool_method"] = method
             paths.update({name: d["path"] for name, d in split_details.items()})
@@ -105,7 +174,7 @@ def export_checkpoint(
     parity["pool_method"] = method
     parity["mAP_equal"] = all(m["mAP"] == parity["metrics"]["torch"]["mAP"] for m in parity["metrics"].values())
     parity["metrics_scenes"] = len(dataset)
-    report = {
+    return {
         "checkpoint": str(checkpoint_dir),
         "preset": model.config.preset,
         "modality": model.modality,
@@ -121,9 +190,6 @@ def export_checkpoint(
         "parity": parity,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    atomic_write_text(out_dir / "export_report.json", json.dumps(report, indent=2))
-    atomic_write_text(out_dir / "export_report.md", report_markdown(report))
-    return report
 
 
 def _mib(n: int) -> str:

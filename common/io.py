@@ -103,17 +103,18 @@ def check_replaceable(path: str | os.PathLike, kinds: tuple[str, ...], overwrite
 
 
 @contextmanager
-def staged_directory(path: str | os.PathLike, kind: str = "output") -> Iterator[Path]:
+def staged_directory(path: str | os.PathLike, kind: str = "output", clean: bool = True) -> Iterator[Path]:
     """Write a multi-file output into a staging folder beside `path`, then swap it in whole.
 
     The block writes into the yielded folder. On success every file is fsynced, `manifest.json`
     (kind and SHA-256 of every file) is written, and the folder replaces `path` in one step. A
     failure or a crash leaves the old output at `path`; leftovers of an earlier crash are cleaned
-    (or, after a crash between the two fallback renames, the old output is put back) first.
+    (or, after a crash between the two fallback renames, the old output is put back) first;
+    `clean=False` leaves the cleaning to a caller that keeps its own `work_directory` beside `path`.
     """
     path = check_writable_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
+    recover(path, clean=clean)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     try:
         yield staging
@@ -134,6 +135,15 @@ def staged_directory(path: str | os.PathLike, kind: str = "output") -> Iterator[
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def work_directory(path: str | os.PathLike) -> Path:
+    """A scratch folder beside `path` (same file system, so its files move into a staging folder by
+    rename); cleaned by the next `recover(path)` if a crash leaves it behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.work-", dir=path.parent)).resolve()
 
 
 def _swap_in(staging: Path, path: Path) -> None:
@@ -172,7 +182,8 @@ def recover(path: str | os.PathLike, clean: bool = True) -> list[str]:
             done.append(f"restored {path} from an interrupted write")
         if clean:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in sorted(path.parent.glob(f".{path.name}.staging-*")) if clean else []:
+    stale_dirs = [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.work-*")]
+    for stale in sorted(stale_dirs) if clean else []:
         shutil.rmtree(stale, ignore_errors=True)
         done.append(f"removed the unfinished output {stale.name}")
     return done

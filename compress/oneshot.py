@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -25,12 +27,15 @@ from compress.baselines import (
     synflow_channel_scores,
     synflow_weight_scores,
 )
+from compress.latency import LatencyPredictor, load_table
+from compress.latency_select import select_for_latency
 from compress.partition import Partition
 from compress.request import PruneRequest, request_dict
 from compress.scores import altereva_scores
 from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
 
+MAX_TARGET_MISS = 0.02  # a result further than 2 points from the request is an error (or, best effort, a warning)
 ZERO_THEN_PRUNE_RTOL = 1e-4  # pruned vs zeroed outputs, relative to the largest output magnitude
 
 
@@ -74,8 +79,11 @@ def channel_scores(
     if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
         return magnitude_channel_scores(model, graph)
     if method == "synflow":
-        mode = "flops" if request.target_gflops is not None else "channels"
-        target = request.target_gflops if mode == "flops" else request.channel_ratio
+        # SynFlow's rounds need a per-round target; under a latency target they run to the same share of
+        # GFLOPs, and the latency selection then picks from SynFlow's order.
+        mode = "channels" if request.channel_ratio is not None else "flops"
+        target = request.channel_ratio if mode == "channels" else request.target_gflops
+        target = 1.0 - request.target_latency if target is None else target
         tiebreak = magnitude_channel_scores(model, graph)
         args = (target, mode, request.round_to, request.max_group_ratio, request.synflow, tiebreak, progress)
         return synflow_channel_scores(model, graph, task.arguments(example_batch), *args)
@@ -96,6 +104,10 @@ def prune_structured(
 ) -> dict:
     """Score, select and physically remove channels in place; returns the pruning report.
 
+    Targets: GFLOPs or channels (one global threshold), or a predicted latency (`target_latency` with a
+    `latency_table`: greedy selection, `compress.latency_select`). A latency table given with another
+    target is used for the report only: predicted latency before and after, per partition and per layer.
+
     With `verify`, the pruned model's outputs on the example batch are compared with the unpruned
     model's outputs after zeroing the same channels ("zero-then-prune"): they agree when the graph
     was understood. A mismatch (an op that mixes channels torch-pruning treats as element-wise) is
@@ -108,8 +120,11 @@ def prune_structured(
     mode, target = (
         ("flops", request.target_gflops) if request.target_gflops is not None else ("channels", request.channel_ratio)
     )
+    if request.target_latency is not None:
+        mode, target = "latency", request.target_latency
     if not graph.groups:
         raise PruningError("the model has no prunable channel group (every group is protected or unsupported)")
+    predictor = latency_predictor(request, graph)  # a wrong table fails here, before any scoring
     if mode == "flops":
         reachable = graph.max_reduction(request.round_to, request.max_group_ratio)
         if target > reachable + 0.02:
@@ -121,7 +136,7 @@ def prune_structured(
     flops_before = _flops_by_part(graph, partition, None)
     scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress)
     tiebreak = magnitude_channel_scores(model, graph)
-    pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak=tiebreak)
+    pruned, selection = _select(graph, predictor, scores, tiebreak, request, mode, target)
     for _ in range(3):  # a pruned copy must run before the model itself is cut
         breaking = graph.groups_breaking_the_model(pruned)
         if not breaking:
@@ -131,12 +146,26 @@ def prune_structured(
         graph.leave_whole({i: f"pruning it breaks the forward pass ({error})" for i, error in breaking.items()})
         if not graph.groups:
             raise PruningError("every prunable group breaks the forward pass when pruned")
-        pruned = graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak)
+        pruned, selection = _select(graph, predictor, scores, tiebreak, request, mode, target)
     else:
         raise PruningError("the pruned model still does not run after leaving three rounds of groups whole")
+    miss = _target_miss(graph, pruned, mode, target)
+    if miss is not None and abs(miss) > MAX_TARGET_MISS:
+        achieved = target + miss
+        message = f"the selection reaches {achieved:.1%} instead of the requested {target:.1%} ({mode}): "
+        message += "round_to, the per-group cap, protected and unprunable groups leave no closer choice"
+        if not request.best_effort:
+            raise PruningError(message + " (--best-effort accepts it)")
+        warnings.warn(message, stacklevel=2)
     flops_after = _flops_by_part(graph, partition, pruned)
     kept = _kept_channels(graph, pruned)
     reference = _zeroed_outputs(model, task, graph, pruned, example_batch) if verify else None
+    latency = None
+    if predictor is not None:
+        latency = {"table": _table_name(request.latency_table), "target": request.target_latency}
+        latency.update(predictor.report(pruned))
+        if selection is not None:
+            latency["selection"] = selection
     graph.prune(pruned)
     after = {"gflops": measured_gflops(model, task, example_batch), "params": parameter_counts(model, partition)}
     report = {
@@ -163,9 +192,42 @@ def prune_structured(
         "unpruned_groups": graph.unprunable,
         "score_summary": _score_summary(scores, graph),
     }
+    if latency is not None:
+        report["latency"] = latency
     if reference is not None:
         report["zero_then_prune_error"] = _relative_error(reference, _outputs(model, task, example_batch))
     return report
+
+
+def latency_predictor(request: PruneRequest, graph: ChannelGraph) -> LatencyPredictor | None:
+    """The request's latency table, loaded and checked against the graph's model (None without a table)."""
+    table = request.latency_table
+    if table is None:
+        return None
+    loaded = load_table(table) if isinstance(table, str | os.PathLike) else table
+    return LatencyPredictor(loaded, graph, request.latency_backend, source=_table_name(table))
+
+
+def _table_name(table: Any) -> str:
+    return str(table) if isinstance(table, str | os.PathLike) else "(in memory)"
+
+
+def _select(graph: ChannelGraph, predictor, scores, tiebreak, request: PruneRequest, mode: str, target: float):
+    """(pruned masks, selection summary or None): the latency knapsack, or the global threshold."""
+    if mode == "latency":
+        budget = target * predictor.total_ms()
+        args = (request.round_to, request.max_group_ratio, tiebreak)
+        return select_for_latency(graph, predictor, scores, budget, *args)
+    return graph.threshold_for(scores, target, mode, request.round_to, request.max_group_ratio, tiebreak), None
+
+
+def _target_miss(graph: ChannelGraph, pruned: list[torch.Tensor], mode: str, target: float) -> float | None:
+    """Achieved minus requested reduction, predicted before anything is removed (None for latency mode)."""
+    if mode == "flops":
+        return 1.0 - graph.total_flops(pruned) / graph.total_flops() - target
+    if mode == "channels":
+        return sum(int(m.sum()) for m in pruned) / sum(g.channels for g in graph.groups) - target
+    return None
 
 
 def _outputs(model: nn.Module, task: Task, example_batch: Any) -> list[torch.Tensor]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from compress.altereva import AlterEvaConfig
 from compress.baselines import PROSPR_MODES, ProsprConfig, SynFlowConfig
@@ -25,11 +27,15 @@ class PruneRequest:
     target_gflops: float | None = None  # fraction of GFLOPs to remove (structured)
     channel_ratio: float | None = None  # or: fraction of channels to remove (structured)
     sparsity: float | None = None  # or: fraction of weights to remove (unstructured)
+    target_latency: float | None = None  # or: fraction of the unpruned PREDICTED latency to keep (structured)
+    latency_table: str | Path | Any = None  # path or LatencyTable; needed by target_latency, else only reported
+    latency_backend: str | None = None  # refuse a table measured on another backend
     round_to: int = 8
     max_group_ratio: float = 0.9
     scoring_batches: int = 4  # the size of the scoring set where the caller draws it (CLI, benchmarks)
     scoring_batch_size: int = 2
     seed: int = 0
+    best_effort: bool = False  # accept a result more than 2 points from the target (warned, miss in the report)
     altereva: AlterEvaConfig = field(default_factory=AlterEvaConfig)
     imp: IMPConfig = field(default_factory=IMPConfig)
     synflow: SynFlowConfig = field(default_factory=SynFlowConfig)
@@ -41,13 +47,20 @@ class PruneRequest:
 
     def validate(self) -> PruneRequest:
         """Reject impossible requests before any work is done."""
-        targets = [t for t in (self.target_gflops, self.channel_ratio, self.sparsity) if t is not None]
+        given = (self.target_gflops, self.channel_ratio, self.sparsity, self.target_latency)
+        targets = [t for t in given if t is not None]
         if len(targets) != 1:
-            raise PruningError("give exactly one of --target-gflops, --channel-ratio or --sparsity")
+            raise PruningError("give exactly one of --target-gflops, --channel-ratio, --sparsity or --target-latency")
         if isinstance(targets[0], bool) or not isinstance(targets[0], int | float):
             raise PruningError(f"the pruning target must be a number, got {targets[0]!r}")
         if not 0.0 < targets[0] < 1.0:
             raise PruningError(f"the pruning target must be strictly between 0 and 1, got {targets[0]}")
+        if self.target_latency is not None and self.latency_table is None:
+            raise PruningError("--target-latency needs --latency-table (build one with `altermoma latency-table`)")
+        if self.latency_table is not None and self.sparsity is not None:
+            raise PruningError("a latency table applies to structured pruning, not to a sparsity target")
+        if self.method == "imp" and self.latency_table is not None:
+            raise PruningError("IMP prunes to a GFLOPs target or a sparsity; it takes no latency target or table")
         if self.method not in METHODS:
             raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -73,7 +86,10 @@ class PruneRequest:
 
 def request_dict(request: PruneRequest) -> dict:
     """The request as plain data, without the option blocks of other methods."""
-    data = asdict(request)
+    table = request.latency_table
+    data = asdict(replace(request, latency_table=None))
+    if table is not None:
+        data["latency_table"] = str(table) if isinstance(table, str | Path) else f"<in-memory table: {table.backend}>"
     for method in METHOD_OPTIONS:
         if request.method != method:
             data.pop(method)

@@ -53,7 +53,8 @@ def evaluate(
 
 def summary_line(metrics: dict) -> str:
     parts = [f"mAP {metrics['mAP']:.4f}", f"NDS {metrics['NDS']:.4f}"]
-    parts += [f"{k} {metrics[k]:.3f}" for k in ("mATE", "mASE", "mAOE")]
+    # nuScenes units: translation error in metres, scale error as 1 - IoU, orientation error in radians.
+    parts += [f"mATE {metrics['mATE']:.3f} m", f"mASE {metrics['mASE']:.3f} (1-IoU)", f"mAOE {metrics['mAOE']:.3f} rad"]
     if "mIoU" in metrics:
         parts.append(f"mIoU {metrics['mIoU']:.4f}")
     return "  ".join(parts)

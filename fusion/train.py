@@ -122,10 +122,14 @@ def fit(
         load_into(model, read_weights(out), f"checkpoint {out}")
         start = load_train_state(out, optimizer)
 
+    last_loss: list[float] = []
+
     def checkpoint(step: int) -> None:
         if out is None:
             return
         meta = {**(metadata or {}), "step": step, "train": train.__dict__}
+        if last_loss:
+            meta["last_loss"] = last_loss[-1]
         save_checkpoint(out, model, meta, train_state=train_state(optimizer, step))
 
     model.train()
@@ -137,6 +141,7 @@ def fit(
         loss, parts = task_loss(model(**model_inputs(batch)), batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower the learning rate")
+        last_loss[:] = [float(loss.detach())]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -111,7 +111,7 @@ def test_partition_accepts_parameterless_modules_and_rejects_overlaps():
 
 def test_output_layers_are_found_from_the_graph_and_grouped_convs_are_left_whole():
     model, batches = _model(), _batches()
-    report = altermoma.prune(model, _task(), batches, method="magnitude", channel_ratio=0.4, progress=False)
+    report = altermoma.prune(model, _task(), batches, method="magnitude", channel_ratio=0.5, progress=False)
     # cls and box.2 produce model outputs; the grouped conv feeds cls (a channel-mixing layer), so it is not
     # an output layer, but its groups are left whole because torch-pruning cannot cut grouped convs.
     assert set(report["protected"]) == {"cls", "box.2"}
@@ -129,21 +129,34 @@ def test_groups_torch_pruning_couples_wrongly_are_left_whole():
     model, batches = _model(conv_after_lift=False), _batches()
     partition = {**PARTITION, "camera": ["cam.", "lift."]}
     task = Task(partition, _loss, inputs=lambda b: (b["image"], b["scan"]))
-    report = altermoma.prune(model, task, batches, method="random", channel_ratio=0.3, progress=False)
+    report = altermoma.prune(model, task, batches, method="random", channel_ratio=0.5, progress=False)
     reasons = {g["root"]: g["reason"] for g in report["unpruned_groups"]}
     assert "couples its channels" in reasons["cam.0"] and "couples its channels" in reasons["lidar.0"]
     assert model.cam[0].out_channels == 32 and model.lidar[0].out_channels == 32
     assert report["zero_then_prune_error"] < 1e-5
 
 
+def test_a_target_the_widths_cannot_reach_is_refused_unless_best_effort():
+    """4 groups of 32 channels in steps of 8: 40% of the channels is either 37.5% or 43.75%."""
+    from compress.structured import PruningError
+
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match="instead of the requested 40.0%"):
+        altermoma.prune(model, _task(), _batches(), method="magnitude", channel_ratio=0.4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was removed
+    with pytest.warns(UserWarning, match="instead of the requested"):
+        altermoma.prune(model, _task(), _batches(), method="magnitude", channel_ratio=0.4, best_effort=True)
+
+
 def test_protected_names_and_unknown_protected_module():
     model = _model()
     report = altermoma.prune(
-        model, _task(protected=("box",)), _batches(), method="magnitude", channel_ratio=0.3, progress=False
+        model, _task(protected=("box",)), _batches(), method="magnitude", channel_ratio=0.5, progress=False
     )
     assert model.box[0].out_channels == 32 and {"box.0", "box.2"} <= set(report["protected"])
     with pytest.raises(ValueError, match="not a conv or linear"):
-        altermoma.prune(_model(), _task(protected=("nothing",)), _batches(), method="magnitude", channel_ratio=0.3)
+        altermoma.prune(_model(), _task(protected=("nothing",)), _batches(), method="magnitude", channel_ratio=0.5)
 
 
 def test_imp_uses_the_task_loss_and_the_generic_fine_tune():
@@ -176,7 +189,7 @@ def test_unstructured_keeps_output_layers_dense():
 
 def test_pruned_checkpoint_refuses_a_mixed_folder(tmp_path):
     model = _model()
-    report = altermoma.prune(model, _task(), _batches(), method="random", channel_ratio=0.4, progress=False)
+    report = altermoma.prune(model, _task(), _batches(), method="random", channel_ratio=0.5, progress=False)
     altermoma.save_pruned(model, tmp_path / "a", report)
     other = _model()
     altermoma.save_pruned(other, tmp_path / "b")
@@ -248,5 +261,5 @@ def test_task_option_errors_are_one_line(tmp_path, capsys, spec, message):
 
 
 def test_prune_needs_exactly_one_of_checkpoint_and_task(tmp_path, capsys):
-    assert main(["prune", "--method", "magnitude", "--channel-ratio", "0.3", "--out", str(tmp_path / "o")]) == 2
+    assert main(["prune", "--method", "magnitude", "--channel-ratio", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err

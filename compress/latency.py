@@ -1,0 +1,328 @@
+"""Per-layer latency tables and the latency they predict for a set of kept widths.
+
+A table holds, for every conv/linear layer of one model, its latency (median ms, measured on one backend
+with its BN and activation, at the model's real feature-map sizes) on a grid of input x output widths.
+Between grid points the latency is interpolated bilinearly; below the smallest grid width the smallest
+width's latency is used (tiny layers are overhead-bound, so this errs on the slow side). Everything the
+table does not cover (pooling, gathers, adds, concats, the runtime's own overhead) is one constant, the
+"rest": the unpruned model measured end to end minus the sum of the table's full-width entries.
+
+    predicted latency = sum over layers of table(c_in, c_out) + rest
+
+A table is valid for one model only: its layers, full widths and feature-map sizes are checked against
+the model on load (`check_table`), so a table from another model, preset or backend is a one-line error.
+Building tables needs a runtime and lives in `benchmarks.latency_table`; this module only reads them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.task import PARTS
+from compress.structured import TRANSPOSED, ChannelGraph, PruningError, is_depthwise
+
+FORMAT = "altermoma-latency-table"
+VERSION = 1
+
+
+class LatencyTableError(PruningError):
+    """A latency table that cannot be read, or that was measured on another model, preset or backend."""
+
+
+@dataclass
+class LayerEntry:
+    """One layer's latency grid: `ms[i][j]` is the median latency at `grid_in[i]` inputs, `grid_out[j]` outputs.
+
+    A depthwise conv's inputs follow its outputs: its grid has one row (`grid_in == [c_in]`)."""
+
+    op: str
+    c_in: int
+    c_out: int
+    shapes: list[list[list[int]]]  # per call of the layer in one forward: [input shape, output shape]
+    grid_in: list[int]
+    grid_out: list[int]
+    ms: list[list[float]]
+    snippet: list[str] = field(default_factory=list)  # what was timed, e.g. ["Conv2d", "BatchNorm2d", "ReLU"]
+    depthwise: bool = False
+
+    def lookup(self, c_in: int, c_out: int) -> float:
+        """Bilinear interpolation on the grid, clamped at its edges."""
+        i0, i1, s = _bracket(self.grid_in, c_in) if len(self.grid_in) > 1 else (0, 0, 0.0)
+        j0, j1, t = _bracket(self.grid_out, c_out)
+        row0 = self.ms[i0][j0] * (1 - t) + self.ms[i0][j1] * t
+        row1 = self.ms[i1][j0] * (1 - t) + self.ms[i1][j1] * t
+        return row0 * (1 - s) + row1 * s
+
+    @property
+    def full_ms(self) -> float:
+        return self.lookup(self.c_in, self.c_out)
+
+
+def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
+    """Indices of the grid points around x and the weight of the upper one (clamped outside the grid)."""
+    if x <= grid[0]:
+        return 0, 0, 0.0
+    if x >= grid[-1]:
+        last = len(grid) - 1
+        return last, last, 0.0
+    j = bisect.bisect_right(grid, x)
+    lo, hi = grid[j - 1], grid[j]
+    return j - 1, j, (x - lo) / (hi - lo)
+
+
+@dataclass
+class LatencyTable:
+    backend: str
+    layers: dict[str, LayerEntry]
+    end_to_end_ms: float  # the unpruned model, measured end to end on the backend
+    rest_ms: float  # end_to_end_ms minus the sum of the full-width entries
+    environment: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)  # e.g. the measured interpolation error
+
+    @property
+    def table_full_ms(self) -> float:
+        return sum(e.full_ms for e in self.layers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "the table") -> LatencyTable:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise LatencyTableError(f"{source} is not an altermoma latency table (no format: {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise LatencyTableError(
+                f"{source} has format version {data.get('version')!r}; this toolkit reads {VERSION}"
+            )
+        try:
+            layers = {name: LayerEntry(**entry) for name, entry in data["layers"].items()}
+            table = cls(
+                backend=str(data["backend"]),
+                layers=layers,
+                end_to_end_ms=float(data["end_to_end_ms"]),
+                rest_ms=float(data["rest_ms"]),
+                environment=dict(data.get("environment", {})),
+                settings=dict(data.get("settings", {})),
+                model=dict(data.get("model", {})),
+                checks=dict(data.get("checks", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise LatencyTableError(f"{source} is malformed: {type(error).__name__}: {error}") from None
+        for name, entry in layers.items():
+            _check_entry(name, entry, source)
+        return table
+
+
+def _check_entry(name: str, e: LayerEntry, source: str) -> None:
+    rows = 1 if e.depthwise else len(e.grid_in)
+    shape_ok = len(e.ms) == rows and all(len(row) == len(e.grid_out) for row in e.ms)
+    grids_ok = all(g == sorted(set(g)) and g and g[0] >= 1 for g in (e.grid_in, e.grid_out))
+    values_ok = all(math.isfinite(v) and v >= 0 for row in e.ms for v in row)
+    if not (shape_ok and grids_ok and values_ok):
+        raise LatencyTableError(f"{source}: layer {name} has a malformed grid (sorted widths, one finite ms per point)")
+    if e.grid_out[-1] != e.c_out or e.grid_in[-1] != e.c_in:
+        raise LatencyTableError(f"{source}: layer {name}'s grid does not reach its full width {e.c_in}->{e.c_out}")
+
+
+def save_table(table: LatencyTable, path: str | os.PathLike) -> Path:
+    from common.io import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(table.to_dict(), indent=1))
+    return path
+
+
+def load_table(path: str | os.PathLike) -> LatencyTable:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latency table {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LatencyTableError(f"latency table {path} is not JSON: {error}") from None
+    return LatencyTable.from_dict(data, source=f"latency table {path}")
+
+
+# ---- grids --------------------------------------------------------------------------------------
+def width_grid(full: int, prunable: bool, round_to: int, max_points: int) -> list[int]:
+    """Widths to measure: every `round_to` multiple up to `full` (and `full`), thinned evenly to `max_points`
+    (the smallest and the full width always kept); a dimension that is never pruned gets its full width only."""
+    if not prunable or full <= 1:
+        return [full]
+    step = round_to if full > round_to else 1
+    widths = sorted({*range(step, full + 1, step), full})
+    if len(widths) <= max_points:
+        return widths
+    picks = {round(i * (len(widths) - 1) / (max_points - 1)) for i in range(max_points)}
+    return [widths[i] for i in sorted(picks)]
+
+
+def layer_widths(module: nn.Module) -> tuple[int, int]:
+    """(input channels, output channels) of a conv or linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def prunable_dims(graph: ChannelGraph) -> dict[str, tuple[bool, bool]]:
+    """For every conv/linear layer that ran: (inputs prunable, outputs prunable) under the graph's groups."""
+    dims = {name: [False, False] for name in graph.layer_shapes}
+    for group in graph.groups:
+        for item in group.items:
+            if item.layer in dims:
+                dims[item.layer][0 if item.kind == "in" else 1] = True
+    modules = dict(graph.model.named_modules())
+    for name, d in dims.items():
+        if is_depthwise(modules[name]):
+            d[0] = d[1]
+    return {name: (d[0], d[1]) for name, d in dims.items()}
+
+
+def table_from_costs(
+    graph: ChannelGraph,
+    cost: Callable[[str, int, int], float],
+    *,
+    backend: str = "synthetic",
+    round_to: int = 8,
+    max_points: int = 8,
+    rest_ms: float = 0.0,
+) -> LatencyTable:
+    """A table whose entries are `cost(layer, c_in, c_out)` in ms on the usual grid (tests, cost models)."""
+    modules = dict(graph.model.named_modules())
+    dims = prunable_dims(graph)
+    layers = {}
+    for name, shapes in graph.layer_shapes.items():
+        module = modules[name]
+        c_in, c_out = layer_widths(module)
+        depthwise = is_depthwise(module)
+        grid_out = width_grid(c_out, dims[name][1], round_to, max_points)
+        grid_in = [c_in] if depthwise else width_grid(c_in, dims[name][0], round_to, max_points)
+        rows = [c_in] if depthwise else grid_in
+        ms = [[float(cost(name, co if depthwise else ci, co)) for co in grid_out] for ci in rows]
+        layers[name] = LayerEntry(
+            type(module).__name__, c_in, c_out, [[i, o] for i, o in shapes], grid_in, grid_out, ms, [], depthwise
+        )
+    full = sum(e.full_ms for e in layers.values())
+    return LatencyTable(backend, layers, full + rest_ms, rest_ms, settings={"round_to": round_to})
+
+
+# ---- checks against the model -----------------------------------------------------------------
+def check_table(table: LatencyTable, graph: ChannelGraph, backend: str | None = None, source: str = "") -> None:
+    """Refuse a table measured on another backend, model, preset or input size (one-line LatencyTableError)."""
+    where = f"latency table {source}".strip()
+    if backend is not None and table.backend != backend:
+        raise LatencyTableError(f"{where} was measured on backend {table.backend!r}, not {backend!r}")
+    model_layers = set(graph.layer_shapes)
+    missing = sorted(model_layers - set(table.layers))
+    extra = sorted(set(table.layers) - model_layers)
+    if missing or extra:
+        what = f"no entry for layer {missing[0]}" if missing else f"a layer {extra[0]} the model does not have"
+        raise LatencyTableError(
+            f"{where} has {what} ({len(missing)} missing, {len(extra)} unknown): measured on another model"
+        )
+    modules = dict(graph.model.named_modules())
+    dims = prunable_dims(graph)
+    for name in sorted(model_layers):
+        entry = table.layers[name]
+        widths = layer_widths(modules[name])
+        if (entry.c_in, entry.c_out) != widths:
+            raise LatencyTableError(
+                f"{where}: layer {name} has {entry.c_in}->{entry.c_out} channels in the table but "
+                f"{widths[0]}->{widths[1]} in the model (another model or preset, or an already pruned one)"
+            )
+        shapes = [[list(i), list(o)] for i, o in graph.layer_shapes[name]]
+        if entry.shapes != shapes:
+            raise LatencyTableError(
+                f"{where}: layer {name}'s feature maps differ (table {_shape_text(entry.shapes)}, model "
+                f"{_shape_text(shapes)}): another preset, input size or batch size"
+            )
+        for k, (prunable, grid) in enumerate(zip(dims[name], (entry.grid_in, entry.grid_out))):
+            if prunable and len(grid) < 2 and not (k == 0 and entry.depthwise):
+                raise LatencyTableError(
+                    f"{where}: layer {name}'s {'input' if k == 0 else 'output'} channels are pruned but the "
+                    "table has their full width only (built with other protected layers?)"
+                )
+
+
+def _shape_text(shapes: list) -> str:
+    return ", ".join(f"{'x'.join(map(str, i))}->{'x'.join(map(str, o))}" for i, o in shapes[:2])
+
+
+# ---- prediction -----------------------------------------------------------------------------------
+class LatencyPredictor:
+    """Predicted latency of the graph's model for any set of pruned channels, from a checked table."""
+
+    def __init__(self, table: LatencyTable, graph: ChannelGraph, backend: str | None = None, source: str = ""):
+        check_table(table, graph, backend, source)
+        self.table, self.graph = table, graph
+        modules = dict(graph.model.named_modules())
+        self.full = {name: layer_widths(modules[name]) for name in table.layers}
+        self.part = {name: graph.partition.part_of(name) or "fusion" for name in table.layers}
+        self.depthwise = {name: is_depthwise(modules[name]) for name in table.layers}
+        self.transposed = {name: isinstance(modules[name], TRANSPOSED) for name in table.layers}
+
+    def cost(self, layer: str, removed_in: int, removed_out: int) -> float:
+        c_in, c_out = self.full[layer]
+        return self.table.layers[layer].lookup(c_in - removed_in, c_out - removed_out)
+
+    def removed(self, pruned: list[torch.Tensor] | None) -> tuple[dict[str, int], dict[str, int]]:
+        """Input and output channels removed per layer by the pruned root channels (bool masks per group)."""
+        removed_in: dict[str, int] = {}
+        removed_out: dict[str, int] = {}
+        for group, mask in zip(self.graph.groups, pruned or []):
+            for item in group.items:
+                if item.layer in self.full:
+                    target = removed_out if item.kind == "out" else removed_in
+                    target[item.layer] = target.get(item.layer, 0) + int(mask[item.root_idxs].sum())
+        return removed_in, removed_out
+
+    def layers_ms(self, pruned: list[torch.Tensor] | None = None) -> dict[str, float]:
+        removed_in, removed_out = self.removed(pruned)
+        return {name: self.cost(name, removed_in.get(name, 0), removed_out.get(name, 0)) for name in self.full}
+
+    def total_ms(self, pruned: list[torch.Tensor] | None = None) -> float:
+        return sum(self.layers_ms(pruned).values()) + self.table.rest_ms
+
+    def report(self, pruned: list[torch.Tensor]) -> dict[str, Any]:
+        """Predicted latency before and after: total, per partition (rest apart) and per layer."""
+        before, after = self.layers_ms(None), self.layers_ms(pruned)
+        removed_in, removed_out = self.removed(pruned)
+        rest = self.table.rest_ms
+        total_before, total_after = sum(before.values()) + rest, sum(after.values()) + rest
+        parts = {p: {"before_ms": 0.0, "after_ms": 0.0} for p in PARTS}
+        for name in before:
+            parts[self.part[name]]["before_ms"] += before[name]
+            parts[self.part[name]]["after_ms"] += after[name]
+        layers = {}
+        for name in before:
+            c_in, c_out = self.full[name]
+            layers[name] = {
+                "part": self.part[name],
+                "widths_before": [c_in, c_out],
+                "widths_after": [c_in - removed_in.get(name, 0), c_out - removed_out.get(name, 0)],
+                "before_ms": before[name],
+                "after_ms": after[name],
+            }
+        return {
+            "backend": self.table.backend,
+            "predicted_before_ms": total_before,
+            "predicted_after_ms": total_after,
+            "predicted_ratio": total_after / total_before,
+            "predicted_speedup": total_before / total_after,
+            "rest_ms": rest,
+            "table_end_to_end_ms": self.table.end_to_end_ms,
+            "partitions": {p: v for p, v in parts.items() if v["before_ms"] > 0},
+            "layers": layers,
+        }

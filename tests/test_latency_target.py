@@ -1,0 +1,298 @@
+"""Latency tables and latency-targeted pruning: the table format, its checks against the model, the greedy
+selection (budget, caps, rounding, optimality on a hand-checkable case), the trtexec log parser, the CLI.
+Timings are never asserted: tables here are synthetic or built with 2 widths per dimension and few runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import altermoma
+from altermoma.cli import main
+from benchmarks.latency_table import (
+    Subject,
+    parse_trtexec_folder,
+    parse_trtexec_log,
+    trtexec_environment,
+    write_trtexec_folder,
+)
+from common.task import Task
+from compress.latency import (
+    LatencyPredictor,
+    LatencyTableError,
+    load_table,
+    save_table,
+    table_from_costs,
+    width_grid,
+)
+from compress.latency_select import exhaustive_selection, select_for_latency
+from compress.oneshot import prune_structured
+from compress.request import PruneRequest
+from compress.structured import ChannelGraph, PruningError, min_kept
+
+torch.set_num_threads(1)
+TINY = "fusion/weights/tiny-fusion"
+
+
+class Chain(nn.Module):
+    def __init__(self, widths=(64, 48, 40)):
+        super().__init__()
+        layers, c_in = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            c_in = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(c_in, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def chain(widths=(64, 48, 40), size=8):
+    torch.manual_seed(0)
+    model = Chain(widths).eval()
+    task = Task(
+        partition={"camera": ["body."], "lidar": [], "fusion": ["head."]}, loss=lambda out, _b: out.pow(2).mean()
+    )
+    batch = torch.randn(1, 3, size, size)
+    return model, task, batch, ChannelGraph(model, task, batch)
+
+
+def work(graph):
+    """A cost linear in c_in * c_out * positions (ms), plus a small constant per layer."""
+
+    def cost(name, c_in, c_out):
+        out_shape = graph.layer_shapes[name][0][1]
+        return 1e-4 * c_in * c_out * math.prod(out_shape[2:]) + 0.01
+
+    return cost
+
+
+def one_line(error) -> str:
+    text = str(error.value)
+    assert "\n" not in text
+    return text
+
+
+# ---- the table format -----------------------------------------------------------------------------
+def test_width_grid_keeps_ends_and_thins_evenly():
+    assert width_grid(64, True, 8, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    thinned = width_grid(256, True, 8, 8)
+    assert len(thinned) == 8 and thinned[0] == 8 and thinned[-1] == 256
+    assert width_grid(3, False, 8, 8) == [3] and width_grid(6, True, 8, 8) == [1, 2, 3, 4, 5, 6][:6]
+    assert width_grid(60, True, 8, 8)[-1] == 60  # the full width even off the round_to lattice
+
+
+def test_table_round_trip_and_bilinear_lookup(tmp_path):
+    _, _, _, graph = chain()
+    table = table_from_costs(graph, work(graph), backend="ort-cpu", rest_ms=1.5, max_points=3)
+    path = save_table(table, tmp_path / "t.json")
+    loaded = load_table(path)
+    assert loaded.to_dict() == table.to_dict()
+    entry = loaded.layers["body.3"]  # 64 -> 48 at 8x8: grids thinned to 3 points
+    assert entry.grid_in == [8, 40, 64] and entry.grid_out == [8, 24, 48]
+    assert entry.lookup(32, 24) == pytest.approx(work(graph)("body.3", 32, 24))
+    # off the grid: bilinear, exact for a cost bilinear in (c_in, c_out)
+    assert entry.lookup(40, 16) == pytest.approx(work(graph)("body.3", 40, 16))
+    assert entry.lookup(4, 4) == entry.lookup(8, 8)  # clamped below the grid
+    assert loaded.rest_ms == 1.5 and loaded.end_to_end_ms == pytest.approx(table.table_full_ms + 1.5)
+
+
+# ---- checks on load ----------------------------------------------------------------------------
+def test_wrong_backend_widths_feature_size_and_file_are_one_line_errors(tmp_path):
+    _, _, _, graph = chain()
+    table = table_from_costs(graph, work(graph), backend="ort-cpu")
+    with pytest.raises(LatencyTableError) as error:
+        LatencyPredictor(table, graph, backend="torch-cpu")
+    assert "measured on backend 'ort-cpu', not 'torch-cpu'" in one_line(error)
+    _, _, _, narrower = chain(widths=(64, 32, 40))
+    with pytest.raises(LatencyTableError) as error:
+        LatencyPredictor(table, narrower)
+    assert "body.3 has 64->48 channels in the table but 64->32 in the model" in one_line(error)
+    _, _, _, larger = chain(size=16)
+    with pytest.raises(LatencyTableError) as error:
+        LatencyPredictor(table, larger)
+    assert "feature maps differ" in one_line(error) and "1x3x8x8" in one_line(error)
+    _, _, _, deeper = chain(widths=(64, 48, 40, 40))
+    with pytest.raises(LatencyTableError) as error:
+        LatencyPredictor(table, deeper)
+    assert "no entry for layer body.9" in one_line(error) and "another model" in one_line(error)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(LatencyTableError) as error:
+        load_table(tmp_path / "bad.json")
+    assert "is not an altermoma latency table" in one_line(error)
+    data = table.to_dict()
+    data["layers"]["body.0"]["ms"][0] = [-1.0]
+    (tmp_path / "neg.json").write_text(json.dumps(data))
+    with pytest.raises(LatencyTableError) as error:
+        load_table(tmp_path / "neg.json")
+    assert "malformed grid" in one_line(error)
+
+
+def test_request_needs_one_target_and_a_table():
+    with pytest.raises(PruningError, match="exactly one"):
+        PruneRequest(target_gflops=0.5, target_latency=0.5, latency_table="t.json").validate()
+    with pytest.raises(PruningError, match="needs --latency-table"):
+        PruneRequest(target_latency=0.5).validate()
+    with pytest.raises(PruningError, match="IMP"):
+        PruneRequest(method="imp", target_latency=0.5, latency_table="t.json").validate()
+    with pytest.raises(PruningError, match="strictly between 0 and 1"):
+        PruneRequest(target_latency=1.5, latency_table="t.json").validate()
+
+
+# ---- selection -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cap", [0.9, 0.5])
+def test_latency_prune_meets_the_budget_with_caps_and_rounding(cap):
+    model, task, batch, graph = chain()
+    table = table_from_costs(graph, work(graph), rest_ms=0.5)
+    before = {g.root: g.channels for g in graph.groups}
+    request = PruneRequest(method="magnitude", target_latency=0.5, latency_table=table, max_group_ratio=cap)
+    report = prune_structured(model, task, [batch], request, progress=False)
+    latency = report["latency"]
+    assert latency["predicted_after_ms"] <= 0.5 * latency["predicted_before_ms"] + 1e-9
+    assert latency["predicted_after_ms"] == pytest.approx(latency["selection"]["predicted_ms"])
+    assert latency["rest_ms"] == 0.5 and set(latency["partitions"]) == {"camera", "fusion"}
+    assert latency["layers"]["body.3"]["widths_after"] == [report["widths"]["body.0"], report["widths"]["body.3"]]
+    for root, kept in report["widths"].items():
+        assert kept % 8 == 0 or kept == before[root]
+        assert kept >= min_kept(before[root], 8, cap)
+    # the predicted latency of the physically pruned model, recomputed from a fresh graph and the same costs
+    pruned_graph = ChannelGraph(model, task, batch)
+    predicted = sum(work(pruned_graph)(n, *_widths(model, n)) for n in pruned_graph.layer_shapes) + 0.5
+    assert predicted == pytest.approx(latency["predicted_after_ms"])
+
+
+def _widths(model, name):
+    m = dict(model.named_modules())[name]
+    return m.in_channels, m.out_channels
+
+
+def test_unreachable_budget_is_refused():
+    model, task, batch, graph = chain()
+    table = table_from_costs(graph, work(graph), rest_ms=100.0)  # the rest alone exceeds half the total
+    request = PruneRequest(method="magnitude", target_latency=0.5, latency_table=table)
+    with pytest.raises(PruningError, match="not reachable"):
+        prune_structured(model, task, [batch], request, progress=False)
+
+
+def test_greedy_finds_the_optimum_of_a_hand_checkable_case():
+    """Two groups of 16 channels (round_to 8: keep 8 or 16 each). Layer costs: first conv 0.25 ms per
+    output channel (4 ms full), second 0.125 ms per output channel (2 ms), head free; budget 70% of 6 ms
+    = 4.2 ms. Dropping 8 channels saves 2 ms (group A, losing score 3) or 1 ms (group B, losing 1).
+    B alone (5 ms) misses the budget, A alone (4 ms) meets it, both (3 ms) too but lose 4: the optimum
+    drops A only. Greedy takes B first (1 per ms < 1.5 per ms), then A, and gives B back."""
+    _, _, _, graph = chain(widths=(16, 16))
+    costs = {"body.0": 0.25, "body.3": 0.125, "head": 0.0}
+    table = table_from_costs(graph, lambda name, c_in, c_out: costs[name] * c_out)
+    predictor = LatencyPredictor(table, graph)
+    assert predictor.total_ms() == pytest.approx(6.0)
+    roots = [g.root for g in graph.groups]
+    low = {"body.0": [0.375] * 8 + [5.0] * 8, "body.3": [0.125] * 8 + [5.0] * 8}  # A's lowest 8 sum to 3, B's to 1
+    scores = [torch.tensor(low[root], dtype=torch.float64) for root in roots]
+    masks, info = select_for_latency(graph, predictor, scores, 4.2, 8, 0.9)
+    removed = {root: int(m.sum()) for root, m in zip(roots, masks)}
+    assert removed == {"body.0": 8, "body.3": 0}
+    assert info["moves"] == 2 and info["give_backs"] == 1 and predictor.total_ms(masks) == pytest.approx(4.0)
+    best, score = exhaustive_selection(graph, predictor, scores, 4.2, 8, 0.9)
+    assert dict(zip(roots, best)) == removed and score == pytest.approx(info["kept_score"])
+
+
+def test_public_api_takes_a_latency_target():
+    model, task, batch, graph = chain()
+    table = table_from_costs(graph, work(graph), backend="ort-cpu")
+    report = altermoma.prune(
+        model, task, [batch], method="random", target_latency=0.6, latency_table=table, latency_backend="ort-cpu",
+        progress=False,
+    )  # fmt: skip
+    assert report["latency"]["predicted_ratio"] <= 0.6 + 1e-9 and report["request"]["target_latency"] == 0.6
+    assert report["request"]["latency_table"] == "<in-memory table: ort-cpu>"
+
+
+def test_a_table_with_a_gflops_target_is_only_reported():
+    model, task, batch, graph = chain()
+    table = table_from_costs(graph, work(graph))
+    request = PruneRequest(method="magnitude", target_gflops=0.4, latency_table=table)
+    report = prune_structured(model, task, [batch], request, progress=False)
+    assert report["gflops_reduction"] == pytest.approx(0.4, abs=0.02)
+    assert "selection" not in report["latency"] and report["latency"]["predicted_ratio"] < 1.0
+
+
+# ---- TensorRT: the trtexec folder and its log parser ---------------------------------------------------
+SAMPLE_LOG = """\
+&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --onnx=onnx/model.onnx --fp16
+[08/01/2025-10:00:00] [I] === Device Information ===
+[08/01/2025-10:00:00] [I] Selected Device: Orin
+[08/01/2025-10:00:00] [I] Compute Capability: 8.7
+[08/01/2025-10:00:00] [I] TensorRT version: 10.3.0
+[08/01/2025-10:00:05] [I] === Performance summary ===
+[08/01/2025-10:00:05] [I] Throughput: 812.5 qps
+[08/01/2025-10:00:05] [I] Latency: min = 1.21 ms, max = 1.62 ms, mean = 1.25 ms, median = 1.24 ms, percentile(90%) = 1.29 ms, percentile(95%) = 1.31 ms, percentile(99%) = 1.5 ms
+[08/01/2025-10:00:05] [I] GPU Compute Time: min = 1.1875 ms, max = 1.5912 ms, mean = 1.2201 ms, median = 1.2134 ms, percentile(90%) = 1.2456 ms, percentile(95%) = 1.2688 ms, percentile(99%) = 1.4021 ms
+[08/01/2025-10:00:05] [I] Total GPU Compute Time: 0.61 s
+&&&& PASSED TensorRT.trtexec [TensorRT v100300] # trtexec --onnx=onnx/model.onnx --fp16
+"""
+
+
+def test_trtexec_log_parser_reads_the_gpu_compute_median():
+    assert parse_trtexec_log(SAMPLE_LOG) == pytest.approx(1.2134)
+    assert parse_trtexec_log(SAMPLE_LOG.replace("1.2134", "2.5e-02")) == pytest.approx(0.025)
+    assert trtexec_environment(SAMPLE_LOG) == {"device": "Orin", "compute_capability": "8.7", "tensorrt": "10.3.0"}
+    with pytest.raises(ValueError, match="no 'GPU Compute Time"):
+        parse_trtexec_log("[E] Error[4]: engine build failed", "logs/x.log")
+
+
+def test_trtexec_folder_round_trip(tmp_path):
+    model, task, batch, graph = chain(widths=(16, 16))
+    out = write_trtexec_folder(Subject(model, task, batch, "test"), tmp_path / "trt", grid_points=2, runs=30)
+    script = (out / "run_trtexec.sh").read_text()
+    assert "--fp16 --warmUp=500 --iterations=30" in script and "run model" in script
+    points = [line.split()[1] for line in script.splitlines() if line.startswith("run ")]
+    assert all((out / "onnx" / f"{p}.onnx").is_file() for p in points)
+    (out / "logs").mkdir()
+    for i, point in enumerate(points):  # a fake device: the model 10 ms, every snippet (i + 1) / 100 ms
+        median = 10.0 if point == "model" else (i + 1) / 100
+        (out / "logs" / f"{point}.log").write_text(SAMPLE_LOG.replace("1.2134", str(median)))
+    table = parse_trtexec_folder(out)
+    assert table.backend == "tensorrt-fp16" and table.environment["device"] == "Orin"
+    assert table.end_to_end_ms == 10.0 and table.rest_ms == pytest.approx(10.0 - table.table_full_ms)
+    LatencyPredictor(table, graph, backend="tensorrt-fp16")  # it fits the model it was written for
+    (out / "logs" / f"{points[1]}.log").unlink()
+    with pytest.raises(FileNotFoundError, match="run_trtexec.sh"):
+        parse_trtexec_folder(out)
+
+
+# ---- the CLI on the tiny preset -------------------------------------------------------------------
+def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
+    table = tmp_path / "tiny-ort.json"
+    argv = ["latency-table", "--checkpoint", TINY, "--out", str(table), "--grid-points", "2", "--runs", "2"]
+    assert main([*argv, "--warmup", "0", "--check-points", "2", "--quiet"]) == 0
+    data = json.loads(table.read_text())
+    assert data["backend"] == "ort-cpu" and data["environment"]["threads"] == 1
+    assert data["model"]["preset"] == "tiny" and data["settings"]["runs"] == 2
+    assert all(len(e["grid_out"]) <= 2 for e in data["layers"].values())
+    out = tmp_path / "pruned"
+    prune = ["prune", "--checkpoint", TINY, "--method", "magnitude", "--out", str(out), "--latency-table", str(table)]
+    assert main([*prune, "--target-latency", "0.6", "--latency-backend", "ort-cpu"]) == 0
+    report = json.loads((out / "checkpoint.json").read_text())["pruning"]
+    latency = report["latency"]
+    assert latency["predicted_after_ms"] <= 0.6 * latency["predicted_before_ms"] + 1e-9
+    assert {"camera", "lidar", "fusion"} == set(latency["partitions"]) and latency["layers"]
+    capsys.readouterr()
+    prune[prune.index(str(out))] = str(tmp_path / "never-written")
+    cases = [
+        ([*prune, "--target-latency", "0.6", "--latency-backend", "torch-cpu"], "measured on backend 'ort-cpu'"),
+        ([*prune[:-2], "--target-latency", "0.6"], "needs --latency-table"),
+        ([*prune, "--target-latency", "0.6", "--target-gflops", "0.5"], "exactly one"),
+        (["latency-table", "--checkpoint", TINY, "--out", str(tmp_path / "c.json"), "--backend", "torch-cuda"], "CUDA"),
+    ]
+    for argv, message in cases:
+        if "CUDA" in message and torch.cuda.is_available():
+            continue
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "never-written").exists()
