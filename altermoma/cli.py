@@ -62,10 +62,10 @@ def config_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    from fusion.checkpoint import read_weights
+    from fusion.checkpoint import TRAIN_STATE_META, read_weights
     from fusion.data.dataset import SyntheticScenes
     from fusion.models.bevfusion import build_model
-    from fusion.train import fit, load_pretrained
+    from fusion.train import check_resumable, fit, load_pretrained
 
     config = config_from_args(args)
     if not args.resume:
@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             name: {"checkpoint": str(p), "tensors": loaded[name]} for name, p in sources.items()
         }
         print(f"initialised from {', '.join(f'{k}: {v} tensors' for k, v in loaded.items())}")
+    if args.resume and (Path(args.out) / TRAIN_STATE_META).is_file():
+        check_resumable(Path(args.out), config.train)  # before rendering: a refused resume costs nothing
     train_set = SyntheticScenes(config, "train")
     fit(
         model,
@@ -410,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a bad option (one `error:` line, status 2) or --help (status 0)
+        return int(stop.code or 0)
     try:
         args.run(args)
     except USER_ERRORS as error:

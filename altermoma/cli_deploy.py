@@ -110,10 +110,27 @@ def export_user(args: argparse.Namespace) -> None:
     print(f"report: {out / 'export_report.json'}")
 
 
+def check_comparable(checkpoints: list[str], allow_mixed: bool) -> None:
+    """A speed-up between a camera-only and a fusion model, or two presets, means nothing: refused
+    unless --allow-mixed."""
+    from fusion.checkpoint import read_metadata
+
+    if allow_mixed or len(checkpoints) < 2:
+        return
+    kinds = [(read_metadata(c).get("modality"), read_metadata(c).get("config", {}).get("preset")) for c in checkpoints]
+    for checkpoint, kind in zip(checkpoints[1:], kinds[1:]):
+        if kind != kinds[0]:
+            raise ValueError(
+                f"{checkpoint} is {kind[0]} / preset {kind[1]}, the baseline {checkpoints[0]} is {kinds[0][0]} / "
+                f"preset {kinds[0][1]}: their speed-up would compare different models (--allow-mixed to do it anyway)"
+            )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from benchmarks.latency import run_from_args
 
     if args.task is None:
+        check_comparable(args.checkpoint, args.allow_mixed)
         return run_from_args(args)
     from benchmarks.user_bench import bench_models
 
@@ -189,4 +206,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="FILE.py:FUNCTION",
         help="your own model: the unpruned model against each --checkpoint (pruned checkpoints of it)",
     )
+    b.add_argument("--allow-mixed", action="store_true", help="compare checkpoints of other modalities or presets")
     b.set_defaults(run=cmd_bench)

@@ -53,7 +53,7 @@ def opset_problem(opset: int, pool_method: str) -> str | None:
     scatter-add (the BEV map was off by 6.9 at opset 13)."""
     if isinstance(opset, bool) or not isinstance(opset, int):
         return f"--opset must be a whole number, got {opset!r}"
-    needed = 16 if pool_method == "scatter" else 11
+    needed = {"scatter": 16, "cumsum": 11}.get(pool_method, 9)  # no camera: no BEV pooling in the graph
     if opset < needed:
         reason = "ScatterElements with reduction=add" if pool_method == "scatter" else "CumSum"
         return f"opset {opset} cannot express {pool_method} BEV pooling ({reason} needs opset >= {needed})"
@@ -98,7 +98,8 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     check_replaceable(out_dir, (EXPORT_KIND,), overwrite)
     model, meta = load_checkpoint(checkpoint_dir, expect_preset=preset)
-    problem = opset_problem(opset, pool_method or model.config.model.pool_method)
+    pooling = (pool_method or model.config.model.pool_method) if model.camera is not None else None
+    problem = opset_problem(opset, pooling)
     if problem:
         raise ValueError(problem)
     work = work_directory(out_dir)

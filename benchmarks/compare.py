@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.argtypes import non_negative_int, positive_int
+
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
 STRUCTURED_TARGETS = (0.3, 0.5, 0.7)
@@ -496,17 +498,24 @@ def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]
 
 # ---- command line -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="reports/compare", help="output directory (default: reports/compare)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: reports/compare; --quick: reports/compare-quick, never the full grid's)",
+    )
     p.add_argument("--checkpoint", default=str(SHIPPED), help="unpruned fusion checkpoint (default: shipped tiny)")
     p.add_argument("--quick", action="store_true", help="1 seed, 50%% GFLOPs only, 50 fine-tune steps")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 3; --quick: 1)")
-    p.add_argument("--finetune-steps", type=int, help="fine-tune budget per method (default 100; --quick: 50)")
-    p.add_argument("--train-scenes", type=int, default=200, help="training scenes for fine-tuning (default 200)")
-    p.add_argument("--val-scenes", type=int, default=100, help="val scenes (default 100)")
-    p.add_argument("--synflow-iterations", type=int, default=100)
-    p.add_argument("--imp-levels", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", type=positive_int, help="number of seeds (default 3; --quick: 1)")
+    p.add_argument(
+        "--finetune-steps", type=non_negative_int, help="fine-tune budget per method (default 100; --quick: 50)"
+    )
+    p.add_argument(
+        "--train-scenes", type=positive_int, default=200, help="training scenes for fine-tuning (default 200)"
+    )
+    p.add_argument("--val-scenes", type=positive_int, default=100, help="val scenes (default 100)")
+    p.add_argument("--synflow-iterations", type=positive_int, default=100)
+    p.add_argument("--imp-levels", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--scoring-cost", action="store_true", help="measure per-criterion scoring time and memory instead")
     p.add_argument("--cost-child", choices=COST_KINDS, help=argparse.SUPPRESS)
 
@@ -515,8 +524,9 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
     if args.cost_child:
         print(json.dumps(_cost_child(args.cost_child, args.threads, args.synflow_iterations)))
         return []
+    out = Path(args.out or ("reports/compare-quick" if args.quick else "reports/compare"))
     if args.scoring_cost:
-        return scoring_cost(Path(args.out), args.threads, args.synflow_iterations)
+        return scoring_cost(Path(args.out or "reports/compare"), args.threads, args.synflow_iterations)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -537,7 +547,10 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
         synflow_iterations=args.synflow_iterations,
         imp_levels=args.imp_levels,
     )
-    return compare(Path(args.out), settings, methods, pick(args.seeds, 3, 1), quick)
+    stored = out / "compare.json"
+    if stored.is_file() and json.loads(stored.read_text()).get("quick", quick) != quick:
+        raise ValueError(f"{out} holds a {'full' if quick else '--quick'} comparison; give --out another folder")
+    return compare(out, settings, methods, pick(args.seeds, 3, 1), quick)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

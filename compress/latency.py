@@ -4,10 +4,16 @@ A table holds, for every conv/linear layer of one model, its latency (median ms,
 with its BN and activation, at the model's real feature-map sizes) on a grid of input x output widths.
 Between grid points the latency is interpolated bilinearly; below the smallest grid width the smallest
 width's latency is used (tiny layers are overhead-bound, so this errs on the slow side). Everything the
-table does not cover (pooling, gathers, adds, concats, the runtime's own overhead) is one constant, the
-"rest": the unpruned model measured end to end minus the sum of the table's full-width entries.
+table does not cover (pooling, gathers, adds, concats, the runtime's own overhead) is the "rest": the
+unpruned model measured end to end minus the sum of the table's full-width entries.
 
-    predicted latency = sum over layers of table(c_in, c_out) + rest
+The rest is not always constant. On the `small` preset it was 28% of the latency, almost all of it the
+LSS BEV pooling, whose cost is linear in the context channels: a constant rest over-predicted a pruned
+model by 86%. So a table may carry per-group rest terms ("rest_terms"): the model measured end to end
+with one group cut to about a quarter of its width gives the change of the rest per removed channel of
+that group; terms below the measurement noise are recorded but not used. Then
+
+    predicted latency = sum over layers of table(c_in, c_out) + rest - sum over groups of slope x removed
 
 A table is valid for one model only: its layers, full widths and feature-map sizes are checked against
 the model on load (`check_table`), so a table from another model, preset or backend is a one-line error.
@@ -90,6 +96,12 @@ class LatencyTable:
     settings: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)  # e.g. the measured interpolation error
+    # group root -> {"channels", "kept", "ms_per_channel" (rest saved per removed channel), "used", ...}
+    rest_terms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def rest_slopes(self) -> dict[str, float]:
+        """ms of rest saved per removed root channel, for the terms in use."""
+        return {root: float(t["ms_per_channel"]) for root, t in self.rest_terms.items() if t.get("used", True)}
 
     @property
     def table_full_ms(self) -> float:
@@ -117,6 +129,7 @@ class LatencyTable:
                 settings=dict(data.get("settings", {})),
                 model=dict(data.get("model", {})),
                 checks=dict(data.get("checks", {})),
+                rest_terms=dict(data.get("rest_terms", {})),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise LatencyTableError(f"{source} is malformed: {type(error).__name__}: {error}") from None
@@ -248,12 +261,22 @@ def check_table(table: LatencyTable, graph: ChannelGraph, backend: str | None = 
                 f"{where}: layer {name}'s feature maps differ (table {_shape_text(entry.shapes)}, model "
                 f"{_shape_text(shapes)}): another preset, input size or batch size"
             )
-        for k, (prunable, grid) in enumerate(zip(dims[name], (entry.grid_in, entry.grid_out))):
+        for k, (prunable, grid) in enumerate(zip(dims[name], (entry.grid_in, entry.grid_out))):  # noqa: B007
             if prunable and len(grid) < 2 and not (k == 0 and entry.depthwise):
                 raise LatencyTableError(
                     f"{where}: layer {name}'s {'input' if k == 0 else 'output'} channels are pruned but the "
                     "table has their full width only (built with other protected layers?)"
                 )
+    _check_rest_terms(table, graph, where)
+
+
+def _check_rest_terms(table: LatencyTable, graph: ChannelGraph, where: str) -> None:
+    modules = dict(graph.model.named_modules())
+    for root, term in table.rest_terms.items():
+        if root not in table.layers:
+            raise LatencyTableError(f"{where}: rest term for {root}, which is not a layer of the model")
+        if term.get("channels") != layer_widths(modules[root])[1]:
+            raise LatencyTableError(f"{where}: rest term for {root} was measured on {term.get('channels')} channels")
 
 
 def _shape_text(shapes: list) -> str:

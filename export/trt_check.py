@@ -602,7 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="path to the .onnx file (external data next to it is loaded)")
     parser.add_argument("--fp16", action="store_true", help="also flag ops that are risky in FP16")
     args = parser.parse_args(argv)
-    findings = check_model(args.model, fp16=args.fp16)
+    if not os.path.isfile(args.model):
+        print(f"error: {args.model} does not exist or is not a file", file=sys.stderr)
+        return 2
+    try:
+        findings = check_model(args.model, fp16=args.fp16)
+    except Exception as error:  # noqa: BLE001 - a file onnx cannot parse: say so in one line
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {args.model} is not a readable ONNX model ({reason})", file=sys.stderr)
+        return 2
     print(format_findings(findings))
     return 1 if any(f.severity == ERROR for f in findings) else 0
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fusion.checkpoint import TRAIN_STATE_META
 from fusion.data.dataset import SyntheticScenes
 from fusion.models.bevfusion import BEVFusion
-from fusion.train import fit
+from fusion.train import check_resumable, fit
 
 
 @dataclasses.dataclass
@@ -58,6 +59,8 @@ def finetune(
         threads=config.threads,
         checkpoint_every=max(1, config.steps // 3),
     )
+    if resume and out_dir is not None and (Path(out_dir) / TRAIN_STATE_META).is_file():
+        check_resumable(Path(out_dir), train)  # before rendering: a refused resume costs nothing
     dataset = train_set or SyntheticScenes(model.config, "train", num_scenes=config.scenes, progress=progress)
     meta = {**(metadata or {}), "finetune": dataclasses.asdict(config)}
     return fit(
