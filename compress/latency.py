@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from common.task import PARTS
-from compress.structured import TRANSPOSED, ChannelGraph, PruningError, is_depthwise
+from compress.structured import ChannelGraph, PruningError, is_depthwise
 
 FORMAT = "altermoma-latency-table"
 VERSION = 1
@@ -261,7 +261,7 @@ def check_table(table: LatencyTable, graph: ChannelGraph, backend: str | None = 
                 f"{where}: layer {name}'s feature maps differ (table {_shape_text(entry.shapes)}, model "
                 f"{_shape_text(shapes)}): another preset, input size or batch size"
             )
-        for k, (prunable, grid) in enumerate(zip(dims[name], (entry.grid_in, entry.grid_out))):  # noqa: B007
+        for k, (prunable, grid) in enumerate(zip(dims[name], (entry.grid_in, entry.grid_out))):
             if prunable and len(grid) < 2 and not (k == 0 and entry.depthwise):
                 raise LatencyTableError(
                     f"{where}: layer {name}'s {'input' if k == 0 else 'output'} channels are pruned but the "
@@ -293,12 +293,15 @@ class LatencyPredictor:
         modules = dict(graph.model.named_modules())
         self.full = {name: layer_widths(modules[name]) for name in table.layers}
         self.part = {name: graph.partition.part_of(name) or "fusion" for name in table.layers}
-        self.depthwise = {name: is_depthwise(modules[name]) for name in table.layers}
-        self.transposed = {name: isinstance(modules[name], TRANSPOSED) for name in table.layers}
+        self.slopes = table.rest_slopes()
 
     def cost(self, layer: str, removed_in: int, removed_out: int) -> float:
         c_in, c_out = self.full[layer]
         return self.table.layers[layer].lookup(c_in - removed_in, c_out - removed_out)
+
+    def group_slopes(self) -> list[float]:
+        """Per current group, the rest saved per removed root channel (0 without a term)."""
+        return [self.slopes.get(group.root, 0.0) for group in self.graph.groups]
 
     def removed(self, pruned: list[torch.Tensor] | None) -> tuple[dict[str, int], dict[str, int]]:
         """Input and output channels removed per layer by the pruned root channels (bool masks per group)."""
@@ -315,19 +318,30 @@ class LatencyPredictor:
         removed_in, removed_out = self.removed(pruned)
         return {name: self.cost(name, removed_in.get(name, 0), removed_out.get(name, 0)) for name in self.full}
 
+    def rest_changes(self, pruned: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Change of the rest (ms, <= 0 when pruning saves) per group root with a rest term."""
+        changes = {}
+        for group, slope, mask in zip(self.graph.groups, self.group_slopes(), pruned or []):
+            if slope:
+                changes[group.root] = -slope * int(mask.sum())
+        return changes
+
     def total_ms(self, pruned: list[torch.Tensor] | None = None) -> float:
-        return sum(self.layers_ms(pruned).values()) + self.table.rest_ms
+        return sum(self.layers_ms(pruned).values()) + self.table.rest_ms + sum(self.rest_changes(pruned).values())
 
     def report(self, pruned: list[torch.Tensor]) -> dict[str, Any]:
-        """Predicted latency before and after: total, per partition (rest apart) and per layer."""
+        """Predicted latency before and after: total, per partition (layers and rest terms) and per layer."""
         before, after = self.layers_ms(None), self.layers_ms(pruned)
         removed_in, removed_out = self.removed(pruned)
-        rest = self.table.rest_ms
-        total_before, total_after = sum(before.values()) + rest, sum(after.values()) + rest
+        rest_changes = self.rest_changes(pruned)
+        rest_before, rest_after = self.table.rest_ms, self.table.rest_ms + sum(rest_changes.values())
+        total_before, total_after = sum(before.values()) + rest_before, sum(after.values()) + rest_after
         parts = {p: {"before_ms": 0.0, "after_ms": 0.0} for p in PARTS}
         for name in before:
             parts[self.part[name]]["before_ms"] += before[name]
             parts[self.part[name]]["after_ms"] += after[name]
+        for root, change in rest_changes.items():  # the rest a partition's pruning saved counts there
+            parts[self.part[root]]["after_ms"] += change
         layers = {}
         for name in before:
             c_in, c_out = self.full[name]
@@ -344,7 +358,9 @@ class LatencyPredictor:
             "predicted_after_ms": total_after,
             "predicted_ratio": total_after / total_before,
             "predicted_speedup": total_before / total_after,
-            "rest_ms": rest,
+            "rest_before_ms": rest_before,
+            "rest_after_ms": rest_after,
+            "rest_changes_ms": rest_changes,
             "table_end_to_end_ms": self.table.end_to_end_ms,
             "partitions": {p: v for p, v in parts.items() if v["before_ms"] > 0},
             "layers": layers,

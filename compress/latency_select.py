@@ -40,12 +40,13 @@ class _Group:
     prefix: list[float]  # prefix[r]: total score of the r lowest channels
     removable: list[int]  # allowed numbers of removed channels, ascending (0 first)
     items: list[tuple[str, int, list[int]]]  # (layer, 0 in / 1 out, removed at that layer when r root channels go)
+    slope: float = 0.0  # rest saved per removed root channel (the table's rest term for this group)
 
 
 def _groups(graph: ChannelGraph, predictor: LatencyPredictor, scores, tiebreak, round_to, max_group_ratio):
     ranks = global_ranks(scores, tiebreak)
     result = []
-    for group, score, rank in zip(graph.groups, scores, ranks):
+    for group, score, rank, slope in zip(graph.groups, scores, ranks, predictor.group_slopes()):
         n = group.channels
         order = torch.argsort(rank, stable=True)
         values = score.double()[order]
@@ -60,7 +61,7 @@ def _groups(graph: ChannelGraph, predictor: LatencyPredictor, scores, tiebreak, 
             multiplicity = torch.bincount(item.root_idxs, minlength=n)[order]
             cum = [0] + torch.cumsum(multiplicity, 0).tolist()
             items.append((item.layer, 1 if item.kind == "out" else 0, cum))
-        result.append(_Group(n, order, prefix, [n - k for k in kept], items))
+        result.append(_Group(n, order, prefix, [n - k for k in kept], items, slope))
     return result
 
 
@@ -75,7 +76,8 @@ class _State:
             for layer, kind, cum in g.items:
                 self.removed[layer][kind] += cum[r]
         self.ms = {name: predictor.cost(name, *self.removed[name]) for name in predictor.full}
-        self.total = sum(self.ms.values()) + predictor.table.rest_ms
+        self.rest = predictor.table.rest_ms - sum(g.slope * r for g, r in zip(groups, removed))
+        self.total = sum(self.ms.values()) + self.rest
 
     def delta(self, gi: int, r_new: int) -> tuple[float, dict[str, list[int]]]:
         """Latency change (new - current, ms) if group gi had r_new channels removed; the new layer counts."""
@@ -85,15 +87,16 @@ class _State:
             counts = changed.setdefault(layer, list(self.removed[layer]))
             counts[kind] += cum[r_new] - cum[r_old]
         change = sum(self.predictor.cost(layer, *counts) - self.ms[layer] for layer, counts in changed.items())
-        return change, changed
+        return change - g.slope * (r_new - r_old), changed
 
     def apply(self, gi: int, r_new: int) -> None:
         change, changed = self.delta(gi, r_new)
         for layer, counts in changed.items():
             self.removed[layer] = counts
             self.ms[layer] = self.predictor.cost(layer, *counts)
+        self.rest -= self.groups[gi].slope * (r_new - self.r[gi])
         self.r[gi] = r_new
-        self.total = sum(self.ms.values()) + self.predictor.table.rest_ms
+        self.total = sum(self.ms.values()) + self.rest
 
 
 def _neighbours(groups: list[_Group]) -> list[set[int]]:

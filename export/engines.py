@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.parity import compare_outputs
 from common.io import verify_manifest
+from export.parity import compare_outputs
 from export.runtime import TensorRTUnavailable, import_tensorrt
 from export.tensorrt import EngineSpec, build_engine, read_onnx_io, trtexec_command
 
