@@ -110,6 +110,12 @@ def export_user(args: argparse.Namespace) -> None:
     print(f"report: {out / 'export_report.json'}")
 
 
+def check_writable_folder(out) -> None:
+    from common.io import check_writable_folder as check
+
+    check(out)
+
+
 def check_comparable(checkpoints: list[str], allow_mixed: bool) -> None:
     """A speed-up between a camera-only and a fusion model, or two presets, means nothing: refused
     unless --allow-mixed."""
@@ -129,6 +135,7 @@ def check_comparable(checkpoints: list[str], allow_mixed: bool) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from benchmarks.latency import run_from_args
 
+    check_writable_folder(args.out)
     if args.task is None:
         check_comparable(args.checkpoint, args.allow_mixed)
         return run_from_args(args)

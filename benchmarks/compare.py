@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.argtypes import non_negative_int, positive_int
+from common.io import check_writable_folder
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
@@ -547,6 +548,7 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
         synflow_iterations=args.synflow_iterations,
         imp_levels=args.imp_levels,
     )
+    check_writable_folder(out)
     stored = out / "compare.json"
     if stored.is_file() and json.loads(stored.read_text()).get("quick", quick) != quick:
         raise ValueError(f"{out} holds a {'full' if quick else '--quick'} comparison; give --out another folder")

@@ -636,6 +636,12 @@ def run_from_args(args: argparse.Namespace) -> None:
             if lat.get("status") == "ok":
                 parts.append(f"{backend} {lat['total']['median_ms']:.2f} ms")
         print("; ".join(parts))
+    for row in report["comparison"]:
+        if row["model"] != report["models"][0]["label"]:
+            print(
+                f"  {row['model']} on {row['backend']}: speed-up {row['speedup']:.2f}x for "
+                f"{row['gflops_ratio']:.2f}x fewer GFLOPs (efficiency {row['efficiency']:.2f})"
+            )
     skipped = sorted({state for state in report["backends"].values() if state != "available"})
     for state in skipped:
         print(f"  {state}")

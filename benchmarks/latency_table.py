@@ -40,7 +40,7 @@ from torch import nn
 from benchmarks.latency import environment, measure
 from common.task import Task
 from compress.latency import LatencyTable, LayerEntry, layer_widths, prunable_dims, width_grid
-from compress.structured import LAYERS, ChannelGraph, is_depthwise
+from compress.structured import LAYERS, ChannelGraph, is_depthwise, min_kept
 from export.onnx import eval_mode, export_onnx, session_options, torch_threads
 
 TIMED_BACKENDS = ("ort-cpu", "torch-cpu", "torch-cuda")
@@ -222,19 +222,19 @@ def require_cuda() -> None:
         raise ValueError(f"--backend torch-cuda needs a CUDA device: torch {torch.__version__} ({build}) sees none")
 
 
-def end_to_end_ms(subject: Subject, backend: str, threads: int, warmup: int, runs: int, workdir: Path) -> float:
-    """The unpruned model end to end on the backend (median ms): the reference for the rest term."""
-    model, (args, kwargs) = subject.model, subject.task.arguments(subject.example_batch)
+def end_to_end_ms(
+    model: nn.Module, task: Task, example_batch: Any, backend: str, threads: int, warmup: int, runs: int, workdir: Path
+) -> float:
+    """A whole model end to end on the backend (median ms): the reference for the rest."""
+    args, kwargs = task.arguments(example_batch)
     if backend == "ort-cpu":
         from export.onnx import ort_session
 
-        inputs = kwargs if kwargs else args
-        details = export_onnx(model, inputs, workdir / "model.onnx", check=False, threads=threads)
-        session = ort_session(details["path"], threads)
-        names = [i.name for i in session.get_inputs()]
         tensors = list(kwargs.values()) if kwargs else list(args)
+        details = export_onnx(model, kwargs if kwargs else args, workdir / "model.onnx", check=False, threads=threads)
+        session = ort_session(details["path"], threads)
         feeds = dict(zip(details["input_names"], (t.detach().cpu().numpy() for t in tensors)))
-        feeds = {name: feeds[name] for name in names}
+        feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
         return measure(lambda: session.run(None, feeds), warmup, runs)["median_ms"]
     if backend == "torch-cuda":
         gpu = copy.deepcopy(model).cuda().eval()
@@ -249,6 +249,41 @@ def end_to_end_ms(subject: Subject, backend: str, threads: int, warmup: int, run
             return measure(call, warmup, runs)["median_ms"]
     with torch_threads(threads), torch.inference_mode(), eval_mode(model):
         return measure(lambda: model(*args, **kwargs), warmup, runs)["median_ms"]
+
+
+def calibration_points(graph: ChannelGraph, round_to: int, grid_points: int) -> list[tuple[str, int, int]]:
+    """(group root, channels, kept) per group: the grid width nearest a quarter of the group (above the
+    default 90% cap), so the layers' part of the change is read off grid points, not interpolated."""
+    points = []
+    for group in graph.groups:
+        n = group.channels
+        floor = min_kept(n, round_to, 0.9)
+        widths = [w for w in width_grid(n, True, round_to, grid_points) if floor <= w < n]
+        if widths:
+            points.append((group.root, n, min(widths, key=lambda w: (abs(w - n / 4), w))))
+    return points
+
+
+def pruned_copy(subject: Subject, root: str, removed: int) -> nn.Module:
+    """A copy of the subject's model with `removed` channels of the group rooted at `root` cut."""
+    model = copy.deepcopy(subject.model)
+    graph = ChannelGraph(model, subject.task, subject.example_batch)
+    masks = [torch.arange(g.channels) < (removed if g.root == root else 0) for g in graph.groups]
+    graph.prune(masks)
+    return model.eval()
+
+
+def table_ms_of(model: nn.Module, layers: dict[str, LayerEntry]) -> float:
+    """The table's layers at a (pruned) model's widths."""
+    modules = dict(model.named_modules())
+    return sum(entry.lookup(*layer_widths(modules[name])) for name, entry in layers.items())
+
+
+def rest_term(root: str, n: int, kept: int, e2e_ms: float, table_ms: float, rest_full: float, threshold: float) -> dict:
+    rest = e2e_ms - table_ms
+    slope = (rest_full - rest) / (n - kept)
+    return {"channels": n, "kept": kept, "end_to_end_ms": e2e_ms, "table_ms": table_ms, "rest_ms": rest,
+            "rest_change_ms": rest - rest_full, "ms_per_channel": slope, "used": abs(rest - rest_full) >= threshold}  # fmt: skip
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -276,10 +311,13 @@ def build_table(
     warmup: int = 5,
     check_points: int = 8,
     end_to_end_runs: int = 50,
+    rest_terms: bool = True,
+    rest_threshold: float = 0.005,
     workdir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LatencyTable:
-    """Time every layer snippet over its grid (and a few off-grid checks) and the model end to end."""
+    """Time every layer snippet over its grid (and a few off-grid checks) and the model end to end; with
+    `rest_terms`, also the model with each group cut to about a quarter (the rest's per-group slopes)."""
     import tempfile
 
     if backend not in TIMED_BACKENDS:
@@ -313,11 +351,34 @@ def build_table(
         )
         say(f"[{k + 1}/{len(snippets)}] {name}: {len(rows)}x{len(grid['out'])} widths, full {ms[-1][-1]:.3f} ms")
     checks = interpolation_check(snippets, layers, timed, round_to, check_points)
+    full = sum(e.full_ms for e in layers.values())
+    e2e_runs = max(runs, end_to_end_runs)
+    terms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
         workdir = Path(workdir) if workdir is not None else Path(tmp)
-        e2e = end_to_end_ms(subject, backend, threads, warmup, max(runs, end_to_end_runs), workdir)
-    full = sum(e.full_ms for e in layers.values())
-    say(f"end to end {e2e:.2f} ms, table at full width {full:.2f} ms, rest {e2e - full:.2f} ms")
+
+        def whole(model: nn.Module, runs: int) -> float:
+            return end_to_end_ms(model, subject.task, subject.example_batch, backend, threads, warmup, runs, workdir)
+
+        e2e = whole(subject.model, e2e_runs)
+        say(f"end to end {e2e:.2f} ms, table at full width {full:.2f} ms, rest {e2e - full:.2f} ms")
+        if rest_terms:
+            measured = []
+            for root, n, kept in calibration_points(graph, round_to, grid_points):
+                model = pruned_copy(subject, root, n - kept)
+                measured.append((root, n, kept, whole(model, max(runs, 20)), table_ms_of(model, layers)))
+                say(f"rest term {root}: {n} -> {kept} channels, rest {measured[-1][3] - measured[-1][4]:.2f} ms")
+            again = whole(subject.model, e2e_runs)
+            noise = abs(again - e2e)
+            threshold = max(2.0 * noise, rest_threshold * e2e)
+            terms = {m[0]: rest_term(*m, rest_full=e2e - full, threshold=threshold) for m in measured}
+            checks["rest_terms"] = {
+                "end_to_end_again_ms": again,
+                "noise_ms": noise,
+                "threshold_ms": threshold,
+                "rule": f"a term is used when its rest change is >= max(2 x noise, {rest_threshold:.1%} of end to end)",
+                "used": sorted(root for root, t in terms.items() if t["used"]),
+            }
     env = environment(threads, _batch_size(snippets))
     env["backend"] = backend
     return LatencyTable(
@@ -332,7 +393,8 @@ def build_table(
             "grid_points": grid_points,
             "runs": runs,
             "warmup": warmup,
-            "end_to_end_runs": max(runs, end_to_end_runs),
+            "end_to_end_runs": e2e_runs,
+            "rest_terms": "per group, measured" if rest_terms else "none: the rest is a constant",
             "statistic": "median",
             "interpolation": "bilinear between grid widths, clamped at the grid's edges",
             "snippet": "the layer + the BatchNorm and activation module that consume its output in the model",
@@ -341,6 +403,7 @@ def build_table(
         },
         model=model_info(subject, graph),
         checks=checks,
+        rest_terms=terms,
     )
 
 

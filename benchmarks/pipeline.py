@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_writable_folder
 from compress.oneshot import measured_gflops
 from compress.prune import prune
 from compress.request import PruneRequest
@@ -79,6 +79,7 @@ def format_partitions(report: dict) -> str:
 def run_pipeline(
     out: Path, from_scratch: bool, request: PruneRequest, finetune_steps: int, val_scenes: int, threads: int
 ) -> dict:
+    check_writable_folder(out)
     start = time.time()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
