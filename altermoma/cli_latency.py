@@ -68,7 +68,14 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
     subject = load_subject(args)
     if args.backend == "trtexec-script":
         out = lt.write_trtexec_folder(
-            subject, args.out, args.round_to, args.grid_points, args.runs, args.trt_warmup_ms, args.precision
+            subject,
+            args.out,
+            args.round_to,
+            args.grid_points,
+            args.runs,
+            args.trt_warmup_ms,
+            args.precision,
+            with_rest_terms=not args.no_rest_terms,
         )
         print(f"wrote {out}: copy it to the device, run `sh {out.name}/run_trtexec.sh` there, then")
         print(f"  altermoma latency-table --parse-trtexec {out} --out {out}.json")
@@ -82,6 +89,7 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
         runs=args.runs,
         warmup=args.warmup,
         check_points=args.check_points,
+        rest_terms=not args.no_rest_terms,
         progress=(lambda text: print(text, file=sys.stderr)) if not args.quiet else None,
     )
     save_table(table, args.out)
@@ -96,6 +104,10 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
             f"interpolation error on {len(check['points'])} off-grid widths: mean {check['mean_abs_relative_error']:.1%}, "
             f"max {check['max_abs_relative_error']:.1%}"
         )
+    rest = table.checks.get("rest_terms")
+    if rest is not None:
+        used = ", ".join(f"{r} {table.rest_terms[r]['ms_per_channel']:.3f} ms/channel" for r in rest["used"]) or "none"
+        print(f"rest terms above the noise ({rest['threshold_ms']:.2f} ms): {used}")
     print(f"saved {args.out}")
 
 
@@ -118,6 +130,11 @@ def add_latency_table_parser(sub: argparse._SubParsersAction) -> argparse.Argume
                    "interpolation error (default 8)")  # fmt: skip
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="trtexec-script precision")
     p.add_argument("--trt-warmup-ms", type=_non_negative, default=500, help="trtexec --warmUp (ms), default 500")
+    p.add_argument(
+        "--no-rest-terms",
+        action="store_true",
+        help="skip timing the model once per group (the rest stays one constant; faster, less accurate)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
     p.set_defaults(run=cmd_latency_table)
     return p

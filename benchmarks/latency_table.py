@@ -426,7 +426,8 @@ def model_info(subject: Subject, graph: ChannelGraph) -> dict[str, Any]:
 def interpolation_check(
     snippets: dict[str, Snippet], layers: dict[str, LayerEntry], timed, round_to: int, count: int
 ) -> dict[str, Any]:
-    """Time `count` random widths on the round_to lattice that are not grid points; compare with the table."""
+    """Time `count` widths on the round_to lattice that are not grid points (half drawn uniformly, half from
+    the five slowest layers with thinned grids, where errors cost most) and compare with the table."""
     candidates = []
     for name, entry in layers.items():
         lattice_out = width_grid(entry.c_out, len(entry.grid_out) > 1, round_to, 10**6)
@@ -437,10 +438,16 @@ def interpolation_check(
             for co in lattice_out:
                 if (ci not in entry.grid_in and not entry.depthwise) or co not in entry.grid_out:
                     candidates.append((name, ci, co))
-    if not candidates:
-        return {"interpolation": {"points": [], "note": "every round_to width is a grid point: no interpolation"}}
+    if not candidates or count == 0:
+        return {
+            "interpolation": {"points": [], "note": "no off-grid width checked (all round_to widths are grid points)"}
+        }
     rng = random.Random(0)
-    picks = rng.sample(candidates, min(count, len(candidates)))
+    slowest = sorted({c[0] for c in candidates}, key=lambda n: -layers[n].full_ms)[:5]
+    heavy = [c for c in candidates if c[0] in slowest]
+    picks = rng.sample(heavy, min(count // 2, len(heavy)))
+    rest = [c for c in candidates if c not in picks]
+    picks += rng.sample(rest, min(count - len(picks), len(rest)))
     points = []
     for name, ci, co in picks:
         entry = layers[name]
@@ -451,11 +458,13 @@ def interpolation_check(
              "relative_error": (predicted - measured) / measured if measured > 0 else 0.0}
         )  # fmt: skip
     errors = [abs(p["relative_error"]) for p in points]
+    weighted = sum(abs(p["interpolated_ms"] - p["measured_ms"]) for p in points) / sum(p["measured_ms"] for p in points)
     return {
         "interpolation": {
             "points": points,
             "mean_abs_relative_error": float(np.mean(errors)),
             "max_abs_relative_error": float(np.max(errors)),
+            "ms_weighted_abs_error": weighted,
         }
     }
 
@@ -470,6 +479,8 @@ def write_trtexec_folder(
     warmup_ms: int = 500,
     precision: str = "fp16",
     overwrite: bool = False,
+    with_rest_terms: bool = True,
+    rest_threshold: float = 0.005,
 ) -> Path:
     """Write onnx/<point>.onnx per layer snippet width (and onnx/model.onnx), run_trtexec.sh and snippets.json.
 
@@ -512,22 +523,39 @@ def write_trtexec_folder(
                 "grid_out": grid["out"], "snippet": snippet.parts, "depthwise": depthwise, "points": ids,
             }  # fmt: skip
         args, kwargs = subject.task.arguments(subject.example_batch)
-        export_onnx(subject.model, kwargs if kwargs else args, folder / "onnx" / "model.onnx", check=False)
+        inputs = kwargs if kwargs else args
+        export_onnx(subject.model, inputs, folder / "onnx" / "model.onnx", check=False)
+        rest_terms = {}
+        if with_rest_terms:
+            for k, (root, n, kept) in enumerate(calibration_points(graph, round_to, grid_points)):
+                model = pruned_copy(subject, root, n - kept)
+                export_onnx(model, inputs, folder / "onnx" / f"rest{k:03d}.onnx", check=False)
+                widths = {name: list(layer_widths(m)) for name, m in model.named_modules() if name in layers}
+                rest_terms[root] = {"channels": n, "kept": kept, "point": f"rest{k:03d}", "widths": widths}
         for ids in signatures.values():
             points.update({p: {} for p in ids})
         settings = {
             "round_to": round_to, "grid_points": grid_points, "runs": runs, "warmup_ms": warmup_ms,
             "precision": precision, "statistic": "median of trtexec's GPU Compute Time",
             "interpolation": "bilinear between grid widths, clamped at the grid's edges",
+            "rest_threshold": rest_threshold,
         }  # fmt: skip
-        manifest = {"layers": layers, "settings": settings, "model": model_info(subject, graph)}
+        manifest = {
+            "layers": layers,
+            "settings": settings,
+            "model": model_info(subject, graph),
+            "rest_terms": rest_terms,
+        }
         manifest["host"] = environment(1, _batch_size(snippets))
         (folder / SNIPPETS).write_text(json.dumps(manifest, indent=1))
-        (folder / "run_trtexec.sh").write_text(trtexec_script(["model", *points], runs, warmup_ms, precision))
+        runs_list = ["model", *points, *(t["point"] for t in rest_terms.values()), ("model", "model-again")]
+        (folder / "run_trtexec.sh").write_text(trtexec_script(runs_list, runs, warmup_ms, precision))
     return Path(out)
 
 
-def trtexec_script(points: list[str], runs: int, warmup_ms: int, precision: str) -> str:
+def trtexec_script(points: list[str | tuple[str, str]], runs: int, warmup_ms: int, precision: str) -> str:
+    """One trtexec run per graph (a (graph, log name) pair logs under another name: the model run twice
+    measures the noise)."""
     flags = [f"--warmUp={warmup_ms}", f"--iterations={runs}", "--duration=0", "--noDataTransfers"]
     if precision == "fp16":
         flags.insert(0, "--fp16")
@@ -540,10 +568,10 @@ def trtexec_script(points: list[str], runs: int, warmup_ms: int, precision: str)
         'TRTEXEC="${TRTEXEC:-trtexec}"',
         "mkdir -p logs",
         "run() {",
-        f'  "$TRTEXEC" --onnx="onnx/$1.onnx" {" ".join(flags)} > "logs/$1.log" 2>&1 || echo "trtexec failed: $1"',
+        f'  "$TRTEXEC" --onnx="onnx/$1.onnx" {" ".join(flags)} > "logs/${{2:-$1}}.log" 2>&1 || echo "trtexec failed: $1"',
         "}",
     ]
-    lines += [f"run {shlex.quote(p)}" for p in points]
+    lines += [f"run {' '.join(map(shlex.quote, p if isinstance(p, tuple) else (p,)))}" for p in points]
     return "\n".join(lines) + "\n"
 
 
@@ -598,6 +626,15 @@ def parse_trtexec_folder(folder: str | os.PathLike) -> LatencyTable:
     e2e = median("model")
     full = sum(e.full_ms for e in layers.values())
     settings = manifest["settings"]
+    terms, checks = {}, {}
+    if manifest.get("rest_terms"):
+        again = median("model-again")
+        threshold = max(2.0 * abs(again - e2e), settings["rest_threshold"] * e2e)
+        for root, t in manifest["rest_terms"].items():
+            table_ms = sum(e.lookup(*t["widths"][name]) for name, e in layers.items())
+            terms[root] = rest_term(root, t["channels"], t["kept"], median(t["point"]), table_ms, e2e - full, threshold)
+        checks["rest_terms"] = {"end_to_end_again_ms": again, "noise_ms": abs(again - e2e), "threshold_ms": threshold,
+                                "used": sorted(r for r, t in terms.items() if t["used"])}  # fmt: skip
     env = {**trtexec_environment(model_log), "backend": f"tensorrt-{settings['precision']}", "host": manifest["host"]}
     return LatencyTable(
         backend=f"tensorrt-{settings['precision']}",
@@ -607,4 +644,6 @@ def parse_trtexec_folder(folder: str | os.PathLike) -> LatencyTable:
         environment=env,
         settings=settings,
         model=manifest["model"],
+        checks=checks,
+        rest_terms=terms,
     )
