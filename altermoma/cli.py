@@ -236,6 +236,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     else:
         report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite)
     print_prune_report(report)
+    wanted = request.target_gflops if request.target_gflops is not None else request.sparsity
+    achieved = report.get("gflops_reduction") if request.target_gflops is not None else report.get("sparsity")
+    if wanted is not None and achieved is not None and abs(achieved - wanted) > 0.005:
+        print(f"note: {achieved:.1%} removed for the requested {wanted:.1%} (widths move in steps of --round-to)")
     if report.get("unpruned_groups"):
         print("left unpruned: " + "; ".join(f"{g['root']} ({g['reason']})" for g in report["unpruned_groups"]))
     if report.get("zero_then_prune_error", 0.0) > 1e-4:

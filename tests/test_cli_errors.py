@@ -40,6 +40,10 @@ def workspace(tmp_path_factory):
     head.weight = torch.nn.Parameter(head.weight[:2].clone())
     head.bias = torch.nn.Parameter(head.bias[:2].clone())
     save_checkpoint(root / "two-class", model)
+    model = build_model(get_config("tiny"), "lidar")
+    conv = model.lidar.blocks[0].conv1
+    conv.weight = torch.nn.Parameter(conv.weight[:, :, :1, :1].clone())  # a 1x1 kernel where the config has 3x3
+    save_checkpoint(root / "other-kernel", model, {"pruning": {"kind": "structured"}})
     assert main(["export", "onnx", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(root / "good-export"),
                  "--samples", "1"]) == 0  # fmt: skip
     return root
@@ -71,6 +75,7 @@ CASES = {
         "needs opset >= 16",
     ),
     "head-with-two-classes": (["evaluate", "--checkpoint", "{ws}/two-class"], "the config needs (3,"),
+    "kernel-size-not-the-configs": (["evaluate", "--checkpoint", "{ws}/other-kernel"], "cannot become (1, 1)"),
     "channel-ratio-out-of-reach": (
         [
             "prune",
