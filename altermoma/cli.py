@@ -2,11 +2,16 @@
 
 Errors a user can fix (a wrong path, a bad ratio, an unknown config key) are printed as one line
 starting with "error:" and exit with status 2; anything else is a bug and keeps its traceback.
+
+The compute verbs (train, prune, finetune, pipeline, evaluate) also run under
+`torchrun --nproc_per_node=N -m altermoma ...`: every rank runs the same command, rank 0 alone prints
+and writes, and a failing rank's messages start with "rank R/N:" (see docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +21,7 @@ from pathlib import Path
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_latency import add_latency_table_parser
 from benchmarks.compare import add_parser as add_compare_parser
+from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
 from common.io import check_replaceable
 from compress.partition import PartitionError
@@ -25,12 +31,14 @@ from fusion.checkpoint import CheckpointError
 from fusion.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
+DISTRIBUTED_VERBS = ("train", "prune", "finetune", "pipeline", "evaluate")
 USER_ERRORS = (
     CheckpointError,
     ConfigError,
     PartitionError,
     PruningError,
     TensorRTUnavailable,
+    dist.RankMismatchError,
     FileNotFoundError,
     FileExistsError,
     ValueError,
@@ -68,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fusion.train import check_resumable, fit, load_pretrained
 
     config = config_from_args(args)
+    if dist.is_distributed() and not any(o.split("=", 1)[0].strip() == "train.threads" for o in args.overrides):
+        config.train.threads = dist.default_threads()
     if not args.resume:
         check_replaceable(args.out, ("checkpoint",), args.overwrite)
     sources = {name: path for name, path in (("lidar", args.init_lidar), ("camera", args.init_camera)) if path}
@@ -94,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         metadata=metadata,
         desc=f"train {args.modality}",
+        sync_bn=args.sync_bn,
     )
     print(f"saved {args.out}")
 
@@ -133,13 +144,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.json:
         check_output_file(args.json, "--json")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads_of(args))
     model, _ = load_checkpoint(args.checkpoint)
     dataset = SyntheticScenes(model.config, args.split, num_scenes=args.scenes)
     metrics = evaluate(model, dataset)
     print(f"{args.checkpoint}: {summary_line(metrics)}")
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
+        dist.on_main(lambda: atomic_write_text(Path(args.json), json.dumps(metrics, indent=2)))
+
+
+def threads_of(args: argparse.Namespace) -> int:
+    """--threads, or its default: 2 in one process, the node's cores over its processes under torchrun."""
+    return args.threads if args.threads is not None else dist.default_threads()
 
 
 def prune_request(args: argparse.Namespace):
@@ -168,8 +184,18 @@ def prune_request(args: argparse.Namespace):
     ).validate()
 
 
-def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
-    """Load a reference checkpoint, prune, save; the output directory is written only once pruning has succeeded."""
+def run_prune(
+    checkpoint: str | Path,
+    request,
+    out: str | Path,
+    progress: bool = True,
+    overwrite: bool = False,
+    threads: int = 2,
+) -> dict:
+    """Load a reference checkpoint, prune, save; the output directory is written only once pruning has succeeded.
+
+    Under torchrun every rank prunes its copy (scoring shared out), rank 0 saves; `threads` goes to
+    IMP's fine-tunes between levels."""
     from compress.prune import prune
     from fusion.checkpoint import load_checkpoint, save_checkpoint
     from fusion.finetune import FinetuneConfig, imp_finetune_fn
@@ -182,11 +208,13 @@ def run_prune(checkpoint: str | Path, request, out: str | Path, progress: bool =
     if meta.get("quantized"):
         raise ValueError(f"{checkpoint} is quantized; prune the floating-point checkpoint, then quantize")
     batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed)
-    imp_tune = imp_finetune_fn(FinetuneConfig(), None, not request.structured, progress)
+    tune_config = FinetuneConfig() if not dist.is_distributed() else FinetuneConfig(threads=threads)
+    imp_tune = imp_finetune_fn(tune_config, None, not request.structured, progress)
     task, example = reference_task(model), first_sample(batches[0])
     report = prune(model, task, batches, request, example_batch=example, finetune_fn=imp_tune, progress=progress)
     report["source_checkpoint"] = str(checkpoint)
-    save_checkpoint(out, model, {"pruning": report, "command": " ".join(["altermoma", *sys.argv[1:]])})
+    meta = {"pruning": report, "command": " ".join(["altermoma", *sys.argv[1:]])}
+    dist.on_main(lambda: save_checkpoint(out, model, meta))
     return report
 
 
@@ -201,7 +229,7 @@ def run_user_prune(spec: str, request, out: str | Path, progress: bool = True, o
     train = setup.train_batches if isinstance(setup.train_batches, list | tuple) else None
     report = prune(setup.model, setup.task, setup.scoring_batches, request, train_batches=train, progress=progress)
     report["task"] = spec
-    save_pruned(setup.model, out, report)
+    dist.on_main(lambda: save_pruned(setup.model, out, report))
     return report
 
 
@@ -230,11 +258,12 @@ def cmd_prune(args: argparse.Namespace) -> None:
     request = dataclasses.replace(prune_request(args), best_effort=args.best_effort)
     if (args.task is None) == (args.checkpoint is None):
         raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
-    torch.set_num_threads(args.threads)
+    threads = threads_of(args)
+    torch.set_num_threads(threads)
     if args.task is not None:
         report = run_user_prune(args.task, request, args.out, overwrite=args.overwrite)
     else:
-        report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite)
+        report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite, threads=threads)
     print_prune_report(report)
     wanted = request.target_gflops if request.target_gflops is not None else request.sparsity
     achieved = report.get("gflops_reduction") if request.target_gflops is not None else report.get("sparsity")
@@ -264,9 +293,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         check_replaceable(args.out, ("checkpoint",), args.overwrite)
     model, meta = load_checkpoint(args.checkpoint)
     meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=args.threads)
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=threads_of(args))
     start = time.perf_counter()
-    finetune(model, config, args.out, metadata=meta, resume=args.resume)
+    finetune(model, config, args.out, metadata=meta, resume=args.resume, sync_bn=args.sync_bn)
     losses = read_metadata(args.out).get("last_loss")
     loss = f", last loss {losses:.4f}" if isinstance(losses, float) else ""
     print(f"fine-tuned {args.steps} steps in {time.perf_counter() - start:.0f} s{loss}; saved {args.out}")
@@ -286,10 +315,10 @@ def finetune_user(args: argparse.Namespace) -> None:
     meta = read_pruned_metadata(args.checkpoint)
     setup = load_setup(args.task)
     model = load_pruned(setup.model, args.checkpoint)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads_of(args))
     batches = setup.train_batches if setup.train_batches is not None else setup.scoring_batches
-    result = finetune(model, setup.task, batches, steps=args.steps, lr=args.lr)
-    save_pruned(model, args.out, {**meta.get("report", {}), "finetune": result})
+    result = finetune(model, setup.task, batches, steps=args.steps, lr=args.lr, sync_bn=args.sync_bn)
+    dist.on_main(lambda: save_pruned(model, args.out, {**meta.get("report", {}), "finetune": result}))
     print(
         f"fine-tuned {result['steps']} steps in {result['seconds']:.1f} s: loss {result['first_loss']:.4f} -> "
         f"{result['final_loss']:.4f}" + (" (zeros kept)" if result["kept_zeros"] else "")
@@ -306,7 +335,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         request=prune_request(args),
         finetune_steps=args.finetune_steps,
         val_scenes=args.val_scenes,
-        threads=args.threads,
+        threads=threads_of(args),
+        sync_bn=args.sync_bn,
     )
 
 
@@ -346,6 +376,10 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--seed", type=int, default=0)
 
 
+THREADS_HELP = "torch threads (default 2; under torchrun: the node's cores / its processes)"
+SYNC_BN_HELP = "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)"
+
+
 def add_trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--best-effort", action="store_true", help="accept a result more than 2 points from the target (warned)"
@@ -367,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-lidar", help="LiDAR-only checkpoint to initialise a fusion model from")
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+    p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
     add_config_args(p)
     p.set_defaults(run=cmd_train)
 
@@ -375,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--scenes", type=positive_int, help="number of scenes (default: the config's split size)")
     p.add_argument("--json", help="also write the metrics here")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("prune", help="score channels (or weights) and remove them")
@@ -384,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_prune_args(p)
     add_trust_args(p)
-    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint with the task loss")
@@ -394,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--scenes", type=positive_int, default=500, help="training scenes to render for fine-tuning")
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+    p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("pipeline", help="the main job: shipped checkpoints -> prune -> fine-tune -> evaluate")
@@ -404,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-scratch", action="store_true", help="retrain the camera, LiDAR and fusion models first")
     p.add_argument("--finetune-steps", type=non_negative_int, default=300)
     p.add_argument("--val-scenes", type=positive_int, default=200)
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+    p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
     add_prune_args(p, default_target=0.5)
     add_trust_args(p)
     p.set_defaults(run=cmd_pipeline)
@@ -420,12 +457,33 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # a bad option (one `error:` line, status 2) or --help (status 0)
         return int(stop.code or 0)
-    try:
-        args.run(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    if dist.env_world() > 1 and args.command not in DISTRIBUTED_VERBS:
+        print(f"error: `{args.command}` runs in one process: launch it without torchrun", file=sys.stderr)
         return 2
+    dist.init_from_env()
+    try:
+        with _quiet_unless_main():
+            args.run(args)
+    except USER_ERRORS as error:
+        print(f"{dist.rank_prefix()}error: {error}", file=sys.stderr)
+        return 2
+    except BaseException as error:
+        if dist.is_distributed():  # the traceback follows; torchrun then stops the other ranks
+            print(f"{dist.rank_prefix()}failed: {type(error).__name__}: {error}", file=sys.stderr)
+        raise
+    dist.shutdown()
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_unless_main():
+    """Ranks other than 0 print nothing to stdout (N copies of every line would interleave); errors
+    still reach stderr, prefixed with the rank."""
+    if dist.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 if __name__ == "__main__":

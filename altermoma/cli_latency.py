@@ -101,13 +101,19 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
     )
     if "mean_abs_relative_error" in check:
         print(
-            f"interpolation error on {len(check['points'])} off-grid widths: mean {check['mean_abs_relative_error']:.1%}, "
-            f"max {check['max_abs_relative_error']:.1%}"
+            f"interpolation ({check['mode']}) error on {len(check['points'])} off-grid widths: mean "
+            f"{check['mean_abs_relative_error']:.1%}, max {check['max_abs_relative_error']:.1%} (bilinear: mean "
+            f"{check['linear_mean_abs_relative_error']:.1%}, max {check['linear_max_abs_relative_error']:.1%})"
         )
     rest = table.checks.get("rest_terms")
     if rest is not None:
         used = ", ".join(f"{r} {table.rest_terms[r]['ms_per_channel']:.3f} ms/channel" for r in rest["used"]) or "none"
         print(f"rest terms above the noise ({rest['threshold_ms']:.2f} ms): {used}")
+        if rest["unpruned_spread"] > 0.03:
+            print(
+                f"warning: the unpruned model's time varied by {rest['unpruned_spread']:.0%} while the table was "
+                "built (another process?): check the load and build it again"
+            )
     print(f"saved {args.out}")
 
 
@@ -123,7 +129,7 @@ def add_latency_table_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="ort-cpu", help="default ort-cpu")
     p.add_argument("--threads", type=_positive, default=1, help="CPU threads (torch / ORT intra-op), default 1")
     p.add_argument("--round-to", type=_positive, default=8, help="grid step in channels (default 8)")
-    p.add_argument("--grid-points", type=int, default=8, help="at most this many widths per dimension (default 8)")
+    p.add_argument("--grid-points", type=int, default=16, help="at most this many widths per dimension (default 16)")
     p.add_argument("--runs", type=_positive, default=20, help="timed runs per point (default 20)")
     p.add_argument("--warmup", type=_non_negative, default=5, help="warm-up runs per point (default 5)")
     p.add_argument("--check-points", type=_non_negative, default=8, help="off-grid widths timed to measure the "

@@ -1,6 +1,8 @@
 """The main job: shipped (or retrained) tiny checkpoints -> AlterEva prune -> fine-tune -> evaluate.
 
 Writes `report.md` and `report.json` into the output directory and prints the before/after table.
+Under torchrun every step runs on every rank (evaluation and scoring shared out, fine-tuning under
+DDP) and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common import dist
 from common.io import atomic_write_text, check_writable_folder
 from compress.oneshot import measured_gflops
 from compress.prune import prune
@@ -27,7 +30,7 @@ from fusion.train import fit, load_pretrained
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 
 
-def train_from_scratch(out: Path, threads: int) -> dict[str, Path]:
+def train_from_scratch(out: Path, threads: int, sync_bn: bool = False) -> dict[str, Path]:
     """Retrain the three tiny models with the same recipe as the shipped ones (see the model card)."""
     config = get_config("tiny", {"train.threads": threads})
     train_set = SyntheticScenes(config, "train")
@@ -40,7 +43,7 @@ def train_from_scratch(out: Path, threads: int) -> dict[str, Path]:
             load_pretrained(model, {m: read_weights(paths[m]) for m in ("lidar", "camera")})
             train = get_config("tiny", {"train.threads": threads, "train.steps": 1500, "train.lr": 1e-3}).train
         paths[modality] = out / f"tiny-{modality}"
-        fit(model, train_set, train, out_dir=paths[modality], desc=f"train {modality}")
+        fit(model, train_set, train, out_dir=paths[modality], desc=f"train {modality}", sync_bn=sync_bn)
     return paths
 
 
@@ -77,14 +80,20 @@ def format_partitions(report: dict) -> str:
 
 
 def run_pipeline(
-    out: Path, from_scratch: bool, request: PruneRequest, finetune_steps: int, val_scenes: int, threads: int
+    out: Path,
+    from_scratch: bool,
+    request: PruneRequest,
+    finetune_steps: int,
+    val_scenes: int,
+    threads: int,
+    sync_bn: bool = False,
 ) -> dict:
     check_writable_folder(out)
     start = time.time()
     torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
+    dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
     if from_scratch:
-        paths = train_from_scratch(out / "trained", threads)
+        paths = train_from_scratch(out / "trained", threads, sync_bn)
     else:
         paths = {m: SHIPPED / f"tiny-{m}" for m in ("camera", "lidar", "fusion")}
     models = {m: load_checkpoint(p)[0] for m, p in paths.items()}
@@ -100,11 +109,12 @@ def run_pipeline(
 
     fusion_model = models["fusion"]
     request.imp.finetune_steps = finetune_steps  # IMP's total budget
-    imp_tune = imp_finetune_fn(FinetuneConfig(steps=finetune_steps, threads=threads), None, not request.structured)
+    tune_config = FinetuneConfig(steps=finetune_steps, threads=threads)
+    imp_tune = imp_finetune_fn(tune_config, None, not request.structured, sync_bn=sync_bn)
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed)
     task = reference_task(fusion_model)
     report = prune(fusion_model, task, batches, request, example_batch=first_sample(batches[0]), finetune_fn=imp_tune)
-    save_checkpoint(out / "pruned", fusion_model, {"pruning": report})
+    dist.on_main(lambda: save_checkpoint(out / "pruned", fusion_model, {"pruning": report}))
     target = f"{request.target_gflops:.0%} GFLOPs" if request.target_gflops else "target"
     params = sum(p.numel() for p in fusion_model.parameters())
     gflops_after = report.get("gflops_after")
@@ -119,6 +129,7 @@ def run_pipeline(
         FinetuneConfig(steps=steps, threads=threads),
         out / "finetuned",
         metadata={"pruning": report},
+        sync_bn=sync_bn,
     )
     rows.append(
         _row(
@@ -132,12 +143,17 @@ def run_pipeline(
     table = format_table(rows)
     elapsed = time.time() - start
     summary = {"rows": rows, "pruning": report, "val_scenes": val_scenes, "seconds": elapsed, "threads": threads}
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
-    atomic_write_text(
-        out / "report.md",
-        f"# altermoma pipeline\n\n{table}\n\nSynthetic val split, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads.\n"
-        + (f"\n## Where the pruning cut\n\n{format_partitions(report)}\n" if report["kind"] == "structured" else ""),
+    processes = f" x {dist.world()} processes" if dist.is_distributed() else ""
+    markdown = (
+        f"# altermoma pipeline\n\n{table}\n\nSynthetic val split, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads{processes}.\n"
+        + (f"\n## Where the pruning cut\n\n{format_partitions(report)}\n" if report["kind"] == "structured" else "")
     )
+
+    def write_reports() -> None:
+        atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "report.md", markdown)
+
+    dist.on_main(write_reports)
     print(table)
     print(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
     return summary

@@ -1,1 +1,1 @@
-"""Small utilities every package may use (atomic writes, progress bars); imports nothing from the project."""
+"""Small utilities every package may use (atomic writes, progress bars, process groups); imports nothing from the project."""

@@ -11,6 +11,13 @@ turns them into per-weight or per-channel importance.
 
 Gradients are taken in eval mode (BatchNorm as the fixed affine map that pruning removes), which
 also makes scoring deterministic and independent of how the scoring set is batched.
+
+Under torchrun the scoring set's batches are shared out (each rank a contiguous block) and the
+gradient sums all-reduced, so N processes produce one process's scores up to summation order. A
+reactivation step is different: it is ONE batch whose loss need not decompose over samples (the
+reference loss divides by the batch's count of objects), so splitting it would change the result.
+Every rank therefore runs the B steps itself on the whole batch: exact, and no slower than one
+process doing them (the scores are then broadcast from rank 0, see `compress.oneshot`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from common import dist
 from common.progress import progress_bar
 from common.task import Task
 from compress.partition import Partition, PartitionError, masked_modality
@@ -45,16 +53,21 @@ class AlterEvaSaliency:
 
 
 def loss_gradients(model: nn.Module, task: Task, batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """Mean gradient of the task loss over `batches`, for every parameter."""
+    """Mean gradient of the task loss over `batches`, for every parameter.
+
+    Distributed: each rank backpropagates its block of `batches` and the sums are all-reduced.
+    """
     model.eval()
     model.zero_grad(set_to_none=True)
-    for batch in batches:
+    for index in dist.shard_range(len(batches)):
+        batch = batches[index]
         loss = task.loss_of(task.forward(model, batch), batch)
         (loss / len(batches)).backward()
     grads = {}
     for name, p in model.named_parameters():
         grads[name] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
     model.zero_grad(set_to_none=True)
+    dist.all_reduce_sum_(list(grads.values()))
     return grads
 
 

@@ -17,11 +17,17 @@ Choices the papers leave open for this model, fixed here:
   fixed affine map, as every other criterion here), on batches D_1..D_M of the scoring set; the
   meta-loss is taken on the next batch D_{M+1} (cycling). Channel masks multiply every coupled
   weight of a channel, so ProsPr with M = 0 is exactly SNIP on D_1.
+
+Under torchrun ProsPr is one chain of single-batch steps whose loss need not decompose over samples:
+every rank computes it whole (exact; no speed-up). Magnitude, SynFlow and random are data-free and
+cheap next to a gradient pass over the scoring set: every rank computes them too.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -291,8 +297,25 @@ def prospr_channel_scores(
     dtype = next(model.parameters()).dtype
     masks = [torch.ones(g.channels, dtype=dtype, requires_grad=True) for g in graph.groups]
     scales = channel_mask_scales(model, graph, masks)
-    grads = prospr_mask_gradients(model, batches, masks, scales, config or ProsprConfig(), functional_loss(task))
+    config = config or ProsprConfig()
+    grads = _with_first_order_fallback(
+        prospr_mask_gradients, model, batches, masks, scales, config, functional_loss(task)
+    )
     return [g.detach().double().abs() for g in grads]
+
+
+def _with_first_order_fallback(fn, model, batches, masks, scales, config: ProsprConfig, loss_fn):
+    """ProsPr's full mode differentiates through gradients; some kernels have no second derivative
+    (PyTorch's CPU flash attention). There the first-order mode is used instead, with a warning."""
+    try:
+        return fn(model, batches, masks, scales, config, loss_fn)
+    except RuntimeError as error:
+        if config.mode != "full" or "derivative for" not in str(error):
+            raise
+        warnings.warn(
+            f"ProsPr full mode needs a second derivative the model lacks ({error}); using first-order", stacklevel=3
+        )
+        return fn(model, batches, masks, scales, dataclasses.replace(config, mode="first-order"), loss_fn)
 
 
 def prospr_weight_scores(
@@ -306,5 +329,6 @@ def prospr_weight_scores(
     weights = prunable_weights(model, protected)
     masks = [torch.ones_like(w, requires_grad=True) for w in weights.values()]
     config = config or ProsprConfig()
-    grads = prospr_mask_gradients(model, batches, masks, dict(zip(weights, masks)), config, functional_loss(task))
+    scales, loss = dict(zip(weights, masks)), functional_loss(task)
+    grads = _with_first_order_fallback(prospr_mask_gradients, model, batches, masks, scales, config, loss)
     return {name: g.detach().abs() for name, g in zip(weights, grads)}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common import ddp, dist
 from common.progress import progress_bar
 from common.task import Task
 from compress.unstructured import apply_masks, masks_from_zeros
@@ -37,17 +38,29 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    sync_bn: bool = False,
+    split_batches: bool | Callable[[Any, int, int], Any] = True,
 ) -> dict[str, Any]:
     """Fine-tune `model` in place for `steps` optimizer steps; returns what happened.
 
     `keep_zeros`: True holds every exactly-zero conv/linear weight at zero (unstructured pruning),
     False does not, None decides from the model (zeros held when at least 1% of those weights are
     exactly zero, which dense training never produces). `seed` seeds torch before the loop (dropout).
+    `optimizer` must be built on the model's current (pruned) parameters.
+
+    Distributed only: `sync_bn` synchronises BatchNorm statistics over the global batch;
+    `split_batches` True cuts every batch into this rank's slice (dim 0 of every tensor), a callable
+    `split(batch, rank, world)` does it your way, False means `batches` already yields this rank's
+    share (a DistributedSampler). Losses are logged as their mean over the ranks.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if optimizer is not None:
+        check_optimizer(optimizer, model)
+    home = next(model.parameters()).device
+    net = ddp.wrap(model, sync_bn)  # the model itself in one process
     masks = masks_from_zeros(model)
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
@@ -59,26 +72,33 @@ def finetune(
     optimizer = optimizer or torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     stream = _cycle(batches)
-    model.train()
+    share = _sharer(split_batches)
+    net.train()
     start, losses = time.perf_counter(), []
     bar = progress_bar(range(steps), desc="fine-tune", enabled=progress)
-    for step in bar:
-        batch = next(stream)
-        loss = task.loss_of(task.forward(model, batch), batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss)} at step {step}: lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        if masks is not None:
-            apply_masks(model, masks)
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        if on_step is not None:
-            on_step(step, losses[-1])
-    bar.close()
+    completed = False
+    try:
+        for step in bar:
+            batch = share(next(stream))
+            loss = task.loss_of(task.forward(net, batch), batch)
+            logged = ddp.mean_over_ranks(loss.detach())  # the same value on every rank: they stop together
+            if not torch.isfinite(logged):
+                raise FloatingPointError(f"the loss became {float(logged)} at step {step}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+            if masks is not None:
+                apply_masks(model, masks)
+            losses.append(float(logged))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            if on_step is not None:
+                on_step(step, losses[-1])
+        completed = True
+    finally:
+        bar.close()
+        ddp.release(model, home, completed)
     model.eval()
     return {
         "steps": steps,
@@ -88,6 +108,29 @@ def finetune(
         "kept_zeros": bool(keep_zeros),
         "seconds": time.perf_counter() - start,
     }
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer holding parameters the model no longer has: pruning replaces the pruned
+    layers' parameters, and such an optimizer would step the old ones while the model trains nothing."""
+    own = {id(p) for p in model.parameters()}
+    stale = sum(1 for group in optimizer.param_groups for p in group["params"] if id(p) not in own)
+    if stale:
+        raise ValueError(
+            f"the optimizer holds {stale} parameter(s) the model no longer has (built before pruning?): "
+            "build it on the pruned model's parameters, or pass none"
+        )
+
+
+def _sharer(split_batches: bool | Callable[[Any, int, int], Any]) -> Callable[[Any], Any]:
+    """batch -> what this rank trains on: its slice, on its device (the batch itself in one process)."""
+    if not dist.is_distributed():
+        return lambda batch: batch
+    split = ddp.split_batch if split_batches is True else split_batches
+    target = dist.device()
+    if split is False:
+        return lambda batch: ddp.to_device(batch, target)
+    return lambda batch: ddp.to_device(split(batch, dist.rank(), dist.world()), target)
 
 
 def _cycle(batches: Iterable) -> Iterator:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from common import dist
 from common.task import Task
 from compress.imp import FinetuneFn, iterative_magnitude_prune
 from compress.oneshot import prune_structured, prune_unstructured
@@ -31,10 +32,16 @@ def prune(
     `finetune_fn(model, steps, level)` (default: the generic loop on `train_batches`, else the
     scoring set) and leaves the last level's share of its budget to the caller
     (`finetune_steps_remaining` in the report).
+
+    Under torchrun every rank calls this with the same model and the same (global) scoring set:
+    both are checked, since rank-local data would give every rank other scores and other shapes.
     """
     request.validate()
     if not isinstance(batches, list | tuple) or not batches:
         raise PruningError("the scoring set must be a non-empty list of batches")
+    if dist.is_distributed():
+        dist.check_same(dist.digest(model.state_dict()), "the model's weights")
+        dist.check_same(dist.digest(list(batches)), "the scoring set (give every rank the same, global set)")
     if request.method == "imp":
         return iterative_magnitude_prune(
             model,

@@ -544,11 +544,20 @@ class ChannelGraph:
                 if idxs and (only is None or i in only):
                     root = modules[group.root]
                     dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
-            with torch.no_grad():
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 self.task.forward(model.eval(), self.example_batch)
         except Exception as error:  # noqa: BLE001 - any failure of the pruned copy is the answer
             return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        if only is None:
+            self.copy_flops = float(counter.get_total_flops())  # measured, for `measured_reduction`
         return None
+
+    def measured_reduction(self, pruned: list[torch.Tensor]) -> float:
+        """The GFLOPs reduction FlopCounterMode measures on a pruned copy (the model is not touched)."""
+        error = self.pruned_copy_error(pruned)
+        if error is not None:
+            raise PruningError(f"the pruned model does not run ({error})")
+        return 1.0 - self.copy_flops / self.total_flops()
 
     def groups_breaking_the_model(self, pruned: list[torch.Tensor]) -> dict[int, str]:
         """Groups whose pruning alone stops the model from running (a channel count hard-coded in a

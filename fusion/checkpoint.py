@@ -38,8 +38,8 @@ class CheckpointError(RuntimeError):
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous, unshared tensors (safetensors refuses shared storage)."""
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    """Contiguous, unshared CPU tensors (safetensors refuses shared storage; a rank may train on a GPU)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(

@@ -1,4 +1,9 @@
-"""Evaluation on a synthetic split: nuScenes-style detection metrics and BEV map IoU."""
+"""Evaluation on a synthetic split: nuScenes-style detection metrics and BEV map IoU.
+
+Under torchrun each rank runs a contiguous block of the split's batches (the same batches, of the
+same size, as one process runs, so every output is bit for bit the one-process output), rank 0
+gathers the predictions in order and computes the metrics once, and every rank returns them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from common import dist
 from common.progress import progress_bar
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.metrics import SegmentationMeter, detection_metrics
@@ -36,7 +42,8 @@ def evaluate(
     meter = SegmentationMeter(config.data.map_classes)
     has_map = False
     starts = range(0, len(dataset), batch_size)
-    for start in progress_bar(starts, desc="evaluate", enabled=progress, leave=False):
+    mine = [starts[i] for i in dist.shard_range(len(starts))]
+    for start in progress_bar(mine, desc="evaluate", enabled=progress, leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         outputs = run(**model_inputs(batch)) if isinstance(run, torch.nn.Module) else run(model_inputs(batch))
         predictions += decode_boxes(outputs, config.grid)
@@ -44,11 +51,29 @@ def evaluate(
         if "bev_map" in outputs:
             has_map = True
             meter.update(outputs["bev_map"].float().sigmoid(), batch["bev_map"])
+    if dist.is_distributed():
+        return dist.broadcast_object(_metrics_on_main(predictions, truths, meter, has_map, config))
+    return _metrics(predictions, truths, meter, has_map, config)
+
+
+def _metrics(predictions: list, truths: list, meter: SegmentationMeter, has_map: bool, config) -> dict:
     metrics = detection_metrics(predictions, truths, config.data.classes)
     if has_map:
         seg = meter.compute()
         metrics["mIoU"], metrics["map_iou"] = seg["mIoU"], seg["iou"]
     return metrics
+
+
+def _metrics_on_main(predictions: list, truths: list, meter: SegmentationMeter, has_map: bool, config) -> dict | None:
+    """Every rank's predictions (in rank order, i.e. dataset order) and map counts, scored on rank 0."""
+    parts = dist.gather_object((predictions, truths, meter.intersection, meter.union, has_map))
+    if parts is None:
+        return None
+    predictions = [p for part in parts for p in part[0]]
+    truths = [t for part in parts for t in part[1]]
+    meter.intersection = sum(part[2] for part in parts)
+    meter.union = sum(part[3] for part in parts)
+    return _metrics(predictions, truths, meter, any(part[4] for part in parts), config)
 
 
 def summary_line(metrics: dict) -> str:

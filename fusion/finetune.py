@@ -33,7 +33,7 @@ def keep_zeros(model: nn.Module):
     def apply(_model: nn.Module) -> None:
         with torch.no_grad():
             for m, mask in masks.items():
-                m.weight.mul_(mask.to(m.weight.dtype))
+                m.weight.mul_(mask.to(m.weight))  # the weight's dtype and device (a GPU under torchrun)
 
     return apply
 
@@ -46,8 +46,12 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     train_set: SyntheticScenes | None = None,
+    sync_bn: bool = False,
 ) -> BEVFusion:
-    """Fine-tune a pruned model in place. Unstructured models keep their zeros after every step."""
+    """Fine-tune a pruned model in place. Unstructured models keep their zeros after every step.
+
+    Under torchrun: DDP over the ranks, `config.batch_size` the global batch (see `fusion.train.fit`).
+    """
     unstructured = (metadata or {}).get("pruning", {}).get("kind") == "unstructured"
     train = dataclasses.replace(
         model.config.train,
@@ -73,17 +77,22 @@ def finetune(
         after_step=keep_zeros(model) if unstructured else None,
         progress=progress,
         desc="fine-tune",
+        sync_bn=sync_bn,
     )
 
 
 def imp_finetune_fn(
-    config: FinetuneConfig, train_set: SyntheticScenes | None, unstructured: bool, progress: bool = True
+    config: FinetuneConfig,
+    train_set: SyntheticScenes | None,
+    unstructured: bool,
+    progress: bool = True,
+    sync_bn: bool = False,
 ):
     """IMP's fine-tune between levels for the reference model: `config` with level-specific seeds."""
     kind = {"pruning": {"kind": "unstructured" if unstructured else "structured"}}
 
     def run(model: BEVFusion, steps: int, level: int) -> None:
         tune = dataclasses.replace(config, steps=steps, seed=config.seed * 100 + level + 1)
-        finetune(model, tune, metadata=kind, progress=progress, train_set=train_set)
+        finetune(model, tune, metadata=kind, progress=progress, train_set=train_set, sync_bn=sync_bn)
 
     return run

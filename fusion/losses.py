@@ -1,6 +1,14 @@
-"""Task losses: CenterPoint's Gaussian focal loss and L1 box regression, and BEV map BCE."""
+"""Task losses: CenterPoint's Gaussian focal loss and L1 box regression, and BEV map BCE.
+
+The heatmap and box losses divide by a batch-wide count (peaks, objects), so they do not decompose
+over samples. When a global batch is split over N ranks, `normaliser` makes each rank divide its
+sum by the GLOBAL count over N (as mmdetection's `reduce_mean(num_pos)`): the DDP-averaged gradient
+is then the one-process gradient of the whole batch. Without it, the local count is used.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -9,21 +17,34 @@ from fusion.models.heads import REGRESSION_HEADS
 
 REGRESSION_WEIGHT = 0.25  # CenterPoint's weight of the box loss against the heatmap loss
 MAP_WEIGHT = 1.0
+Normaliser = Callable[[torch.Tensor], torch.Tensor]  # this rank's count -> the divisor of its loss
+
+
+def local_count(count: torch.Tensor) -> torch.Tensor:
+    return count.clamp(min=1.0)
 
 
 def gaussian_focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+    normaliser: Normaliser = local_count,
 ) -> torch.Tensor:
     """CornerNet/CenterPoint focal loss on Gaussian heatmaps, normalised by the number of peaks."""
     prob = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     positive = target.eq(1).float()
     pos_loss = -torch.log(prob) * (1 - prob).pow(alpha) * positive
     neg_loss = -torch.log(1 - prob) * prob.pow(alpha) * (1 - target).pow(beta) * (1 - positive)
-    return (pos_loss.sum() + neg_loss.sum()) / positive.sum().clamp(min=1.0)
+    return (pos_loss.sum() + neg_loss.sum()) / normaliser(positive.sum())
 
 
 def regression_loss(
-    outputs: dict[str, torch.Tensor], index: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    outputs: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    normaliser: Normaliser = local_count,
 ) -> torch.Tensor:
     """L1 between head outputs at the object centres and the targets, averaged over objects."""
     predictions = []
@@ -32,17 +53,17 @@ def regression_loss(
         predictions.append(values.gather(2, index.unsqueeze(1).expand(-1, values.shape[1], -1)))
     prediction = torch.cat(predictions, dim=1).transpose(1, 2)  # (B, K, 8)
     l1 = (prediction - target).abs() * mask.unsqueeze(-1)
-    return l1.sum() / mask.sum().clamp(min=1.0) / target.shape[-1]
+    return l1.sum() / normaliser(mask.sum()) / target.shape[-1]
 
 
 def task_loss(
-    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], normaliser: Normaliser = local_count
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The total training loss and its parts (as floats, for logging)."""
     parts = {
-        "heatmap": gaussian_focal_loss(outputs["heatmap"], batch["heatmap"]),
+        "heatmap": gaussian_focal_loss(outputs["heatmap"], batch["heatmap"], normaliser=normaliser),
         "box": REGRESSION_WEIGHT
-        * regression_loss(outputs, batch["target_index"], batch["target_regression"], batch["target_mask"]),
+        * regression_loss(outputs, batch["target_index"], batch["target_regression"], batch["target_mask"], normaliser),
     }
     if "bev_map" in outputs:
         parts["map"] = MAP_WEIGHT * F.binary_cross_entropy_with_logits(outputs["bev_map"], batch["bev_map"])

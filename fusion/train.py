@@ -3,6 +3,12 @@
 Deterministic and resumable: the batch order of step s is a pure function of (seed, s), the
 learning rate is recomputed from s, and the optimizer state is saved beside the weights as
 safetensors + JSON. Resuming from step s therefore continues exactly where a run stopped.
+
+Under torchrun, `train.batch_size` stays the GLOBAL batch: rank r trains on its contiguous slice of
+step s's indices, the model is wrapped in DDP (after any pruning; the optimizer is built after the
+wrapping), the loss is normalised by global counts (`fusion.losses`) and, with `sync_bn`, BatchNorm
+statistics are those of the global batch: N processes then take one process's steps, up to
+summation order. Rank 0 alone writes checkpoints; a checkpoint resumes at any number of processes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from common import ddp, dist
 from common.progress import progress_bar
 from fusion.checkpoint import (
     META,
@@ -31,7 +38,7 @@ from fusion.checkpoint import (
 )
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
-from fusion.losses import task_loss
+from fusion.losses import Normaliser, local_count, task_loss
 from fusion.models.bevfusion import BEVFusion
 
 
@@ -43,6 +50,26 @@ def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> li
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def rank_indices(indices: list[int]) -> list[int]:
+    """This rank's contiguous slice of a global batch (all of it in one process)."""
+    n = dist.world()
+    if len(indices) % n:
+        raise ValueError(f"the batch size {len(indices)} is not a multiple of the {n} processes")
+    size = len(indices) // n
+    return indices[dist.rank() * size : (dist.rank() + 1) * size]
+
+
+def global_count(count: torch.Tensor) -> torch.Tensor:
+    """A batch-wide count summed over the ranks, as each rank's loss divisor (see `fusion.losses`)."""
+    total = count.detach().clone()
+    dist.all_reduce_sum_(total)
+    return total.clamp(min=1.0) / dist.world()
+
+
+def loss_normaliser() -> Normaliser:
+    return global_count if dist.is_distributed() else local_count
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
@@ -62,7 +89,7 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
 def train_state(optimizer: torch.optim.Optimizer, step: int) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer's tensors and its JSON-able rest, for `save_checkpoint(..., train_state=...)`."""
     state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
     return tensors, {"step": step, "param_groups": state["param_groups"]}
 
 
@@ -108,19 +135,30 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    sync_bn: bool = False,
 ) -> BEVFusion:
     """Train `model` for `train.steps` steps; checkpoints to `out_dir` every `train.checkpoint_every` steps.
 
     `after_step` runs after every optimizer step (fine-tuning uses it to keep pruning masks applied).
+    `sync_bn` (distributed runs only) computes BatchNorm statistics over the global batch.
     """
     torch.set_num_threads(train.threads)
-    optimizer = make_optimizer(model, train)
     out = Path(out_dir) if out_dir is not None else None
-    start = 0
-    if resume and out is not None and (out / TRAIN_STATE_META).is_file():
+    distributed = dist.is_distributed()
+    if distributed:
+        rank_indices(list(range(train.batch_size)))  # a batch that does not split fails before any work
+        metadata = {**(metadata or {}), "distributed": {"world_size": dist.world(), "sync_bn": sync_bn}}
+    resuming = resume and out is not None and (out / TRAIN_STATE_META).is_file()
+    if resuming:
         check_resumable(out, train)
         load_into(model, read_weights(out), f"checkpoint {out}")
-        start = load_train_state(out, optimizer)
+    home = next(model.parameters()).device
+    net = ddp.wrap(model, sync_bn)  # the model itself in one process
+    optimizer = make_optimizer(model, train)  # after pruning and wrapping: it holds the live parameters
+    start = load_train_state(out, optimizer) if resuming else 0
+    dist.check_same(start, "the step to resume from")
+    normaliser = loss_normaliser()
+    target = dist.device()
 
     last_loss: list[float] = []
 
@@ -130,28 +168,39 @@ def fit(
         meta = {**(metadata or {}), "step": step, "train": train.__dict__}
         if last_loss:
             meta["last_loss"] = last_loss[-1]
-        save_checkpoint(out, model, meta, train_state=train_state(optimizer, step))
+        dist.on_main(lambda: save_checkpoint(out, model, meta, train_state=train_state(optimizer, step)))
 
-    model.train()
+    net.train()
     bar = progress_bar(range(start, train.steps), desc=desc, enabled=progress, initial=start, total=train.steps)
-    for step in bar:
-        batch = collate([dataset[i] for i in batch_indices(len(dataset), train.batch_size, train.seed, step)])
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train)
-        loss, parts = task_loss(model(**model_inputs(batch)), batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower the learning rate")
-        last_loss[:] = [float(loss.detach())]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-        if after_step is not None:
-            after_step(model)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
-        if (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
-            checkpoint(step + 1)
-    checkpoint(train.steps)
+    completed = False
+    try:
+        for step in bar:
+            indices = rank_indices(batch_indices(len(dataset), train.batch_size, train.seed, step))
+            batch = collate([dataset[i] for i in indices])
+            if distributed:
+                batch = ddp.to_device(batch, target)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, train)
+            loss, parts = task_loss(net(**model_inputs(batch)), batch, normaliser)
+            # Distributed: the global batch's loss, the same on every rank, so that all stop together.
+            loss_value = float(ddp.mean_over_ranks(loss.detach()))
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}: lower the learning rate")
+            last_loss[:] = [loss_value]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            if after_step is not None:
+                after_step(model)
+            bar.set_postfix(loss=f"{last_loss[0]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
+            if (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
+                checkpoint(step + 1)
+        checkpoint(train.steps)
+        completed = True
+    finally:
+        bar.close()
+        ddp.release(model, home, completed)
     model.eval()
     return model
 

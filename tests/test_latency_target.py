@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import altermoma
 from altermoma.cli import main
 from benchmarks.latency_table import (
     Subject,
+    build_table,
     parse_trtexec_folder,
     parse_trtexec_log,
     trtexec_environment,
@@ -79,12 +81,12 @@ def one_line(error) -> str:
 
 
 # ---- the table format -----------------------------------------------------------------------------
-def test_width_grid_keeps_ends_and_thins_evenly():
+def test_width_grid_thins_to_power_of_two_multiples():
     assert width_grid(64, True, 8, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
-    thinned = width_grid(256, True, 8, 8)
-    assert len(thinned) == 8 and thinned[0] == 8 and thinned[-1] == 256
-    assert width_grid(3, False, 8, 8) == [3] and width_grid(6, True, 8, 8) == [1, 2, 3, 4, 5, 6][:6]
-    assert width_grid(60, True, 8, 8)[-1] == 60  # the full width even off the round_to lattice
+    assert width_grid(256, True, 8, 16) == list(range(16, 257, 16))
+    assert width_grid(256, True, 8, 8) == list(range(32, 257, 32))
+    assert width_grid(3, False, 8, 8) == [3] and width_grid(6, True, 8, 8) == [1, 2, 3, 4, 5, 6]
+    assert width_grid(60, True, 8, 16) == [8, 16, 24, 32, 40, 48, 56, 60]  # the full width even off the lattice
 
 
 def test_table_round_trip_and_bilinear_lookup(tmp_path):
@@ -93,12 +95,14 @@ def test_table_round_trip_and_bilinear_lookup(tmp_path):
     path = save_table(table, tmp_path / "t.json")
     loaded = load_table(path)
     assert loaded.to_dict() == table.to_dict()
-    entry = loaded.layers["body.3"]  # 64 -> 48 at 8x8: grids thinned to 3 points
-    assert entry.grid_in == [8, 40, 64] and entry.grid_out == [8, 24, 48]
-    assert entry.lookup(32, 24) == pytest.approx(work(graph)("body.3", 32, 24))
-    # off the grid: bilinear, exact for a cost bilinear in (c_in, c_out)
-    assert entry.lookup(40, 16) == pytest.approx(work(graph)("body.3", 40, 16))
-    assert entry.lookup(4, 4) == entry.lookup(8, 8)  # clamped below the grid
+    entry = loaded.layers["body.3"]  # 64 -> 48 at 8x8, thinned to 3 widths at most: steps of 32 and 16
+    assert entry.grid_in == [32, 64] and entry.grid_out == [16, 32, 48] and entry.interpolation == "linear"
+    cost = work(graph)
+    assert entry.lookup(32, 32) == pytest.approx(cost("body.3", 32, 32))
+    assert entry.lookup(48, 24) == pytest.approx(cost("body.3", 48, 24))  # bilinear: exact for a bilinear cost
+    assert entry.lookup(4, 4) == entry.lookup(32, 16)  # clamped below the grid
+    step = replace(entry, interpolation="ceil")  # the next grid width up
+    assert step.lookup(40, 20) == pytest.approx(cost("body.3", 64, 32)) and step.lookup(32, 48) == entry.lookup(32, 48)
     assert loaded.rest_ms == 1.5 and loaded.end_to_end_ms == pytest.approx(table.table_full_ms + 1.5)
 
 
@@ -155,7 +159,10 @@ def test_latency_prune_meets_the_budget_with_caps_and_rounding(cap):
     latency = report["latency"]
     assert latency["predicted_after_ms"] <= 0.5 * latency["predicted_before_ms"] + 1e-9
     assert latency["predicted_after_ms"] == pytest.approx(latency["selection"]["predicted_ms"])
-    assert latency["rest_ms"] == 0.5 and set(latency["partitions"]) == {"camera", "fusion"}
+    assert latency["rest_before_ms"] == latency["rest_after_ms"] == 0.5 and set(latency["partitions"]) == {
+        "camera",
+        "fusion",
+    }
     assert latency["layers"]["body.3"]["widths_after"] == [report["widths"]["body.0"], report["widths"]["body.3"]]
     for root, kept in report["widths"].items():
         assert kept % 8 == 0 or kept == before[root]
@@ -221,6 +228,43 @@ def test_a_table_with_a_gflops_target_is_only_reported():
     assert "selection" not in report["latency"] and report["latency"]["predicted_ratio"] < 1.0
 
 
+def test_rest_terms_enter_the_prediction_and_the_selection():
+    """A group whose pruning also shrinks work outside the table (pooling over its channels, say)."""
+    _, _, _, graph = chain()
+    table = table_from_costs(graph, work(graph), rest_ms=3.0)  # the rest term below takes up to 32 ms off it
+    roots = [g.root for g in graph.groups]
+    scores = [torch.linspace(1.0, 2.0, g.channels, dtype=torch.float64) for g in graph.groups]
+    plain = LatencyPredictor(table, graph)
+    budget = 0.5 * plain.total_ms()
+    without, _ = select_for_latency(graph, plain, scores, budget, 8, 0.9)
+    table.rest_terms = {"body.6": {"channels": 40, "kept": 8, "ms_per_channel": 1.0, "used": True}}
+    predictor = LatencyPredictor(table, graph)
+    masks = [torch.arange(g.channels) < (8 if g.root == "body.6" else 0) for g in graph.groups]
+    assert predictor.total_ms(masks) == pytest.approx(plain.total_ms(masks) - 8.0)
+    assert predictor.report(masks)["rest_after_ms"] == pytest.approx(3.0 - 8.0)
+    with_term, info = select_for_latency(graph, predictor, scores, budget, 8, 0.9)
+    assert predictor.total_ms(with_term) <= budget + 1e-9 and info["predicted_ms"] <= budget + 1e-9
+    cut = {root: (int(a.sum()), int(b.sum())) for root, a, b in zip(roots, without, with_term)}
+    assert cut["body.6"][1] > cut["body.6"][0]  # the cheaper group is cut deeper once its rest saving is known
+    table.rest_terms = {"body.6": {"channels": 48, "kept": 8, "ms_per_channel": 0.1}}
+    with pytest.raises(LatencyTableError, match="measured on 48 channels"):
+        LatencyPredictor(table, graph)
+
+
+def test_build_table_times_snippets_and_rest_terms_on_a_small_model():
+    model, task, batch, graph = chain(widths=(16, 16))
+    table = build_table(Subject(model, task, batch, "test"), "torch-cpu", grid_points=2, runs=2, warmup=0,
+                        check_points=2, end_to_end_runs=3)  # fmt: skip
+    assert set(table.layers) == {"body.0", "body.3", "head"}
+    assert table.layers["body.0"].snippet == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert table.layers["head"].snippet == ["Conv2d"] and table.layers["head"].grid_out == [2]
+    assert table.layers["body.3"].grid_in == [8, 16] and table.layers["body.0"].grid_in == [3]
+    assert set(table.rest_terms) == {"body.0", "body.3"} and table.rest_terms["body.0"]["kept"] == 8
+    assert table.environment["threads"] == 1 and table.settings["runs"] == 2
+    assert "interpolation" in table.checks and "rest_terms" in table.checks
+    LatencyPredictor(table, graph, backend="torch-cpu")
+
+
 # ---- TensorRT: the trtexec folder and its log parser ---------------------------------------------------
 SAMPLE_LOG = """\
 &&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --onnx=onnx/model.onnx --fp16
@@ -248,17 +292,22 @@ def test_trtexec_log_parser_reads_the_gpu_compute_median():
 def test_trtexec_folder_round_trip(tmp_path):
     model, task, batch, graph = chain(widths=(16, 16))
     out = write_trtexec_folder(Subject(model, task, batch, "test"), tmp_path / "trt", grid_points=2, runs=30)
+    manifest = json.loads((out / "snippets.json").read_text())
+    assert set(manifest["rest_terms"]) == {"body.0", "body.3"}
     script = (out / "run_trtexec.sh").read_text()
     assert "--fp16 --warmUp=500 --iterations=30" in script and "run model" in script
     points = [line.split()[1] for line in script.splitlines() if line.startswith("run ")]
     assert all((out / "onnx" / f"{p}.onnx").is_file() for p in points)
     (out / "logs").mkdir()
-    for i, point in enumerate(points):  # a fake device: the model 10 ms, every snippet (i + 1) / 100 ms
-        median = 10.0 if point == "model" else (i + 1) / 100
-        (out / "logs" / f"{point}.log").write_text(SAMPLE_LOG.replace("1.2134", str(median)))
+    logs = [line.split()[-1] for line in script.splitlines() if line.startswith("run ")]
+    assert logs[-1] == "model-again"
+    for i, log in enumerate(logs):  # a fake device: the model 10 ms, every snippet (i + 1) / 100 ms
+        median = 10.0 if log.startswith("model") else 9.0 if log.startswith("rest") else (i + 1) / 100
+        (out / "logs" / f"{log}.log").write_text(SAMPLE_LOG.replace("1.2134", str(median)))
     table = parse_trtexec_folder(out)
     assert table.backend == "tensorrt-fp16" and table.environment["device"] == "Orin"
     assert table.end_to_end_ms == 10.0 and table.rest_ms == pytest.approx(10.0 - table.table_full_ms)
+    assert set(table.rest_terms) == {"body.0", "body.3"} and table.checks["rest_terms"]["noise_ms"] == 0.0
     LatencyPredictor(table, graph, backend="tensorrt-fp16")  # it fits the model it was written for
     (out / "logs" / f"{points[1]}.log").unlink()
     with pytest.raises(FileNotFoundError, match="run_trtexec.sh"):
@@ -269,13 +318,14 @@ def test_trtexec_folder_round_trip(tmp_path):
 def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
     table = tmp_path / "tiny-ort.json"
     argv = ["latency-table", "--checkpoint", TINY, "--out", str(table), "--grid-points", "2", "--runs", "2"]
-    assert main([*argv, "--warmup", "0", "--check-points", "2", "--quiet"]) == 0
+    assert main([*argv, "--warmup", "0", "--check-points", "2", "--no-rest-terms", "--quiet"]) == 0
     data = json.loads(table.read_text())
     assert data["backend"] == "ort-cpu" and data["environment"]["threads"] == 1
     assert data["model"]["preset"] == "tiny" and data["settings"]["runs"] == 2
     assert all(len(e["grid_out"]) <= 2 for e in data["layers"].values())
     out = tmp_path / "pruned"
-    prune = ["prune", "--checkpoint", TINY, "--method", "magnitude", "--out", str(out), "--latency-table", str(table)]
+    prune = ["prune", "--checkpoint", TINY, "--method", "magnitude", "--out", str(out), "--latency-table", str(table),
+             "--scoring-batches", "1"]  # fmt: skip
     assert main([*prune, "--target-latency", "0.6", "--latency-backend", "ort-cpu"]) == 0
     report = json.loads((out / "checkpoint.json").read_text())["pruning"]
     latency = report["latency"]
@@ -285,7 +335,7 @@ def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
     prune[prune.index(str(out))] = str(tmp_path / "never-written")
     cases = [
         ([*prune, "--target-latency", "0.6", "--latency-backend", "torch-cpu"], "measured on backend 'ort-cpu'"),
-        ([*prune[:-2], "--target-latency", "0.6"], "needs --latency-table"),
+        ([*prune[:-4], "--target-latency", "0.6"], "needs --latency-table"),
         ([*prune, "--target-latency", "0.6", "--target-gflops", "0.5"], "exactly one"),
         (["latency-table", "--checkpoint", TINY, "--out", str(tmp_path / "c.json"), "--backend", "torch-cuda"], "CUDA"),
     ]
