@@ -481,7 +481,7 @@ def build_table(
             "end_to_end_runs": e2e_runs,
             "rest_terms": "per group, measured" if rest_terms else "none: the rest is a constant",
             "statistic": "median",
-            "interpolation": "bilinear between grid widths, clamped at the grid's edges",
+            "interpolation": "ceil: between grid widths, the next grid width up; clamped at the grid's edges",
             "snippet": "the layer + the BatchNorm and activation module that consume its output in the model",
             "distinct_points_timed": len(cache),
             "seconds": round(time.perf_counter() - start, 1),
@@ -621,7 +621,7 @@ def write_trtexec_folder(
         settings = {
             "round_to": round_to, "grid_points": grid_points, "runs": runs, "warmup_ms": warmup_ms,
             "precision": precision, "statistic": "median of trtexec's GPU Compute Time",
-            "interpolation": "bilinear between grid widths, clamped at the grid's edges",
+            "interpolation": "ceil: between grid widths, the next grid width up; clamped at the grid's edges",
             "rest_threshold": rest_threshold,
         }  # fmt: skip
         manifest = {

@@ -446,11 +446,18 @@ def run_accuracy(args: argparse.Namespace) -> dict:
         final["gflops"].append(latency_of(by_gflops))
     load["after latency"] = loadavg()
     rows = {}
-    for label, model, report in (("latency", by_latency, report_l), ("gflops", by_gflops, report_g)):
-        start = time.perf_counter()
-        finetune(model, FinetuneConfig(steps=args.finetune_steps, threads=2), metadata={"pruning": report},
-                 progress=False)  # fmt: skip
-        metrics = evaluate(model, SyntheticScenes(base.config, "val", num_scenes=args.val_scenes), progress=False)
+    val = SyntheticScenes(base.config, "val", num_scenes=args.val_scenes, progress=False)
+    for label, pruned_model, report in (("latency", by_latency, report_l), ("gflops", by_gflops, report_g)):
+        runs = []
+        for seed in args.seeds:  # the same pruned weights, fine-tuned with each seed
+            model = copy.deepcopy(pruned_model)
+            start = time.perf_counter()
+            config = FinetuneConfig(steps=args.finetune_steps, threads=2, seed=seed)
+            finetune(model, config, metadata={"pruning": report}, progress=False)
+            metrics = evaluate(model, val, progress=False)
+            runs.append({"seed": seed, "mAP": metrics["mAP"], "NDS": metrics["NDS"], "mIoU": metrics.get("mIoU"),
+                         "finetune_seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+            print(f"{label} (seed {seed}): mAP {metrics['mAP']:.4f} NDS {metrics['NDS']:.4f}")
         rows[label] = {
             "target": report["request"].get("target_latency") or report["request"].get("target_gflops"),
             "gflops_after": report["gflops_after"],
@@ -458,14 +465,14 @@ def run_accuracy(args: argparse.Namespace) -> dict:
             "measured_ms": sorted(final[label])[1],
             "measured_runs_ms": final[label],
             "predicted_ms": report["latency"]["predicted_after_ms"],
-            "mAP": metrics["mAP"],
-            "NDS": metrics["NDS"],
-            "mIoU": metrics.get("mIoU"),
-            "finetune_seconds": round(time.perf_counter() - start, 1),
+            **{k: float(np.mean([r[k] for r in runs])) for k in ("mAP", "NDS")},
+            "mIoU": float(np.mean([r["mIoU"] for r in runs])) if runs[0]["mIoU"] is not None else None,
+            "mAP_min": min(r["mAP"] for r in runs),
+            "mAP_max": max(r["mAP"] for r in runs),
+            "finetunes": runs,
             "widths": report["widths"],
         }
-        print(f"{label}: mAP {metrics['mAP']:.4f} NDS {metrics['NDS']:.4f} after {args.finetune_steps} fine-tune steps")
-    unpruned = evaluate(base, SyntheticScenes(base.config, "val", num_scenes=args.val_scenes), progress=False)
+    unpruned = evaluate(base, val, progress=False)
     summary = {
         "command": command_line(),
         "environment": {**environment(args.threads, 1), "load_average": {**load, "end": loadavg()}},
@@ -474,7 +481,8 @@ def run_accuracy(args: argparse.Namespace) -> dict:
             "checkpoint": str(checkpoint),
             "method": args.method,
             "target": args.target,
-            "finetune": f"fusion.finetune.finetune, FinetuneConfig(steps={args.finetune_steps}, threads=2)",
+            "finetune": f"fusion.finetune.finetune, FinetuneConfig(steps={args.finetune_steps}, threads=2, seed=s) "
+            f"for s in {args.seeds}",
             "evaluation": f"fusion.evaluate.evaluate on SyntheticScenes(config, 'val', num_scenes={args.val_scenes})",
             "runs": args.runs,
             "warmup": args.warmup,
@@ -507,7 +515,9 @@ def accuracy_markdown(s: dict) -> str:
         f"{s['environment']['load_average']}",
         f"- unpruned: {u['measured_ms']:.2f} ms, mAP {u['mAP']:.4f}, NDS {u['NDS']:.4f}",
         "",
-        "| target | GFLOPs removed | measured ms | predicted ms | mAP | NDS | mIoU |",
+        "mAP, NDS and mIoU: means over the fine-tune seeds; in brackets the lowest and highest mAP.",
+        "",
+        "| target | GFLOPs removed | measured ms | predicted ms | mAP (min-max) | NDS | mIoU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, r in s["rows"].items():
@@ -515,7 +525,7 @@ def accuracy_markdown(s: dict) -> str:
         miou = "-" if r["mIoU"] is None else f"{r['mIoU']:.4f}"
         lines.append(
             f"| {name} | {r['gflops_reduction']:.1%} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
-            f"{r['mAP']:.4f} | {r['NDS']:.4f} | {miou} |"
+            f"{r['mAP']:.4f} ({r['mAP_min']:.4f}-{r['mAP_max']:.4f}) | {r['NDS']:.4f} | {miou} |"
         )
     lines += ["", "Search for the GFLOPs target of equal measured latency:", ""]
     lines += [f"- GFLOPs -{t['target_gflops']:.3f}: {t['measured_ms']:.2f} ms" for t in s["search"]]
@@ -628,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--finetune-steps", type=int, default=300)
             p.add_argument("--val-scenes", type=int, default=200)
             p.add_argument("--search-steps", type=int, default=7)
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds (default 0 1 2)")
     p = sub.add_parser("selection")
     p.add_argument("--instances", type=int, default=200)
     p.add_argument("--out", default="reports/latency-target")
