@@ -162,9 +162,13 @@ def prune_request(args: argparse.Namespace):
     from compress.altereva import AlterEvaConfig
     from compress.request import PruneRequest
 
+    others = (args.channel_ratio, args.sparsity, args.target_latency)
+    target_gflops = args.target_gflops
+    if target_gflops is None and all(t is None for t in others):
+        target_gflops = getattr(args, "default_target_gflops", None)
     return PruneRequest(
         method=args.method,
-        target_gflops=args.target_gflops,
+        target_gflops=target_gflops,
         channel_ratio=args.channel_ratio,
         sparsity=args.sparsity,
         target_latency=args.target_latency,
@@ -347,8 +351,12 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
         help="altereva | snip | magnitude | random | synflow | prospr | imp (default: altereva)",
     )
     p.add_argument(
-        "--target-gflops", type=float, default=default_target, help="fraction of GFLOPs to remove (structured)"
+        "--target-gflops",
+        type=float,
+        help="fraction of GFLOPs to remove (structured)"
+        + (f"; default {default_target} without another target" if default_target else ""),
     )
+    p.set_defaults(default_target_gflops=default_target)  # applies only when no other target is given
     p.add_argument("--channel-ratio", type=float, help="fraction of channels to remove (structured)")
     p.add_argument("--sparsity", type=float, help="fraction of weights to remove (unstructured)")
     p.add_argument(

@@ -11,6 +11,8 @@ Three reports under `--out` (JSON + Markdown each, with the command that wrote t
         The shipped checkpoint pruned by AlterEva to 50% of its predicted latency, and by AlterEva to the
         GFLOPs reduction whose MEASURED latency matches it (bisection on measured latency); both
         fine-tuned the usual way (300 steps) and evaluated on 200 validation scenes.
+    python -m benchmarks.latency_target rest-ablation --report reports/latency-target/speedup-small.json
+        The speedup report's models predicted with no rest terms, the table's, and all measured ones.
     python -m benchmarks.latency_target selection --out reports/latency-target
         The greedy selection against the exact optimum (enumeration) on small random instances.
 
@@ -513,7 +515,7 @@ def accuracy_markdown(s: dict) -> str:
         f"- latency: ONNX Runtime CPU, {st['threads']} thread(s), warm-up {st['warmup']}, {st['runs']} runs, median "
         "(final numbers: median of 3 alternating measurements); load average: "
         f"{s['environment']['load_average']}",
-        f"- unpruned: {u['measured_ms']:.2f} ms, mAP {u['mAP']:.4f}, NDS {u['NDS']:.4f}",
+        f"- unpruned: {u['measured_ms']:.2f} ms, mAP {u['mAP']:.4f}, NDS {u['NDS']:.4f}, mIoU {u['mIoU'] or 0:.4f}",
         "",
         "mAP, NDS and mIoU: means over the fine-tune seeds; in brackets the lowest and highest mAP.",
         "",
@@ -530,6 +532,51 @@ def accuracy_markdown(s: dict) -> str:
     lines += ["", "Search for the GFLOPs target of equal measured latency:", ""]
     lines += [f"- GFLOPs -{t['target_gflops']:.3f}: {t['measured_ms']:.2f} ms" for t in s["search"]]
     return "\n".join(lines) + "\n"
+
+
+# ---- the rest terms: which to use ------------------------------------------------------------------
+def run_rest_ablation(args: argparse.Namespace) -> dict:
+    """Predictions of the models of a `speedup` report under three rest models (no measurement: the
+    report's measured latencies and widths, the table's measured rest terms): none (a constant rest),
+    the table's (the outliers), and all measured terms."""
+    from fusion.config import get_config
+    from fusion.models.bevfusion import build_model
+
+    out = Path(args.out)
+    report = json.loads(Path(args.report).read_text())
+    table = load_table(args.table)
+    torch.manual_seed(0)  # the seeded random-init model the speedup report pruned
+    base = build_model(get_config(report["settings"]["preset"])).eval()
+    subject = reference_subject(base, "")
+    graph = ChannelGraph(base, subject.task, subject.example_batch)
+    kept = {root for root, t in table.rest_terms.items() if t.get("used")}
+    variants = {"none (constant rest)": set(), "outliers (the table's)": kept, "all measured": set(table.rest_terms)}
+    rows = []
+    for name, used in variants.items():
+        for root, term in table.rest_terms.items():
+            term["used"] = root in used
+        predictor = LatencyPredictor(table, graph)
+        for row in report["rows"]:
+            widths = row.get("widths") or {}
+            masks = [torch.arange(g.channels) < g.channels - widths.get(g.root, g.channels) for g in graph.groups]
+            predicted = predictor.total_ms(masks)
+            rows.append({"rest": name, "terms": len(used), "model": row["model"], "measured_ms": row["measured_ms"],
+                         "predicted_ms": predicted, "error": predicted / row["measured_ms"] - 1.0})  # fmt: skip
+    summary = {"command": command_line(), "report": str(args.report), "table": str(args.table), "rows": rows}
+    md = [
+        "# Which rest terms to use: predictions of the speedup report's models",
+        "",
+        f"Command: `{summary['command']}` (measured latencies from `{args.report}`)",
+        "",
+        "| rest model | terms | model | measured ms | predicted ms | error |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    md += [
+        f"| {r['rest']} | {r['terms']} | {r['model']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error']:+.1%} |"
+        for r in rows
+    ]
+    write(out, f"rest-ablation-{report['settings']['preset']}", summary, "\n".join(md) + "\n")
+    return summary
 
 
 # ---- selection: greedy against the exact optimum -------------------------------------------------
@@ -639,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--val-scenes", type=int, default=200)
             p.add_argument("--search-steps", type=int, default=7)
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds (default 0 1 2)")
+    p = sub.add_parser("rest-ablation")
+    p.add_argument("--report", default="reports/latency-target/speedup-small.json")
+    p.add_argument("--table", default="reports/latency-target/small-ort-cpu.json")
+    p.add_argument("--out", default="reports/latency-target")
+    p.set_defaults(run=run_rest_ablation)
     p = sub.add_parser("selection")
     p.add_argument("--instances", type=int, default=200)
     p.add_argument("--out", default="reports/latency-target")

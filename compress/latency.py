@@ -9,11 +9,12 @@ smallest width's latency is used (tiny layers are overhead-bound, so both err on
 table does not cover (pooling, gathers, adds, concats, the runtime's own overhead) is the "rest": the
 unpruned model measured end to end minus the sum of the table's full-width entries.
 
-The rest is not always constant. On the `small` preset it was 28% of the latency, almost all of it the
-LSS BEV pooling, whose cost is linear in the context channels: a constant rest over-predicted a pruned
-model by 86%. So a table may carry per-group rest terms ("rest_terms"): the model measured end to end
-with one group cut to about a quarter of its width gives the change of the rest per removed channel of
-that group; terms below the measurement noise are recorded but not used. Then
+The rest is not always constant. On the `small` preset it is 21% of the latency, almost all of it the
+LSS BEV pooling, whose cost is linear in the context channels: a constant rest over-predicted pruned
+models by 18-27% (reports/latency-target/rest-ablation-small.md). So a table may carry per-group rest
+terms ("rest_terms"): the model measured end to end with one group cut to about a quarter of its width
+gives the change of the rest per removed channel of that group; the builder marks which terms to use
+(`used`; those that stand out from the others, see `benchmarks.latency_table.choose_rest_terms`). Then
 
     predicted latency = sum over layers of table(c_in, c_out) + rest - sum over groups of slope x removed
 
@@ -376,3 +377,15 @@ class LatencyPredictor:
             "partitions": {p: v for p, v in parts.items() if v["before_ms"] > 0},
             "layers": layers,
         }
+
+
+def summary_line(report: dict[str, Any]) -> str | None:
+    """One line for the CLI's pruning summary (None when the report has no latency prediction)."""
+    latency = report.get("latency")
+    if not latency:
+        return None
+    target = f", target {latency['target']:.0%} of the unpruned prediction" if latency.get("target") else ""
+    return (
+        f"predicted latency ({latency['backend']}) {latency['predicted_before_ms']:.2f} -> "
+        f"{latency['predicted_after_ms']:.2f} ms ({latency['predicted_speedup']:.2f}x{target})"
+    )

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import altermoma
-from altermoma.cli import main
+from altermoma.cli import build_parser, main, prune_request
 from benchmarks.latency_table import (
     Subject,
     build_table,
@@ -28,6 +29,7 @@ from compress.latency import (
     LatencyTableError,
     load_table,
     save_table,
+    summary_line,
     table_from_costs,
     width_grid,
 )
@@ -38,6 +40,7 @@ from compress.structured import ChannelGraph, PruningError, min_kept
 
 torch.set_num_threads(1)
 TINY = "fusion/weights/tiny-fusion"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Chain(nn.Module):
@@ -148,6 +151,14 @@ def test_request_needs_one_target_and_a_table():
         PruneRequest(target_latency=1.5, latency_table="t.json").validate()
 
 
+def test_pipeline_default_gflops_target_gives_way_to_a_latency_target():
+    parse = build_parser().parse_args
+    assert prune_request(parse(["pipeline"])).target_gflops == 0.5
+    request = prune_request(parse(["pipeline", "--target-latency", "0.5", "--latency-table", "t.json"]))
+    assert request.target_gflops is None and request.target_latency == 0.5
+    assert prune_request(parse(["prune", "--out", "x", "--target-gflops", "0.3"])).target_gflops == 0.3
+
+
 # ---- selection -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cap", [0.9, 0.5])
 def test_latency_prune_meets_the_budget_with_caps_and_rounding(cap):
@@ -217,6 +228,7 @@ def test_public_api_takes_a_latency_target():
     )  # fmt: skip
     assert report["latency"]["predicted_ratio"] <= 0.6 + 1e-9 and report["request"]["target_latency"] == 0.6
     assert report["request"]["latency_table"] == "<in-memory table: ort-cpu>"
+    assert summary_line(report).startswith("predicted latency (ort-cpu) ") and "target 60%" in summary_line(report)
 
 
 def test_a_table_with_a_gflops_target_is_only_reported():
@@ -346,3 +358,16 @@ def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "never-written").exists()
+
+
+def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch):
+    """`--task`: a user's model (depthwise and grouped convs, squeeze-excite) gets a table and a latency prune."""
+    monkeypatch.chdir(ROOT)
+    spec, table = "examples/pku_fusion.py:setup", tmp_path / "pku.json"
+    argv = ["latency-table", "--task", spec, "--out", str(table), "--grid-points", "2", "--runs", "2", "--warmup", "0"]
+    assert main([*argv, "--no-rest-terms", "--quiet"]) == 0
+    out = tmp_path / "pruned"
+    prune = ["prune", "--task", spec, "--method", "snip", "--target-latency", "0.6", "--latency-table", str(table)]
+    assert main([*prune, "--out", str(out)]) == 0
+    latency = json.loads((out / "pruned.json").read_text())["report"]["latency"]
+    assert latency["predicted_after_ms"] <= 0.6 * latency["predicted_before_ms"] + 1e-9
