@@ -15,13 +15,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.latency import add_parser as add_bench_parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from common.argtypes import positive_int
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -187,10 +181,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--preset", help="refuse a checkpoint of another preset")
     o.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
     o.add_argument("--opset", type=int, default=17)
-    o.add_argument("--samples", type=_positive, default=8, help="synthetic val scenes for parity (default 8)")
+    o.add_argument("--samples", type=positive_int, default=8, help="synthetic val scenes for parity (default 8)")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
-    o.add_argument("--threads", type=_positive, default=1, help="torch and ONNX Runtime threads (default 1)")
-    o.add_argument("--batch-size", type=_positive, default=1, help="static batch size of the graphs (default 1)")
+    o.add_argument("--threads", type=positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    o.add_argument("--batch-size", type=positive_int, default=1, help="static batch size of the graphs (default 1)")
     o.add_argument("--force", action="store_true", help="keep an export that fails its checks, in <out>-failed")
     o.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     o.set_defaults(run=cmd_export_onnx)
@@ -202,9 +196,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--onnx-dir", required=True, help="output directory of `altermoma export onnx`")
     t.add_argument("--out", required=True, help="engine directory (created if missing)")
     t.add_argument("--precision", action="append", choices=("fp32", "fp16"), help="repeatable (default fp16)")
-    t.add_argument("--workspace-mib", type=_positive, default=4096)
-    t.add_argument("--samples", type=_positive, default=2, help="seeded inputs for the parity check")
-    t.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for the parity check")
+    t.add_argument("--workspace-mib", type=positive_int, default=4096)
+    t.add_argument("--samples", type=positive_int, default=2, help="seeded inputs for the parity check")
+    t.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads for the parity check")
     t.set_defaults(run=cmd_export_trt)
 
     b = add_bench_parser(sub)

@@ -7,21 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.argtypes import non_negative_int, positive_int
+
 BACKEND_CHOICES = ("ort-cpu", "torch-cpu", "torch-cuda", "trtexec-script")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def load_subject(args: argparse.Namespace):
@@ -127,15 +115,15 @@ def add_latency_table_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--parse-trtexec", metavar="DIR", help="turn the logs of a trtexec-script folder into a table")
     p.add_argument("--out", required=True, help="table JSON (a folder for --backend trtexec-script)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="ort-cpu", help="default ort-cpu")
-    p.add_argument("--threads", type=_positive, default=1, help="CPU threads (torch / ORT intra-op), default 1")
-    p.add_argument("--round-to", type=_positive, default=8, help="grid step in channels (default 8)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (torch / ORT intra-op), default 1")
+    p.add_argument("--round-to", type=positive_int, default=8, help="grid step in channels (default 8)")
     p.add_argument("--grid-points", type=int, default=16, help="at most this many widths per dimension (default 16)")
-    p.add_argument("--runs", type=_positive, default=20, help="timed runs per point (default 20)")
-    p.add_argument("--warmup", type=_non_negative, default=5, help="warm-up runs per point (default 5)")
-    p.add_argument("--check-points", type=_non_negative, default=8, help="off-grid widths timed to measure the "
+    p.add_argument("--runs", type=positive_int, default=20, help="timed runs per point (default 20)")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="warm-up runs per point (default 5)")
+    p.add_argument("--check-points", type=non_negative_int, default=8, help="off-grid widths timed to measure the "
                    "interpolation error (default 8)")  # fmt: skip
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="trtexec-script precision")
-    p.add_argument("--trt-warmup-ms", type=_non_negative, default=500, help="trtexec --warmUp (ms), default 500")
+    p.add_argument("--trt-warmup-ms", type=non_negative_int, default=500, help="trtexec --warmUp (ms), default 500")
     p.add_argument(
         "--no-rest-terms",
         action="store_true",

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from benchmarks.flops import flops_table, split_stage_flops, stage_flops
+from common.argtypes import non_negative_int, positive_int
 from common.io import atomic_write, atomic_write_text
 from export.onnx import OrtPipeline, Stage, as_stages, export_onnx, export_split_details, stage_tensors, torch_threads
 from export.runtime import latency_summary
@@ -587,20 +588,6 @@ def plot_latency_vs_gflops(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -610,10 +597,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such)",
     )
     parser.add_argument("--preset", help="preset of the default model (tiny); with --checkpoint, refuse other presets")
-    parser.add_argument("--threads", type=_positive, default=1)
-    parser.add_argument("--runs", type=_positive, default=50, help="timed runs (default 50)")
-    parser.add_argument("--warmup", type=_non_negative, default=10, help="warm-up runs (default 10)")
-    parser.add_argument("--batch-size", type=_positive, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--runs", type=positive_int, default=50, help="timed runs (default 50)")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="warm-up runs (default 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
     parser.add_argument("--out", default="reports/bench", help="output directory (default reports/bench)")
 
