@@ -259,6 +259,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     import torch
 
+    from compress.oneshot import ZERO_THEN_PRUNE_RTOL
+
     request = dataclasses.replace(prune_request(args), best_effort=args.best_effort)
     if (args.task is None) == (args.checkpoint is None):
         raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
@@ -275,7 +277,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"note: {achieved:.1%} removed for the requested {wanted:.1%} (widths move in steps of --round-to)")
     if report.get("unpruned_groups"):
         print("left unpruned: " + "; ".join(f"{g['root']} ({g['reason']})" for g in report["unpruned_groups"]))
-    if report.get("zero_then_prune_error", 0.0) > 1e-4:
+    if report.get("zero_then_prune_error", 0.0) > ZERO_THEN_PRUNE_RTOL:
         print(
             f"warning: the pruned model differs from the zeroed one by {report['zero_then_prune_error']:.2e} "
             "(relative): an op mixes channels (a LayerNorm over channels, a channel mean); fine-tune before use"

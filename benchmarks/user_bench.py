@@ -19,7 +19,7 @@ from torch import nn
 
 from benchmarks.latency import measure
 from common.io import atomic_write_text
-from common.task import Task
+from common.task import Task, tensor_inputs
 from compress.oneshot import measured_gflops
 from export.onnx import OrtPipeline, export_onnx, torch_threads
 
@@ -48,7 +48,7 @@ def bench_models(
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, example, Path(tmp) / "model.onnx", threads=threads, check=False)
             pipeline = OrtPipeline(exported["path"], threads)
-            feeds = {name: value.numpy() for name, value in zip(exported["input_names"], _tensors(args, kwargs))}
+            feeds = {name: value.numpy() for name, value in zip(exported["input_names"], tensor_inputs(args, kwargs))}
             row["ort_cpu"] = measure(lambda pipeline=pipeline, feeds=feeds: pipeline(feeds), warmup, runs)
             row["onnx_max_abs_error"] = exported["max_abs_error"]
         rows.append(row)
@@ -70,10 +70,6 @@ def bench_models(
     atomic_write_text(out_dir / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out_dir / "bench.md", markdown(report))
     return report
-
-
-def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
 def markdown(report: dict[str, Any]) -> str:

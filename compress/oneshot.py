@@ -43,7 +43,7 @@ from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
 
 MAX_TARGET_MISS = 0.02  # a result further than 2 points from the request is an error (or, best effort, a warning)
-ZERO_THEN_PRUNE_RTOL = 1e-4  # pruned vs zeroed outputs, relative to the largest output magnitude
+ZERO_THEN_PRUNE_RTOL = 1e-4  # above this, the pruned model differs from the zeroed one: the CLI warns
 
 
 def measured_gflops(model: nn.Module, task: Task, example_batch: Any) -> float:
@@ -158,9 +158,10 @@ def prune_structured(
     else:
         raise PruningError("the pruned model still does not run after leaving three rounds of groups whole")
     dist.check_same(dist.digest([[g.root for g in graph.groups], pruned]), "the selected channels")
+    achieved = None
     if mode == "flops":
-        pruned = _aim_at_measured(graph, pruned, scores, tiebreak, request, target)
-    miss = _target_miss(graph, pruned, mode, target)
+        pruned, achieved = _aim_at_measured(graph, pruned, scores, tiebreak, request, target)
+    miss = _target_miss(graph, pruned, mode, target, achieved)
     if miss is not None and abs(miss) > MAX_TARGET_MISS:
         achieved = target + miss
         message = f"the selection reaches {achieved:.1%} instead of the requested {target:.1%} ({mode}): "
@@ -240,13 +241,13 @@ def _aim_at_measured(graph: ChannelGraph, pruned, scores, tiebreak, request: Pru
     predicted one (0.69 measured for 0.50 predicted on a cross-attention fuser). The pruned copy the
     selection was verified on is counted; where it disagrees with the prediction, a few secant steps
     move the analytic aim until the measured reduction lands on the request. Where the two agree
-    (every model without such ops, the reference included) nothing changes.
+    (every model without such ops, the reference included) nothing changes. Returns the selection
+    and the reduction it achieves (measured where measurement and prediction disagree).
     """
     predicted = 1.0 - graph.total_flops(pruned) / graph.total_flops()
     measured = 1.0 - graph.copy_flops / graph.total_flops()
-    graph.measured_override = None
     if abs(measured - predicted) <= 0.005:
-        return pruned
+        return pruned, predicted
     best = (abs(measured - target), pruned, measured)
     aim, low, high = target, 0.0, 0.99  # aims known to land below / above the request
     for _ in range(8):
@@ -261,16 +262,15 @@ def _aim_at_measured(graph: ChannelGraph, pruned, scores, tiebreak, request: Pru
         best = min(best, (abs(measured - target), pruned, measured), key=lambda b: b[0])
         if best[0] <= 0.005:
             break
-    graph.measured_override = best[2]
-    return best[1]
+    return best[1], best[2]
 
 
-def _target_miss(graph: ChannelGraph, pruned: list[torch.Tensor], mode: str, target: float) -> float | None:
-    """Achieved minus requested reduction, predicted before anything is removed (None for latency mode)."""
+def _target_miss(
+    graph: ChannelGraph, pruned: list[torch.Tensor], mode: str, target: float, achieved_flops: float | None
+) -> float | None:
+    """Achieved minus requested reduction, known before anything is removed (None for latency mode)."""
     if mode == "flops":
-        measured = getattr(graph, "measured_override", None)
-        achieved = measured if measured is not None else 1.0 - graph.total_flops(pruned) / graph.total_flops()
-        return achieved - target
+        return achieved_flops - target
     if mode == "channels":
         return sum(int(m.sum()) for m in pruned) / sum(g.channels for g in graph.groups) - target
     return None
