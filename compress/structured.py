@@ -257,8 +257,7 @@ class ChannelGraph:
             self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
             self._handlers.append((root_module, group[0].dep.handler))
         self._drop_overlapping_groups()
-        self.layer_flops = self._measure_layer_flops(*task.arguments(example_batch))
-        self.rest_flops = self._measure_rest_flops(*task.arguments(example_batch))
+        self.layer_flops, self.rest_flops = self._measure_flops(*task.arguments(example_batch))
 
     def _all_groups(self, ignored: list[nn.Module]):
         """torch-pruning's `get_all_groups`, one root at a time, so that a root whose group torch-pruning
@@ -315,8 +314,10 @@ class ChannelGraph:
         self.groups = [g for i, g in enumerate(self.groups) if i not in clashing]
         self._handlers = [h for i, h in enumerate(self._handlers) if i not in clashing]
 
-    def _measure_layer_flops(self, args: tuple, kwargs: dict) -> dict[str, float]:
-        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed input/output sizes.
+    def _measure_flops(self, args: tuple, kwargs: dict) -> tuple[dict[str, float], float]:
+        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed input/output
+        sizes, and the rest: what FlopCounterMode counts in the same forward beyond those layers
+        (attention matmuls, einsums), so a GFLOPs target is met on the count the report measures.
 
         Also records each layer's input and output shapes per call (`layer_shapes`): latency tables are
         measured at these real feature-map sizes and checked against them."""
@@ -339,13 +340,13 @@ class ChannelGraph:
         handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, LAYERS)]
         was_training = self.model.training
         try:
-            with torch.no_grad():
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 self.model.eval()(*args, **kwargs)
         finally:
             self.model.train(was_training)
             for h in handles:
                 h.remove()
-        return flops
+        return flops, max(0.0, float(counter.get_total_flops()) - sum(flops.values()))
 
     # ---- scores -------------------------------------------------------------------------------
     def channel_saliency(self, saliency: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -383,17 +384,6 @@ class ChannelGraph:
         """Predicted FLOPs of the whole model: the layers at their pruned widths, plus everything else
         FlopCounterMode counts (matmuls outside conv/linear layers), held constant."""
         return sum(self.flops(pruned).values()) + self.rest_flops
-
-    def _measure_rest_flops(self, args: tuple, kwargs: dict) -> float:
-        """FLOPs that no conv/linear layer accounts for (attention matmuls, einsums): so a GFLOPs target
-        is met on the count the report measures, not only on the layers' share of it."""
-        was_training = self.model.training
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self.model.eval()(*args, **kwargs)
-        finally:
-            self.model.train(was_training)
-        return max(0.0, float(counter.get_total_flops()) - sum(self.layer_flops.values()))
 
     def select(
         self, scores: list[torch.Tensor], threshold: float, round_to: int, max_group_ratio: float
