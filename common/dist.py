@@ -14,7 +14,6 @@ rank raises together instead of leaving the others waiting in a collective.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -195,7 +194,13 @@ def check_same(value: Any, what: str) -> None:
 
 
 def digest(value: Any) -> str:
-    """A short content hash of tensors (and lists/tuples/dicts of them, or any picklable value)."""
+    """A short content hash of tensors, arrays, primitives and containers of them, for rank agreement.
+
+    Encoded field by field, never pickled: the bytes depend only on the values, so equal values give
+    equal digests on every rank.
+    """
+    import dataclasses
+    import enum
     import hashlib
 
     h = hashlib.sha256()
@@ -206,6 +211,7 @@ def digest(value: Any) -> str:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(v, dict):
+            h.update(f"dict{len(v)}".encode())
             for k in v:
                 h.update(repr(k).encode())
                 feed(v[k])
@@ -213,14 +219,19 @@ def digest(value: Any) -> str:
             h.update(f"{type(v).__name__}{len(v)}".encode())
             for x in v:
                 feed(x)
-        elif hasattr(v, "tobytes") and hasattr(v, "dtype"):  # numpy arrays
-            h.update(f"{v.dtype}{v.shape}".encode())
+        elif hasattr(v, "tobytes") and hasattr(v, "dtype"):  # numpy arrays and scalars
+            h.update(f"{v.dtype}{getattr(v, 'shape', ())}".encode())
             h.update(v.tobytes())
-        else:
-            try:
-                h.update(pickle.dumps(v))
-            except Exception:  # noqa: BLE001 - an unpicklable object is compared by its type alone
-                h.update(type(v).__qualname__.encode())
+        elif v is None or isinstance(v, bool | int | float | complex | str | bytes | enum.Enum):
+            h.update(f"{type(v).__qualname__}:{v!r};".encode())  # float repr round-trips exactly
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            h.update(type(v).__qualname__.encode())
+            feed({f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
+        elif hasattr(v, "__dict__"):
+            h.update(type(v).__qualname__.encode())
+            feed(dict(vars(v)))
+        else:  # no value to read (slots-only or builtin objects): compared by type alone
+            h.update(type(v).__qualname__.encode())
 
     feed(value)
     return h.hexdigest()[:16]

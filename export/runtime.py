@@ -19,6 +19,7 @@ a production pipeline, not needed here.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,14 +123,15 @@ def cuda_device_name(device: int = 0) -> str:
 _Owned = TypeVar("_Owned", bound="_OwnedCudaResource")
 
 
-class _OwnedCudaResource:
+class _OwnedCudaResource(abc.ABC):
     """A stream, event or buffer we allocated: a context manager whose exit frees it.
 
     `close()` is the contract and must be safe to call twice; `__del__` is only a fallback.
     """
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Free the resource; a second call does nothing."""
 
     def __enter__(self: _Owned) -> _Owned:
         return self
