@@ -1,4 +1,4 @@
-"""Configuration: plain dataclasses, three presets, strict loading.
+"""Configuration: plain dataclasses, presets (three synthetic, two nuScenes), strict loading.
 
 Every run is described by one `Config`. It is stored as JSON next to every checkpoint, so a model
 can always be rebuilt from its files alone. Unknown keys are an error, never silently ignored: a
@@ -46,6 +46,9 @@ class CameraRig:
     hfov_deg: float = 90.0
     mount_height: float = 1.6
     pitch_deg: float = 4.0  # positive looks down
+    # nuScenes camera channels in the order the images are stacked (empty for synthetic data); the default
+    # order follows the ring (yaw 0, 60, ... degrees), so the fixed rig approximates a nuScenes car.
+    channels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -60,6 +63,8 @@ class LidarConfig:
     range_noise: float = 0.02
     max_pillars: int = 2560
     max_points_per_pillar: int = 16
+    sweeps: int = 0  # earlier sweeps merged into each key frame (nuScenes: 9, as BEVFusion)
+    point_features: int = 4  # 4: x, y, z, intensity; 5 adds the time lag of multi-sweep points
 
 
 @dataclass
@@ -156,6 +161,14 @@ class Config:
         for name, size in (("image_height", self.rig.image_height), ("image_width", self.rig.image_width)):
             if size % 32:
                 raise ConfigError(f"rig.{name} must be a multiple of 32, got {size}")
+        if self.rig.channels and len(self.rig.channels) != self.rig.num_cameras:
+            raise ConfigError(
+                f"rig.channels names {len(self.rig.channels)} cameras but rig.num_cameras is {self.rig.num_cameras}"
+            )
+        if self.lidar.point_features not in (4, 5):
+            raise ConfigError(f"lidar.point_features must be 4 or 5, got {self.lidar.point_features}")
+        if self.lidar.sweeps < 0:
+            raise ConfigError(f"lidar.sweeps must be >= 0, got {self.lidar.sweeps}")
         if self.grid.size_x % 4 or self.grid.size_y % 4:
             raise ConfigError("the BEV grid must have a multiple of 4 cells per side")
         if m.num_depth_bins < 1:
@@ -271,7 +284,69 @@ def _r50() -> Config:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "r50": _r50}
+# The 10 classes of the nuScenes detection challenge in the devkit's order
+# (fusion.data.nuscenes_tables.DETECTION_CLASSES; a test checks the two agree).
+NUSCENES_CLASSES = (
+    "car",
+    "truck",
+    "bus",
+    "trailer",
+    "construction_vehicle",
+    "pedestrian",
+    "motorcycle",
+    "bicycle",
+    "traffic_cone",
+    "barrier",
+)
+# Camera channels in ring order (yaw 0, +60, +120, 180, -120, -60 degrees), where nuScenes mounts them.
+NUSCENES_CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT", "CAM_FRONT_RIGHT")
+
+
+def _nuscenes() -> Config:
+    """nuScenes with BEVFusion-R50 sizes: 6 cameras at 256x704, a 180x180 BEV over +-54 m in the LiDAR frame,
+    the 10 detection classes, 9 earlier sweeps with the time lag as a fifth point feature. No map head:
+    map layers are not read from nuScenes (its map files are not parsed)."""
+    config = _r50()
+    config.preset = "nuscenes"
+    config.rig.channels = NUSCENES_CAMERAS
+    config.lidar = LidarConfig(
+        elevation_deg=(-30.0, 10.0),
+        azimuth_steps=1084,  # 32 x 1084: about the 34k points of one nuScenes sweep
+        mount_height=1.84,
+        max_range=70.0,
+        max_pillars=30000,
+        max_points_per_pillar=20,
+        sweeps=9,
+        point_features=5,
+    )
+    config.data = DataConfig(classes=NUSCENES_CLASSES, max_objects=500)
+    config.model.seg_head = False
+    return config
+
+
+def _nuscenes_tiny() -> Config:
+    """A CPU-sized nuScenes layout for tests: 6 cameras at 64x192, +-54 m at 1.5 m cells, 2 sweeps."""
+    return Config(
+        preset="nuscenes-tiny",
+        grid=BEVGrid(x_range=(-54.0, 54.0), y_range=(-54.0, 54.0), z_range=(-5.0, 3.0), cell=1.5),
+        rig=CameraRig(num_cameras=6, image_height=64, image_width=192, hfov_deg=70.0, channels=NUSCENES_CAMERAS),
+        lidar=LidarConfig(
+            num_beams=16,
+            elevation_deg=(-30.0, 10.0),
+            azimuth_steps=512,
+            mount_height=1.84,
+            max_range=60.0,
+            max_pillars=2560,
+            max_points_per_pillar=16,
+            sweeps=2,
+            point_features=5,
+        ),
+        data=DataConfig(classes=NUSCENES_CLASSES, max_objects=128),
+        model=ModelConfig(depth_bins=(1.0, 55.0, 2.0), seg_head=False),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "r50": _r50, "nuscenes": _nuscenes, "nuscenes-tiny": _nuscenes_tiny}
 
 
 def get_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:

@@ -13,6 +13,12 @@ from fusion.config import BEVGrid, LidarConfig
 from fusion.geometry import bev_cell_index
 
 PILLAR_FEATURES = 9  # x, y, z, intensity, offsets to the pillar's point mean (3), to the cell centre (2)
+DECORATIONS = 5  # features added to each point's own: offsets to the pillar mean (3) and to the cell centre (2)
+
+
+def pillar_features(point_features: int) -> int:
+    """Decorated features per point for points of `point_features` columns (4: PILLAR_FEATURES; 5 adds time lag)."""
+    return point_features + DECORATIONS
 
 
 def pillarize(
@@ -20,11 +26,14 @@ def pillarize(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Group points (N, 4) into pillars. Returns features (9, P, M), cell-to-pillar map (Y*X,), pillar count.
 
+    Points may carry more columns after x, y, z, intensity (multi-sweep nuScenes: the time lag); the
+    features then have `pillar_features(F)` rows, the point's own F columns first.
+
     When a cell holds more than M points or the sweep more than P pillars, a random subset is kept,
     drawn from `rng` so the result is reproducible.
     """
     p_max, m_max = lidar.max_pillars, lidar.max_points_per_pillar
-    features = np.zeros((p_max, m_max, PILLAR_FEATURES), dtype=np.float32)
+    features = np.zeros((p_max, m_max, pillar_features(points.shape[1])), dtype=np.float32)
     pillar_map = np.zeros(grid.size_x * grid.size_y, dtype=np.int64)
 
     cell = bev_cell_index(points[:, :3], grid)

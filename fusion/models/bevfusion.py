@@ -50,10 +50,10 @@ class CameraEncoder(nn.Module):
         self.vtransform = LSSViewTransform(config, m.fpn_channels)
         self.out_channels = m.camera_bev_channels
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, frustum_cells: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c, h, w = images.shape
         features = self.neck(self.backbone(images.view(b * n, c, h, w)))
-        return self.vtransform(features)
+        return self.vtransform(features, frustum_cells)
 
 
 class Heads(nn.Module):
@@ -102,10 +102,14 @@ class BEVFusion(nn.Module):
         images: torch.Tensor | None = None,
         pillars: torch.Tensor | None = None,
         pillar_map: torch.Tensor | None = None,
+        frustum_cells: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`frustum_cells` (B, P) int64, optional: each sample's camera geometry (real data, one calibration
+        per vehicle; see `fusion.data.camera_geometry`). Without it the camera branch lifts with the fixed
+        rig baked into its buffers, which is also the form that is exported."""
         bev = []
         if self.camera is not None:
-            bev.append(self.camera(images))
+            bev.append(self.camera(images, frustum_cells))
         if self.lidar is not None:
             bev.append(self.lidar(pillars, pillar_map))
         x = self.fuser(bev) if self.fuser is not None else bev[0]
@@ -207,7 +211,9 @@ def example_inputs(
     cells = config.grid.size_x * config.grid.size_y
     inputs = {
         "images": torch.rand(batch_size, rig.num_cameras, 3, rig.image_height, rig.image_width, generator=g),
-        "pillars": torch.randn(batch_size, 9, lidar.max_pillars, lidar.max_points_per_pillar, generator=g),
+        "pillars": torch.randn(
+            batch_size, lidar.point_features + 5, lidar.max_pillars, lidar.max_points_per_pillar, generator=g
+        ),
         "pillar_map": torch.randint(0, lidar.max_pillars + 1, (batch_size, cells), generator=g),
     }
     names = {"camera": ["images"], "lidar": ["pillars", "pillar_map"]}.get(modality, list(inputs))

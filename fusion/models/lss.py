@@ -1,5 +1,8 @@
 """Lift-Splat-Shoot view transform for a fixed camera rig, with no sort or unique in the forward pass.
 
+(Real data brings its own calibration per sample: `frustum_cells`, computed in the data pipeline by
+`fusion.data.camera_geometry`, replaces the constant buffers for that forward pass; see `BEVPool.scatter_per_sample`.)
+
 The rig never moves, so the BEV cell of every (camera, depth bin, feature pixel) frustum point is
 computed once, here, and kept as constant index buffers. Pooling is then pure indexing:
 - "scatter": gather the valid points, scatter-add them into the canvas (ONNX ScatterElements-add);
@@ -58,8 +61,10 @@ class BEVPool(nn.Module):
         }.items():
             self.register_buffer(name, torch.from_numpy(value.astype(np.int64)), persistent=False)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
+    def forward(self, points: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         b, c, _ = points.shape
+        if cells is not None:
+            return self.scatter_per_sample(points, cells)
         kept = points.index_select(2, self.point_index)
         if self.method == "scatter":
             # A zero canvas derived from the input, not `new_zeros`: exporters fold a constant-shaped
@@ -69,6 +74,20 @@ class BEVPool(nn.Module):
         running = F.pad(kept.cumsum(2), (1, 0))
         sums = running.index_select(2, self.interval_end) - running.index_select(2, self.interval_start)
         return F.pad(sums, (1, 0)).index_select(2, self.interval_of_cell)
+
+    def scatter_per_sample(self, points: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Pool with a per-sample cell index (B, points) from the data pipeline (`fusion.data.camera_geometry`).
+
+        Points outside the grid (-1, or any index out of range) go to one extra dummy cell that is cut
+        off: the shapes stay static and the graph holds no sort, unique or nonzero. This is always the
+        scatter-add form; the cumsum form needs cells sorted per sample and stays the fixed-rig form.
+        """
+        b, c, _ = points.shape
+        outside = (cells < 0) | (cells >= self.num_cells)
+        index = cells.masked_fill(outside, self.num_cells)
+        canvas = (points[:, :, :1] * 0).expand(b, c, self.num_cells + 1)
+        canvas = canvas.scatter_add(2, index.unsqueeze(1).expand(b, c, -1), points)
+        return canvas[:, :, : self.num_cells]
 
 
 class LSSViewTransform(nn.Module):
@@ -81,11 +100,25 @@ class LSSViewTransform(nn.Module):
         self.pool_size = (grid.size_y * m.bev_pool_factor, grid.size_x * m.bev_pool_factor)
         self.depth_conv = nn.Conv2d(in_channels, m.num_depth_bins, 1)
         self.feat_conv = nn.Conv2d(in_channels, m.camera_bev_channels, 1)
-        cells = frustum_cells(config)
-        self.pool = BEVPool(cells, self.pool_size[0] * self.pool_size[1], m.pool_method)
+        self.pool_method = m.pool_method
+        h, w = config.rig.image_height // m.feature_stride, config.rig.image_width // m.feature_stride
+        self.num_frustum_points = self.num_cameras * m.num_depth_bins * h * w
+        self.set_frustum_cells(frustum_cells(config))
         c = m.camera_bev_channels
         self.downsample = nn.Sequential(conv_bn_relu(c, c), conv_bn_relu(c, c, stride=m.bev_pool_factor))
         self.pruning_trace = False  # see `pruning_stand_in`
+
+    def set_frustum_cells(self, cells: np.ndarray) -> None:
+        """Rebuild the constant pooling buffers from one rig's frustum cells (the pooling form is kept).
+
+        `fusion.data.camera_geometry.bake_calibration` calls this to fix the geometry to one car for export.
+        """
+        pool = getattr(self, "pool", None)
+        method = pool.method if pool is not None else self.pool_method
+        num_cells = self.pool_size[0] * self.pool_size[1]
+        if cells.shape != (self.num_frustum_points,):
+            raise ValueError(f"frustum cells must have shape ({self.num_frustum_points},), got {cells.shape}")
+        self.pool = BEVPool(cells, num_cells, method)
 
     def depth_and_context(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth distribution (B*N, D, h, w), softmaxed over bins, and context features (B*N, C, h, w)."""
@@ -102,16 +135,21 @@ class LSSViewTransform(nn.Module):
         frustum = frustum.view(bn // self.num_cameras, self.num_cameras, c, d, h, w).transpose(1, 2)
         return frustum.reshape(bn // self.num_cameras, c, self.num_cameras * d * h * w)
 
-    def splat(self, depth: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Depth and context to camera BEV features: lift, BEV pool, downsample."""
-        canvas = self.pool(self.outer_product(depth, context))
+    def splat(
+        self, depth: torch.Tensor, context: torch.Tensor, frustum_cells: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Depth and context to camera BEV features: lift, BEV pool, downsample.
+
+        `frustum_cells` (B, N*D*h*w) int64: each sample's own geometry; None lifts with the fixed rig.
+        """
+        canvas = self.pool(self.outer_product(depth, context), frustum_cells)
         bev = canvas.view(canvas.shape[0], canvas.shape[1], *self.pool_size)
         return self.downsample(bev)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, frustum_cells: torch.Tensor | None = None) -> torch.Tensor:
         if self.pruning_trace:
             return self.pruning_stand_in(features)
-        return self.splat(*self.depth_and_context(features))
+        return self.splat(*self.depth_and_context(features), frustum_cells)
 
     def pruning_stand_in(self, features: torch.Tensor) -> torch.Tensor:
         """A channel-preserving replacement used only while torch-pruning traces the graph.

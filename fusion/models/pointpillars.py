@@ -8,16 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import Config
-from fusion.data.pillars import PILLAR_FEATURES
+from fusion.data.pillars import PILLAR_FEATURES, pillar_features
 from fusion.models.resnet import BasicBlock, conv_bn_relu
 
 
 class PillarFeatureNet(nn.Module):
     """Shared point MLP (a 1x1 conv over (features, pillars, points)) and a max over each pillar's points."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, in_features: int = PILLAR_FEATURES):
         super().__init__()
-        self.conv = nn.Conv2d(PILLAR_FEATURES, channels, 1, bias=False)
+        self.conv = nn.Conv2d(in_features, channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, pillars: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ class LidarEncoder(nn.Module):
         super().__init__()
         m = config.model
         self.size = (config.grid.size_y, config.grid.size_x)
-        self.pfn = PillarFeatureNet(m.pillar_channels)
+        self.pfn = PillarFeatureNet(m.pillar_channels, pillar_features(config.lidar.point_features))
         self.stem = conv_bn_relu(m.pillar_channels, m.lidar_channels)
         self.blocks = nn.Sequential(*[BasicBlock(m.lidar_channels, m.lidar_channels) for _ in range(m.lidar_blocks)])
         self.out_channels = m.lidar_channels
