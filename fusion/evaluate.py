@@ -35,17 +35,11 @@ def evaluate(
     run: Runner | torch.nn.Module, dataset: SyntheticScenes, batch_size: int = 8, progress: bool = True
 ) -> dict:
     """Metrics of a model, or of any callable from model inputs to head outputs (an ONNX session, say)."""
-    if isinstance(run, torch.nn.Module):
-        run.eval()
     config = dataset.config
     predictions, truths = [], []
     meter = SegmentationMeter(config.data.map_classes)
     has_map = False
-    starts = range(0, len(dataset), batch_size)
-    mine = [starts[i] for i in dist.shard_range(len(starts))]
-    for start in progress_bar(mine, desc="evaluate", enabled=progress, leave=False):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        outputs = run(**model_inputs(batch)) if isinstance(run, torch.nn.Module) else run(model_inputs(batch))
+    for batch, outputs in _run_batches(run, dataset, batch_size, progress):
         predictions += decode_boxes(outputs, config.grid)
         truths += ground_truth(batch)
         if "bev_map" in outputs:
@@ -54,6 +48,37 @@ def evaluate(
     if dist.is_distributed():
         return dist.broadcast_object(_metrics_on_main(predictions, truths, meter, has_map, config))
     return _metrics(predictions, truths, meter, has_map, config)
+
+
+def _run_batches(run: Runner | torch.nn.Module, dataset, batch_size: int, progress: bool):
+    """(batch, outputs) over this rank's block of the data set's batches, in order."""
+    if isinstance(run, torch.nn.Module):
+        run.eval()
+    starts = range(0, len(dataset), batch_size)
+    mine = [starts[i] for i in dist.shard_range(len(starts))]
+    for start in progress_bar(mine, desc="evaluate", enabled=progress, leave=False):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        outputs = run(**model_inputs(batch)) if isinstance(run, torch.nn.Module) else run(model_inputs(batch))
+        yield batch, outputs
+
+
+@torch.no_grad()
+def nuscenes_detections(
+    run: Runner | torch.nn.Module, dataset, batch_size: int = 8, progress: bool = True
+) -> list[dict] | None:
+    """LiDAR-frame detections of every sample of a nuScenes data set, with the sample token and pose the
+    results file needs (`fusion.nuscenes_eval.results_json`); gathered on rank 0 (None on other ranks)."""
+    config = dataset.config
+    detections = []
+    for batch, outputs in _run_batches(run, dataset, batch_size, progress):
+        for i, decoded in enumerate(decode_boxes(outputs, config.grid)):
+            decoded["sample_token"] = batch["sample_token"][i]
+            decoded["lidar_to_global"] = batch["lidar_to_global"][i].numpy()
+            detections.append(decoded)
+    if not dist.is_distributed():
+        return detections
+    parts = dist.gather_object(detections)
+    return None if parts is None else [d for part in parts for d in part]
 
 
 def _metrics(predictions: list, truths: list, meter: SegmentationMeter, has_map: bool, config) -> dict:

@@ -6,11 +6,13 @@ to them through `reference_task(model)`, exactly as a user wires their own model
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from common.task import Task
 from fusion.config import Config
 from fusion.data.dataset import collate, make_sample
+from fusion.data.source import DataSource, open_split
 from fusion.losses import task_loss
 from fusion.models.bevfusion import BEVFusion
 
@@ -38,9 +40,20 @@ def reference_task(model: BEVFusion) -> Task:
     )
 
 
-def scoring_set(config: Config, num_batches: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """The fixed scoring set D: the same scenes for every method, drawn from a dedicated stream."""
-    samples = [make_sample(config, SCORING_STREAM + seed, i) for i in range(num_batches * batch_size)]
+def scoring_set(
+    config: Config, num_batches: int, batch_size: int, seed: int = 0, source: DataSource | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The fixed scoring set D: the same scenes for every method. Synthetic: drawn from a dedicated
+    stream; nuScenes: a seeded draw from the training split (never the val split)."""
+    count = num_batches * batch_size
+    if source is None or source.kind == "synthetic":
+        samples = [make_sample(config, SCORING_STREAM + seed, i) for i in range(count)]
+    else:
+        train = open_split(config, source, "train")
+        if len(train) < count:
+            raise ValueError(f"the scoring set needs {count} samples; the training split has {len(train)}")
+        chosen = np.random.default_rng([SCORING_STREAM, seed]).permutation(len(train))[:count]
+        samples = [train[int(i)] for i in chosen]
     return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 

@@ -2,7 +2,9 @@
 
 Scene i of a split is drawn from `numpy.random.default_rng([split_seed, i])`, so every scene is
 reproducible on its own, bit for bit, whatever order or subset is asked for. Rendering costs a few
-tens of milliseconds per scene, so scenes are rendered once and kept in memory (images as uint8).
+tens of milliseconds per scene, so each scene is rendered once and kept in a disk cache
+(`fusion.data.cache`); a data set object holds no scenes, whatever its size, and DataLoader workers
+and torchrun ranks share the cache.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common import dist
 from common.progress import progress_bar
 from fusion.config import Config
+from fusion.data.cache import SceneCache
 from fusion.data.pillars import pillarize
 from fusion.data.render import bev_map, render_cameras, scan_lidar
 from fusion.data.scenes import sample_scene
@@ -50,7 +54,11 @@ def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
 
 
 class SyntheticScenes(Dataset):
-    """Scenes of one split ("train" or "val"), rendered on construction."""
+    """Scenes of one split ("train" or "val"), streamed from the scene cache.
+
+    Construction renders the scenes missing from the cache (with a progress bar; under torchrun each
+    rank renders its share), so the first epoch costs no more than later ones; nothing stays in memory.
+    """
 
     def __init__(self, config: Config, split: str = "train", num_scenes: int | None = None, progress: bool = True):
         if split not in ("train", "val"):
@@ -60,16 +68,24 @@ class SyntheticScenes(Dataset):
         count = num_scenes if num_scenes is not None else getattr(config.data, f"{split}_scenes")
         if count < 1:
             raise ValueError(f"a split needs at least one scene, got {count}")
-        self.samples = [
-            make_sample(config, self.seed, i)
-            for i in progress_bar(range(count), desc=f"rendering {split} scenes", enabled=progress, leave=False)
-        ]
+        self.count = count
+        self.cache = SceneCache(config, self.seed, self._render)
+        missing = [i for i in range(count) if self.cache.folder is not None and not self.cache.has(i)]
+        mine = [missing[i] for i in dist.shard_range(len(missing))]
+        for index in progress_bar(mine, desc=f"rendering {split} scenes", enabled=progress and bool(mine), leave=False):
+            self.cache.ensure(index)
+        dist.barrier()  # every rank constructs its data set here: the scenes are all stored after it
+
+    def _render(self, index: int) -> dict[str, np.ndarray]:
+        return make_sample(self.config, self.seed, index)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.count
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self.samples[index]
+        if not 0 <= index < self.count:
+            raise IndexError(f"scene {index} of a {self.count}-scene split")
+        return self.cache.get(index)
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -81,5 +97,8 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The three tensors the network takes; everything else in a batch is a target."""
-    return {"images": batch["images"], "pillars": batch["pillars"], "pillar_map": batch["pillar_map"]}
+    """The tensors the network takes; everything else in a batch is a target or metadata."""
+    inputs = {"images": batch["images"], "pillars": batch["pillars"], "pillar_map": batch["pillar_map"]}
+    if "frustum_cells" in batch:  # per-sample camera geometry (nuScenes: each car has its own calibration)
+        inputs["frustum_cells"] = batch["frustum_cells"]
+    return inputs
