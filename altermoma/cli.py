@@ -180,6 +180,9 @@ def prune_request(args: argparse.Namespace):
         seed=args.seed,
         altereva=AlterEvaConfig(
             reactivation_steps=args.reactivation_steps,
+            reactivation_lr=args.reactivation_lr,
+            reactivation_optimizer=args.reactivation_optimizer,
+            reri_data=args.reri_data,
             alpha=args.alpha,
             beta=args.beta,
             mask_mode=args.mask_mode,
@@ -252,6 +255,10 @@ def print_prune_report(report: dict) -> None:
         print(f"sparsity {report['sparsity']:.1%}")
         for part, r in report["partitions"].items():
             print(f"{part:<10} kept {r['kept_ratio']:.1%} of {r['weights']} weights")
+    if "reri_noise" in report:
+        from compress.altereva import reri_line
+
+        print(reri_line(report["reri_noise"]))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -375,7 +382,17 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
     p.add_argument("--max-group-ratio", type=float, default=0.9, help="never prune more of one group (default 0.9)")
     p.add_argument("--scoring-batches", type=int, default=4, help="batches (of 2 scenes) in the scoring set")
-    p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8)")
+    p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8; 0: the noise control)")
+    p.add_argument("--reactivation-lr", type=float, default=1e-3, help="AlterEva's reactivation lr (default 1e-3)")
+    p.add_argument(
+        "--reactivation-optimizer", default="sgd", choices=("sgd", "adamw"), help="AlterEva's reactivation optimiser"
+    )
+    p.add_argument(
+        "--reri-data",
+        default="paper",
+        choices=("paper", "same"),
+        help="ReRI gradients: paper = D at theta_0 vs D_B at theta_B (Eq. 10); same = D at both (default paper)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="DeCI weight")
     p.add_argument("--beta", type=float, default=1.0, help="ReRI weight")
     p.add_argument("--mask-mode", default="parameters", choices=("parameters", "feature"))

@@ -9,6 +9,14 @@ turns them into per-weight or per-channel importance.
     round "lidar masked":  s0 = theta_0 * g0,  then B reactivation SGD steps,  sB = theta_0 * gB
     ReRI  = s0 - sB          (reload theta_0 bit for bit, then the same with the camera masked)
 
+Two estimators of gB (`reri_data`). "paper" (Eq. 10 as printed): g0 on the scoring set D at theta_0,
+gB on the last reactivation batch D_B at theta_B. Part of that difference is only the change of
+data, so every round also records the zero-step NOISE FLOOR theta_0 * (g(D, theta_0) - g(D_B,
+theta_0)) (one extra backward on D_B at theta_0): what ReRI would be had reactivation changed
+nothing. "same": gB on D at theta_B, so only the parameter change remains and the floor is exactly
+zero by construction. `reri_summary` turns signal (|ReRI|) and floor into a per-partition
+signal-to-noise report, so a user sees whether reactivation said anything.
+
 Gradients are taken in eval mode (BatchNorm as the fixed affine map that pruning removes), which
 also makes scoring deterministic and independent of how the scoring set is batched.
 
@@ -22,6 +30,7 @@ process doing them (the scores are then broadcast from rank 0, see `compress.one
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,20 +45,53 @@ Batch = object  # whatever the task's `inputs` and `loss` take
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter
 
 
+RERI_DATA = ("paper", "same")
+REACTIVATION_OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass
 class AlterEvaConfig:
+    """AlterEva's options; the defaults are the shipped behaviour.
+
+    reri_data: "paper" (g0 on D at theta_0, gB on D_B at theta_B: Eq. 10 as printed) or "same" (g0
+    and gB both on D: only the parameter change remains). reactivation_optimizer: "sgd" (plain SGD)
+    or "adamw" (the reference training optimiser; torch's default weight decay 0.01, the training
+    recipe's), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step control: "paper" then
+    scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
+    """
+
     reactivation_steps: int = 8  # B
-    reactivation_lr: float = 1e-3  # plain SGD
+    reactivation_lr: float = 1e-3  # shared by both optimisers
+    reactivation_optimizer: str = "sgd"  # or "adamw"
+    reri_data: str = "paper"  # or "same"
     alpha: float = 1.0
     beta: float = 1.0
     mask_mode: str = "parameters"  # or "feature" (ablation)
     floor: float | None = 1e-3  # ReRI discounts DeCI to no less than floor x DeCI; None: Eq. 13 as printed
+
+    def validate(self) -> AlterEvaConfig:
+        """One clear ValueError per bad option, before any gradient is taken."""
+        if self.reri_data not in RERI_DATA:
+            raise ValueError(f"unknown reri_data {self.reri_data!r} (choose from {', '.join(RERI_DATA)})")
+        if self.reactivation_optimizer not in REACTIVATION_OPTIMIZERS:
+            choices = ", ".join(REACTIVATION_OPTIMIZERS)
+            raise ValueError(f"unknown reactivation_optimizer {self.reactivation_optimizer!r} (choose from {choices})")
+        steps = self.reactivation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"reactivation_steps must be a whole number >= 0, got {steps!r}")
+        if not self.reactivation_lr > 0:
+            raise ValueError(f"reactivation_lr must be > 0, got {self.reactivation_lr}")
+        return self
 
 
 @dataclass
 class AlterEvaSaliency:
     deci: Saliency
     reri: dict[str, Saliency] = field(default_factory=dict)  # "lidar" / "camera": the modality that was masked
+    # Zero-step noise floor per round, theta_0 * (g(D, theta_0) - g(D_B, theta_0)); None where it is exactly
+    # zero by construction (reri_data "same").
+    noise: dict[str, Saliency | None] = field(default_factory=dict)
+    noise_seconds: float = 0.0  # what the floor cost: the extra backward passes on D_B at theta_0
 
 
 def loss_gradients(model: nn.Module, task: Task, batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -80,10 +122,12 @@ def signed_saliency(
     return {name: (theta[name] if theta is not None else params[name].detach()) * g for name, g in grads.items()}
 
 
-def reactivate(model: nn.Module, task: Task, frozen: set[str], batches: list[Batch], steps: int, lr: float) -> None:
-    """B plain-SGD steps on D_1..D_B (cycling through `batches`), masked parameters held fixed."""
+def reactivate(
+    model: nn.Module, task: Task, frozen: set[str], batches: list[Batch], steps: int, lr: float, optimizer: str = "sgd"
+) -> None:
+    """B steps (plain SGD or AdamW) on D_1..D_B (cycling through `batches`), masked parameters held fixed."""
     trainable = [p for name, p in model.named_parameters() if name not in frozen]
-    optimizer = torch.optim.SGD(trainable, lr=lr)
+    optimizer = torch.optim.AdamW(trainable, lr=lr) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=lr)
     model.eval()
     for step in range(steps):
         batch = batches[step % len(batches)]
@@ -96,12 +140,12 @@ def reactivate(model: nn.Module, task: Task, frozen: set[str], batches: list[Bat
 def altereva_saliency(
     model: nn.Module, task: Task, batches: list[Batch], config: AlterEvaConfig, progress: bool = True
 ) -> AlterEvaSaliency:
-    """DeCI and both ReRI rounds. The model's parameters and buffers are bit-identical afterwards."""
+    """DeCI, both ReRI rounds and their zero-step noise floors. The model's parameters and buffers are
+    bit-identical afterwards."""
+    config.validate()
     partition = Partition.of(model, task.partition)
     if not (partition.has("camera") and partition.has("lidar")):
         raise PartitionError("AlterEva needs a fusion model with both a camera and a LiDAR partition")
-    if config.reactivation_steps < 1:
-        raise ValueError(f"reactivation_steps must be >= 1, got {config.reactivation_steps}")
     theta0 = {name: t.detach().clone() for name, t in model.state_dict().items()}
     params0 = {name: p.detach().clone() for name, p in model.named_parameters()}
     bar = progress_bar(total=5, desc="AlterEva", enabled=progress, leave=False)
@@ -111,10 +155,17 @@ def altereva_saliency(
         for masked in ("lidar", "camera"):
             with masked_modality(model, partition, masked, config.mask_mode):
                 s0 = signed_saliency(model, task, batches, theta=params0)
+                last = [batches[(config.reactivation_steps - 1) % len(batches)]]  # D_B (with B = 0: D's last batch)
+                result.noise[masked] = None
+                if config.reri_data == "paper":  # the floor: the same estimator had reactivation changed nothing
+                    start = time.perf_counter()
+                    floor0 = signed_saliency(model, task, last, theta=params0)
+                    result.noise[masked] = {name: s0[name] - floor0[name] for name in s0}
+                    result.noise_seconds += time.perf_counter() - start
                 frozen = set(partition.parameters(model, masked))
-                reactivate(model, task, frozen, batches, config.reactivation_steps, config.reactivation_lr)
-                last = batches[(config.reactivation_steps - 1) % len(batches)]
-                s_b = signed_saliency(model, task, [last], theta=params0)
+                steps, lr = config.reactivation_steps, config.reactivation_lr
+                reactivate(model, task, frozen, batches, steps, lr, config.reactivation_optimizer)
+                s_b = signed_saliency(model, task, last if config.reri_data == "paper" else batches, theta=params0)
                 result.reri[masked] = {name: s0[name] - s_b[name] for name in s0}
             model.load_state_dict(theta0)  # reload theta_0 exactly before the next round
             bar.update(2)
@@ -122,3 +173,84 @@ def altereva_saliency(
         model.load_state_dict(theta0)
         bar.close()
     return result
+
+
+Units = list[torch.Tensor]  # one tensor per group (channels) or per weight tensor, as the scores use them
+ROUND_PARTS = {"lidar": ("camera", "fusion"), "camera": ("lidar", "fusion")}  # masked -> partitions it scores
+SAME_DATA_NOTE = "same-data ReRI: the zero-step floor is exactly 0 by construction (SNR undefined)"
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rho (average ranks for ties); None when either side is constant or has < 2 units."""
+    if a.numel() < 2:
+        return None
+    ranks = [_average_ranks(x.double().flatten()) for x in (a, b)]
+    ra, rb = (r - r.mean() for r in ranks)
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else None
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    values, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]  # 1-based mean rank of each tie block
+
+
+def reri_summary(
+    reri: dict[str, Units], noise: dict[str, Units | None], parts: list[str], config: AlterEvaConfig, units: str
+) -> dict:
+    """Signal (sum |ReRI|), zero-step noise floor (sum |floor|), their ratio and their rank agreement,
+    per round (the masked modality) and per partition that round scores.
+
+    `reri` and `noise` hold per-unit magnitudes (`units`: "channels" or "weights") in the layout of
+    `parts`. An SNR near 1 or a Spearman rho near 1 says the ranking is mostly batch-to-batch noise.
+    """
+    rounds = {}
+    for masked, signal_units in reri.items():
+        per_part = {}
+        for part in ROUND_PARTS[masked]:
+            chosen = [i for i, p in enumerate(parts) if p == part]
+            if not chosen:
+                continue
+            signal_flat = torch.cat([signal_units[i].double().flatten() for i in chosen])
+            signal = float(signal_flat.sum())
+            if noise.get(masked) is None:
+                per_part[part] = {"signal": signal, "noise": 0.0, "snr": None, "spearman": None}
+                continue
+            noise_flat = torch.cat([noise[masked][i].double().flatten() for i in chosen])
+            floor = float(noise_flat.sum())
+            snr = signal / floor if floor > 0 else None
+            per_part[part] = {
+                "signal": signal,
+                "noise": floor,
+                "snr": snr,
+                "spearman": rank_correlation(signal_flat, noise_flat),
+            }
+        rounds[masked] = per_part
+    summary = {
+        "reri_data": config.reri_data,
+        "optimizer": config.reactivation_optimizer,
+        "steps": config.reactivation_steps,
+        "lr": config.reactivation_lr,
+        "units": units,
+        "rounds": rounds,
+    }
+    if config.reri_data == "same":
+        summary["note"] = SAME_DATA_NOTE
+    return summary
+
+
+def reri_line(summary: dict) -> str:
+    """One line for the CLI: signal/noise = SNR (Spearman rho) per round and partition."""
+    head = f"ReRI signal/noise ({summary['reri_data']} data, {summary['optimizer']}, B={summary['steps']})"
+    items = []
+    for masked, per_part in summary["rounds"].items():
+        for part, r in per_part.items():
+            if r["snr"] is None and r["noise"] == 0.0:
+                items.append(f"{part}|{masked} masked {r['signal']:.3g}/0")
+                continue
+            snr = "inf" if r["snr"] is None else f"{r['snr']:.2f}"
+            rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.2f}"
+            items.append(f"{part}|{masked} masked {r['signal']:.3g}/{r['noise']:.3g} = {snr} (rho {rho})")
+    tail = " [floor 0 by construction]" if summary["reri_data"] == "same" else ""
+    return f"{head}: " + "; ".join(items) + tail

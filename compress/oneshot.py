@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 import warnings
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import dist
 from common.task import PARTS, Task
-from compress.altereva import altereva_saliency, signed_saliency
+from compress.altereva import AlterEvaSaliency, altereva_saliency, reri_summary, signed_saliency
 from compress.baselines import (
     magnitude_channel_scores,
     magnitude_weight_scores,
@@ -72,13 +73,19 @@ def channel_scores(
     example_batch: Any,
     request: PruneRequest,
     progress: bool,
+    diagnostics: dict | None = None,
 ) -> list[torch.Tensor]:
-    """Per group, one score per root channel; higher means keep."""
+    """Per group, one score per root channel; higher means keep. AlterEva puts its ReRI signal-to-noise
+    summary into `diagnostics["reri_noise"]` when a dict is given."""
     parts = [g.part for g in graph.groups]
     if method == "altereva":
         saliency = altereva_saliency(model, task, batches, request.altereva, progress)
         deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
         reri = {masked: [s.abs() for s in graph.channel_saliency(sal)] for masked, sal in saliency.reri.items()}
+        if diagnostics is not None:
+            diagnostics["reri_noise"] = _reri_noise(
+                saliency, reri, lambda sal: [s.abs() for s in graph.channel_saliency(sal)], parts, request, "channels"
+            )
         a = request.altereva
         return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
@@ -141,7 +148,8 @@ def prune_structured(
             )
     before = {"gflops": measured_gflops(model, task, example_batch), "params": parameter_counts(model, partition)}
     flops_before = _flops_by_part(graph, partition, None)
-    scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress)
+    diagnostics: dict = {}
+    scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress, diagnostics)
     tiebreak = magnitude_channel_scores(model, graph)
     dist.broadcast_(scores + tiebreak)  # every rank selects from rank 0's numbers
     pruned, selection = _select(graph, predictor, scores, tiebreak, request, mode, target)
@@ -203,12 +211,23 @@ def prune_structured(
         "protected": sorted(graph.protected),
         "unpruned_groups": graph.unprunable,
         "score_summary": _score_summary(scores, graph),
+        **diagnostics,
     }
     if latency is not None:
         report["latency"] = latency
     if reference is not None:
         report["zero_then_prune_error"] = _relative_error(reference, _outputs(model, task, example_batch))
     return report
+
+
+def _reri_noise(saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str):
+    """The scoring report's ReRI signal-to-noise block; `seconds` is what the zero-step floor cost (its
+    extra backward passes plus this summary)."""
+    start = time.perf_counter()
+    noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
+    summary = reri_summary(reri, noise, parts, request.altereva, kind)
+    summary["seconds"] = saliency.noise_seconds + time.perf_counter() - start
+    return summary
 
 
 def latency_predictor(request: PruneRequest, graph: ChannelGraph) -> LatencyPredictor | None:
@@ -341,6 +360,7 @@ def weight_scores(
     request: PruneRequest,
     protected: set[str],
     progress: bool,
+    diagnostics: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     weights = prunable_weights(model, protected)
     partition = Partition.of(model, task.partition)
@@ -350,6 +370,10 @@ def weight_scores(
         parts = [partition.part_of(n) or "fusion" for n in names]
         deci = [saliency.deci[n].abs() for n in names]
         reri = {masked: [s[n].abs() for n in names] for masked, s in saliency.reri.items()}
+        if diagnostics is not None:
+            diagnostics["reri_noise"] = _reri_noise(
+                saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights"
+            )
         a = request.altereva
         return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)))
     if request.method == "snip":
@@ -382,7 +406,8 @@ def prune_unstructured(
     example_batch = batches[0] if example_batch is None else example_batch
     partition = Partition.of(model, task.partition)
     protected = protected_layers(model, task, example_batch)
-    scores = weight_scores(model, task, batches, example_batch, request, protected, progress)
+    diagnostics: dict = {}
+    scores = weight_scores(model, task, batches, example_batch, request, protected, progress, diagnostics)
     dist.broadcast_(list(scores.values()))  # every rank selects from rank 0's numbers
     masks = global_masks(scores, request.sparsity)
     dist.check_same(dist.digest(masks), "the selected weights")
@@ -400,4 +425,5 @@ def prune_unstructured(
         "partitions": {
             p: {"weights_kept": k, "weights": n, "kept_ratio": k / n} for p, (k, n) in per_part.items() if n
         },
+        **diagnostics,
     }

@@ -75,8 +75,11 @@ class PruneRequest:
             raise PruningError(f"IMP's fine-tune budget must be >= 0 steps, got {self.imp.finetune_steps}")
         if self.altereva.floor is not None and not 0.0 <= self.altereva.floor < 1.0:
             raise PruningError(f"the AlterEva floor must be in [0, 1) or None, got {self.altereva.floor}")
-        if self.method == "altereva" and self.altereva.reactivation_steps < 1:
-            raise PruningError(f"AlterEva needs reactivation_steps >= 1, got {self.altereva.reactivation_steps}")
+        if self.method == "altereva":
+            try:
+                self.altereva.validate()
+            except ValueError as error:
+                raise PruningError(f"AlterEva: {error}") from None
         if self.synflow.iterations < 1:
             raise PruningError(f"SynFlow needs at least one iteration, got {self.synflow.iterations}")
         if self.prospr.steps < 0 or self.prospr.mode not in PROSPR_MODES:

@@ -1,0 +1,254 @@
+"""ReRI estimator options: the zero-step noise floor, the same-data form, the optimiser, a planted redundant copy.
+
+The toy fusion model is linear and its optimum known, so every figure the tests compare has a
+closed form: camera channel 0 and LiDAR channel 0 both carry the shared latent z_s (a redundant
+copy: the fuser gives each half of z_s's weight), camera channel 1 carries a camera-only latent whose
+weight makes its SNIP score equal channel 0's in expectation. Masking the LiDAR leaves camera channel
+0 alone with z_s, so reactivation moves it far more than its non-redundant twin: AlterEva must tell
+the two apart where SNIP cannot.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.task import Task
+from compress.altereva import (
+    AlterEvaConfig,
+    altereva_saliency,
+    rank_correlation,
+    reri_line,
+    reri_summary,
+    signed_saliency,
+)
+from compress.oneshot import channel_scores
+from compress.partition import Partition, masked_modality
+from compress.prune import prune
+from compress.request import PruneRequest
+from compress.structured import ChannelGraph, PruningError
+
+SHARED = 2.0  # weight of z_s in the target: each modality's copy carries half
+TWIN = math.sqrt(2.0)  # camera-only channel 1: |E[h dL/dh]| equals the copy's (SNIP cannot tell them apart)
+CAMERA_ONLY = (TWIN, 0.5, 0.3)
+LIDAR_ONLY = (1.2, 0.6, 0.4)
+SHRINK = 0.8  # the fuser sits at 0.8 x its optimum (as weight decay leaves it), so gradients are not zero
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.camera = nn.Linear(4, 4)
+        self.lidar = nn.Linear(4, 4)
+        self.fuser = nn.Linear(8, 1)
+
+    def forward(self, camera: torch.Tensor, lidar: torch.Tensor) -> torch.Tensor:
+        return self.fuser(torch.cat([self.camera(camera), self.lidar(lidar)], dim=-1))
+
+
+def toy() -> tuple[Toy, Task]:
+    model = Toy()
+    with torch.no_grad():
+        for encoder in (model.camera, model.lidar):
+            encoder.weight.copy_(torch.eye(4))
+            encoder.bias.zero_()
+        weights = [SHARED / 2, *CAMERA_ONLY, SHARED / 2, *LIDAR_ONLY]
+        model.fuser.weight.copy_(SHRINK * torch.tensor([weights]))
+        model.fuser.bias.zero_()
+    task = Task(
+        partition={"camera": "camera", "lidar": "lidar", "fusion": "fuser"},
+        loss=lambda out, batch: ((out.squeeze(-1) - batch["y"]) ** 2).mean(),
+        inputs=lambda batch: (batch["camera"], batch["lidar"]),
+    )
+    return model, task
+
+
+def toy_batches(count: int = 4, size: int = 512, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """z = (z_s, camera-only x3, LiDAR-only x3) ~ N(0, 1); the camera sees (z_s, c), the LiDAR (z_s, l)."""
+    generator = torch.Generator().manual_seed(seed)
+    coefficients = torch.tensor([SHARED, *CAMERA_ONLY, *LIDAR_ONLY])
+    batches = []
+    for _ in range(count):
+        z = torch.randn(size, 7, generator=generator)
+        batches.append({"camera": z[:, :4], "lidar": torch.cat([z[:, :1], z[:, 4:]], 1), "y": z @ coefficients})
+    return batches
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _direct_noise(model, task, batches, masked: str, last: int) -> dict[str, torch.Tensor]:
+    """theta_0 * (g(D, theta_0) - g(D_B, theta_0)) with `masked` masked, computed without AlterEva."""
+    partition = Partition.of(model, task.partition)
+    params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with masked_modality(model, partition, masked):
+        on_d = signed_saliency(model, task, batches, theta=params0)
+        on_b = signed_saliency(model, task, [batches[last]], theta=params0)
+    return {n: on_d[n] - on_b[n] for n in on_d}
+
+
+def test_same_data_reri_with_zero_steps_is_exactly_zero():
+    model, task = toy()
+    saliency = altereva_saliency(model, task, toy_batches(), AlterEvaConfig(reactivation_steps=0, reri_data="same"))
+    for masked in ("lidar", "camera"):
+        assert saliency.noise[masked] is None  # zero by construction: not even computed
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in saliency.reri[masked].values())
+    assert any(t.abs().sum() > 0 for t in saliency.deci.values())  # the model does have gradients
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_paper_form_with_zero_steps_is_the_d_vs_db_noise(optimizer):
+    model, task = toy()
+    batches = toy_batches()
+    config = AlterEvaConfig(reactivation_steps=0, reactivation_optimizer=optimizer)
+    saliency = altereva_saliency(model, task, batches, config)
+    for masked in ("lidar", "camera"):
+        direct = _direct_noise(model, task, batches, masked, last=len(batches) - 1)  # B = 0: D_B is D's last batch
+        assert all(torch.equal(saliency.reri[masked][n], direct[n]) for n in direct)
+        assert all(torch.equal(saliency.noise[masked][n], direct[n]) for n in direct)
+        assert sum(float(t.abs().sum()) for t in direct.values()) > 0  # batches differ: the floor is not zero
+
+
+def test_noise_floor_uses_the_last_reactivation_batch_and_leaves_the_model_untouched():
+    model, task = toy()
+    batches = toy_batches()
+    before = _state(model)
+    saliency = altereva_saliency(model, task, batches, AlterEvaConfig(reactivation_steps=6))
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    direct = _direct_noise(model, task, batches, "lidar", last=(6 - 1) % len(batches))
+    assert all(torch.equal(saliency.noise["lidar"][n], direct[n]) for n in direct)
+    # with steps, the signal is more than the floor
+    assert not all(torch.equal(saliency.reri["lidar"][n], direct[n]) for n in direct)
+
+
+def test_optimizer_and_data_options_change_the_signal():
+    model, task = toy()
+    batches = toy_batches()
+    results = {}
+    for data in ("paper", "same"):
+        for optimizer in ("sgd", "adamw"):
+            config = AlterEvaConfig(reactivation_steps=4, reri_data=data, reactivation_optimizer=optimizer)
+            reri = altereva_saliency(model, task, batches, config).reri["lidar"]
+            results[data, optimizer] = torch.cat([t.flatten() for t in reri.values()])
+    keys = list(results)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.allclose(results[a], results[b]), (a, b)
+
+
+def _camera_scores(method: str, config: AlterEvaConfig, batches) -> torch.Tensor:
+    model, task = toy()
+    graph = ChannelGraph(model, task, batches[0])
+    request = PruneRequest(method=method, channel_ratio=0.25, round_to=1, altereva=config)
+    scores = channel_scores(method, model, task, graph, batches, batches[0], request, progress=False)
+    camera = [s for s, g in zip(scores, graph.groups) if g.part == "camera"]
+    assert len(camera) == 1 and camera[0].numel() == 4
+    return camera[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("data", ["paper", "same"])
+def test_a_redundant_copy_scores_lower_under_altereva_than_under_snip(data, seed):
+    # Large batches and lr 1e-2: the toy's curvature is O(1), so B x lr must stand well above the batch-to-batch
+    # noise of the paper form's D vs D_B gradients (with 512 samples and lr 1e-3 the floor exceeds the signal).
+    batches = toy_batches(size=8192, seed=seed)
+    config = AlterEvaConfig(reri_data=data, reactivation_lr=1e-2)
+    snip = _camera_scores("snip", config, batches)
+    altereva = _camera_scores("altereva", config, batches)
+    # By design SNIP cannot tell the copy (0) from its camera-only twin (1): both lead, within sampling noise.
+    assert 0.9 < float(snip[0] / snip[1]) < 1.1
+    assert set(snip.argsort(descending=True)[:2].tolist()) == {0, 1}
+    # AlterEva sees that the copy is what reactivation leaned on while the LiDAR was masked: it drops to last.
+    assert int(altereva.argmin()) == 0
+    assert float(altereva[0] / altereva[1]) < 0.1 * float(snip[0] / snip[1])
+    assert int(altereva.argmax()) == 1  # the twin keeps the lead: the penalty is not a uniform shift
+
+
+def test_zero_steps_same_data_scores_like_snip():
+    batches = toy_batches()
+    altereva = _camera_scores("altereva", AlterEvaConfig(reactivation_steps=0, reri_data="same"), batches)
+    snip = _camera_scores("snip", AlterEvaConfig(), batches)
+    assert torch.equal(altereva.argsort(), snip.argsort())
+
+
+def test_prune_reports_signal_to_noise_per_partition():
+    model, task = toy()
+    batches = toy_batches()
+    request = PruneRequest(channel_ratio=0.25, round_to=1, altereva=AlterEvaConfig(reactivation_steps=4))
+    report = prune(model, task, batches, request, progress=False)
+    noise = report["reri_noise"]
+    assert (noise["reri_data"], noise["optimizer"], noise["steps"], noise["units"]) == ("paper", "sgd", 4, "channels")
+    assert set(noise["rounds"]) == {"lidar", "camera"}
+    # the fuser is the output layer (never pruned), so each round reports the one backbone it scores
+    assert set(noise["rounds"]["lidar"]) == {"camera"} and set(noise["rounds"]["camera"]) == {"lidar"}
+    for per_part in noise["rounds"].values():
+        for r in per_part.values():
+            assert r["signal"] > 0 and r["noise"] > 0
+            assert r["snr"] == pytest.approx(r["signal"] / r["noise"])
+            assert -1.0 <= r["spearman"] <= 1.0
+    assert noise["seconds"] >= 0
+    assert "camera|lidar masked" in reri_line(noise)
+
+    model, task = toy()
+    request = PruneRequest(sparsity=0.5, altereva=AlterEvaConfig(reactivation_steps=4, reri_data="same"))
+    report = prune(model, task, batches, request, progress=False)
+    same = report["reri_noise"]
+    assert same["units"] == "weights" and "exactly 0" in same["note"]
+    assert all(r["noise"] == 0.0 and r["snr"] is None for p in same["rounds"].values() for r in p.values())
+    assert "floor 0 by construction" in reri_line(same)
+
+
+def test_summary_counts_only_the_partitions_a_round_scores():
+    config = AlterEvaConfig()
+    parts = ["camera", "lidar", "fusion"]
+    reri = {"lidar": [torch.tensor([3.0, 1.0]), torch.tensor([9.0]), torch.tensor([2.0])]}
+    noise = {"lidar": [torch.tensor([1.0, 1.0]), torch.tensor([9.0]), torch.tensor([4.0])]}
+    rounds = reri_summary(reri, noise, parts, config, "channels")["rounds"]
+    assert rounds == {
+        "lidar": {
+            "camera": {"signal": 4.0, "noise": 2.0, "snr": 2.0, "spearman": None},  # tied noise: rho undefined
+            "fusion": {"signal": 2.0, "noise": 4.0, "snr": 0.5, "spearman": None},  # one unit
+        }
+    }
+
+
+def test_rank_correlation_matches_spearman_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 6, (50,), generator=generator).double()
+    b = a + torch.randint(0, 4, (50,), generator=generator).double()
+    assert rank_correlation(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(a, torch.ones(50)) is None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"reri_data": "D_B"}, "unknown reri_data 'D_B' (choose from paper, same)"),
+        ({"reactivation_optimizer": "adam"}, "unknown reactivation_optimizer 'adam' (choose from sgd, adamw)"),
+        ({"reactivation_steps": -1}, "reactivation_steps must be a whole number >= 0, got -1"),
+        ({"reactivation_steps": 2.5}, "reactivation_steps must be a whole number >= 0, got 2.5"),
+        ({"reactivation_lr": 0.0}, "reactivation_lr must be > 0, got 0.0"),
+    ],
+)
+def test_bad_options_fail_in_one_clear_line(options, message):
+    with pytest.raises(ValueError) as caught:
+        AlterEvaConfig(**options).validate()
+    assert str(caught.value) == message
+    with pytest.raises(PruningError, match="^AlterEva: " + message.replace("(", r"\(").replace(")", r"\)")):
+        PruneRequest(target_gflops=0.5, altereva=AlterEvaConfig(**options)).validate()
+    model, task = toy()
+    with pytest.raises(ValueError, match="^unknown|^reactivation"):  # before any gradient is taken
+        altereva_saliency(model, task, toy_batches(1, 4), AlterEvaConfig(**options))
+
+
+def test_the_cli_refuses_an_unknown_estimator_in_one_line(capsys):
+    from altermoma.cli import main
+
+    assert main(["prune", "--checkpoint", "x", "--out", "y", "--reri-data", "D_B"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--reri-data" in err[0]
