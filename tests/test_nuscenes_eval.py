@@ -27,6 +27,16 @@ from fusion.data.nuscenes_tables import (
     write_tables,
     yaw_of_quaternion,
 )
+from fusion.nuscenes_eval import (
+    _angle_diff,
+    default_meta,
+    devkit_evaluate,
+    devkit_status,
+    evaluate_results,
+    load_results,
+    results_json,
+    write_results,
+)
 
 VERSION = "v1.0-mini"
 CATEGORIES = (
@@ -42,6 +52,7 @@ CATEGORIES = (
     "movable_object.barrier",
     "animal",
     "human.pedestrian.stroller",
+    "static_object.bicycle_rack",
 )
 # Attribute drawn for a category (None: the category carries none).
 _CATEGORY_ATTRIBUTES = {
@@ -67,6 +78,7 @@ _SIZES = {  # w, l, h as the tables store them
     "movable_object.barrier": (2.5, 0.5, 1.0),
     "animal": (0.4, 0.8, 0.6),
     "human.pedestrian.stroller": (0.6, 1.0, 1.1),
+    "static_object.bicycle_rack": (2.0, 6.0, 1.5),
 }
 
 
@@ -148,16 +160,26 @@ def make_tables(
         t["sample"].extend(s for s, _ in samples)
         scene["first_sample_token"], scene["last_sample_token"] = samples[0][0]["token"], samples[-1][0]["token"]
         t["scene"].append(scene)
-        for k in range(objects_per_scene):
-            category = CATEGORIES[k % len(CATEGORIES)] if k < len(CATEGORIES) else CATEGORIES[rng.integers(0, 10)]
+        for k in range(objects_per_scene + 2 if objects_per_scene else 0):
+            if k >= objects_per_scene:  # a parked bicycle inside a bicycle rack: the devkit drops such bikes
+                category = ("static_object.bicycle_rack", "vehicle.bicycle")[k - objects_per_scene]
+            elif k < 12:
+                category = CATEGORIES[k]
+            else:
+                category = CATEGORIES[int(rng.integers(0, 10))]
             instance = {"token": _token(rng), "category_token": category_token[category]}
             # Mostly inside the class range; the last objects far out (55-70 m) so range filtering matters.
-            radius = rng.uniform(3, 28) if k < objects_per_scene - 3 else rng.uniform(55, 70)
+            radius = rng.uniform(3, 28) if k < objects_per_scene - 3 or k >= objects_per_scene else rng.uniform(55, 70)
             angle = rng.uniform(-np.pi, np.pi)
             yaw = rng.uniform(-np.pi, np.pi)
             speed = 0.0 if category in ("movable_object.trafficcone", "movable_object.barrier") else rng.uniform(0, 6)
+            if k >= objects_per_scene:  # rack and bike: static, same place in the world
+                if k == objects_per_scene:
+                    rack_place = (radius, angle, yaw)
+                radius, angle, yaw = rack_place
+                speed = 0.0
             first, last = int(rng.integers(0, 2)), samples_per_scene - int(rng.integers(0, 2))
-            if k == 0:
+            if 12 <= k < objects_per_scene and k % 3 == 0:
                 first, last = 2, 3  # a single annotation: no velocity
             annotations = []
             for i in range(first, last):
@@ -302,3 +324,271 @@ def test_pose_maths():
     pose = pose_matrix({"rotation": quaternion_of_yaw(np.pi / 2).tolist(), "translation": [1.0, 2.0, 3.0]})
     assert pose.dtype == np.float64 and pose.shape == (4, 4)
     np.testing.assert_allclose(pose @ [1, 0, 0, 1], [1, 3, 3, 1], atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def lidar_detections(tables, split: str, rng: np.random.Generator, noise: float = 1.0) -> list[dict]:
+    """LiDAR-frame detections from the ground truth: perturbed copies (noise > 0: jitter, missed boxes, wrong
+    classes and attributes, duplicates, false positives, tied scores) or exact copies (noise = 0)."""
+    detections = []
+    for token in tables.split_sample_tokens(split):
+        lidar_to_global = tables.lidar_to_global(token)
+        to_lidar = np.linalg.inv(lidar_to_global)
+        boxes, scores, labels, velocities, attributes = [], [], [], [], []
+        for annotation in tables.sample_annotations(token):
+            name = tables.detection_class(annotation)
+            if name is None or (noise and rng.random() < 0.15):
+                continue
+            if not noise and annotation["num_lidar_pts"] + annotation["num_radar_pts"] == 0:
+                continue  # the metric drops such ground truth: an exact copy would be a false positive
+            centre = (to_lidar @ [*annotation["translation"], 1.0])[:3]
+            rotation = to_lidar[:3, :3] @ quaternion_to_matrix(annotation["rotation"])
+            yaw = yaw_of_quaternion(matrix_to_quaternion(rotation))
+            w, length, h = annotation["size"]
+            velocity = (to_lidar[:3, :3] @ np.nan_to_num(tables.box_velocity(annotation)))[:2]
+            attribute = (tables.attribute_names(annotation) or [""])[0]
+            label = DETECTION_CLASSES.index(name)
+            score = 0.9
+            if noise:
+                centre[:2] += rng.normal(0, 0.7 * noise, 2)
+                length, w, h = np.array([length, w, h]) * np.exp(rng.normal(0, 0.15 * noise, 3))
+                yaw += rng.normal(0, 0.4 * noise) + (np.pi if rng.random() < 0.1 else 0.0)
+                velocity = velocity + rng.normal(0, 0.8 * noise, 2)
+                if rng.random() < 0.3:
+                    attribute = str(rng.choice(ATTRIBUTE_NAMES))
+                if rng.random() < 0.05:
+                    label = int(rng.integers(0, 10))
+                score = round(float(rng.uniform(0.2, 1.0)), 2)  # two decimals: ties happen
+            for copy in range(2 if noise and rng.random() < 0.1 else 1):  # some duplicates
+                boxes.append([*centre, length, w, h, yaw])
+                scores.append(score * (0.5 if copy else 1.0))
+                labels.append(label)
+                velocities.append(velocity)
+                attributes.append(attribute)
+        for _ in range(int(rng.integers(2, 9)) if noise else 0):  # false positives, some out of range
+            radius, angle = rng.uniform(0, 60), rng.uniform(-np.pi, np.pi)
+            boxes.append([radius * np.cos(angle), radius * np.sin(angle), 1.0, 4.0, 1.8, 1.6, rng.uniform(-3, 3)])
+            scores.append(round(float(rng.uniform(0.05, 0.8)), 2))
+            labels.append(int(rng.integers(0, 10)))
+            velocities.append(rng.normal(0, 2, 2))
+            attributes.append("")
+        detections.append(
+            {
+                "sample_token": token,
+                "lidar_to_global": lidar_to_global,
+                "boxes": np.array(boxes).reshape(-1, 7),
+                "scores": np.array(scores),
+                "labels": np.array(labels, dtype=np.int64),
+                "velocities": np.array(velocities).reshape(-1, 2),
+                "attributes": attributes,
+            }
+        )
+    return detections
+
+
+def _assert_same_metrics(ours: dict, theirs: dict, tol: float = 1e-6):
+    for key in ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE"):
+        assert ours[key] == pytest.approx(theirs[key], abs=tol), key
+    for name in DETECTION_CLASSES:
+        assert ours["class_ap"][name] == pytest.approx(theirs["class_ap"][name], abs=tol), name
+        for metric, value in ours["class_tp_errors"][name].items():
+            other = theirs["class_tp_errors"][name][metric]
+            assert (np.isnan(value) and np.isnan(other)) or value == pytest.approx(other, abs=tol), (name, metric)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metric_equals_the_devkit(tmp_path, seed):
+    if devkit_status() is not None:
+        pytest.skip(f"devkit cross-check skipped: {devkit_status()}")
+    rng = np.random.default_rng(seed)
+    root = write_root(tmp_path / "root", make_tables(rng, samples_per_scene=6, objects_per_scene=30))
+    tables = load_tables(root, VERSION)
+    results = results_json(lidar_detections(tables, "mini_val", rng), default_meta())
+    path = write_results(tmp_path / "results.json", results)
+    ours = evaluate_results(json.loads(path.read_text()), tables, "mini_val")
+    theirs = devkit_evaluate(path, root, VERSION, "mini_val", tmp_path / "devkit")
+    assert 0.05 < ours["mAP"] < 0.95 and sum(ours["num_gt"].values()) > 100  # a case where the figures mean something
+    _assert_same_metrics(ours, theirs)
+
+
+def test_perfect_predictions_score_one(tmp_path):
+    rng = np.random.default_rng(4)
+    root = write_root(tmp_path, make_tables(rng, samples_per_scene=4, objects_per_scene=16))
+    tables = load_tables(root, VERSION)
+    metrics = evaluate_results(
+        results_json(lidar_detections(tables, "mini_val", rng, noise=0), default_meta()), tables, "mini_val"
+    )
+    assert all(metrics["num_gt"][name] > 0 for name in DETECTION_CLASSES)
+    assert metrics["mAP"] == pytest.approx(1.0, abs=1e-12) and metrics["NDS"] == pytest.approx(1.0, abs=1e-9)
+    for key in ("mATE", "mASE", "mAOE", "mAVE", "mAAE"):
+        assert metrics[key] < 1e-9, key
+    # the bicycle in its rack is dropped from the ground truth, the range and point filters apply
+    in_split = set(tables.split_sample_tokens("mini_val"))
+    bikes = [
+        a
+        for a in tables.tables["sample_annotation"]
+        if a["sample_token"] in in_split and tables.detection_class(a) == "bicycle"
+    ]
+    assert metrics["num_gt"]["bicycle"] < len(bikes)
+    all_gt = sum(
+        1 for a in tables.tables["sample_annotation"] if a["sample_token"] in in_split and tables.detection_class(a)
+    )
+    assert sum(metrics["num_gt"].values()) < all_gt
+
+
+def _one_car_root(tmp_path: Path) -> tuple[Path, str, list[float]]:
+    """mini_val with one sample and one car annotation (no neighbours: velocity unknown), other classes absent."""
+    rng = np.random.default_rng(5)
+    tables = make_tables(rng, scene_names=("scene-0103",), samples_per_scene=1, objects_per_scene=0)
+    tables["sample_annotation"].clear()
+    tables["instance"].clear()
+    sample = tables["sample"][0]
+    ego = tables["ego_pose"][0]["translation"]
+    car = {
+        "token": "car-instance",
+        "category_token": next(c["token"] for c in tables["category"] if c["name"] == "vehicle.car"),
+    }
+    car.update(nbr_annotations=1, first_annotation_token="car-1", last_annotation_token="car-1")
+    centre = [ego[0] + 10.0, ego[1] + 5.0, 1.0]
+    tables["instance"].append(car)
+    tables["sample_annotation"].append(
+        {
+            "token": "car-1",
+            "sample_token": sample["token"],
+            "instance_token": "car-instance",
+            "visibility_token": "4",
+            "attribute_tokens": [next(a["token"] for a in tables["attribute"] if a["name"] == "vehicle.parked")],
+            "translation": centre,
+            "size": [1.9, 4.5, 1.6],
+            "rotation": quaternion_of_yaw(0.3).tolist(),
+            "prev": "",
+            "next": "",
+            "num_lidar_pts": 40,
+            "num_radar_pts": 0,
+        }
+    )
+    return write_root(tmp_path, tables), sample["token"], centre
+
+
+def _box(token, centre, score, yaw=0.3, size=(1.9, 4.5, 1.6), name="car", attribute="vehicle.parked"):
+    return {
+        "sample_token": token,
+        "translation": list(centre),
+        "size": list(size),
+        "rotation": quaternion_of_yaw(yaw).tolist(),
+        "velocity": [0.0, 0.0],
+        "detection_name": name,
+        "detection_score": score,
+        "attribute_name": attribute,
+    }
+
+
+def test_hand_computed_case(tmp_path):
+    root, token, centre = _one_car_root(tmp_path)
+    tables = load_tables(root, VERSION)
+    hit = [centre[0] + 0.7, centre[1], centre[2]]  # 0.7 m off: a match at 1, 2 and 4 m, not at 0.5 m
+    miss = [centre[0] - 8.0, centre[1], centre[2]]
+    results = {"meta": default_meta(), "results": {token: [_box(token, miss, 0.95), _box(token, hit, 0.9, yaw=0.5)]}}
+    metrics = evaluate_results(results, tables, "mini_val")
+    # ranked FP then TP: precision 0.5 * recall; AP = mean(max(0, 0.5 r - 0.1) for r = 0.11..1) / 0.9 = 0.2
+    assert metrics["class_ap_by_distance"]["car"] == pytest.approx({0.5: 0.0, 1.0: 0.2, 2.0: 0.2, 4.0: 0.2}, abs=1e-12)
+    assert metrics["class_ap"]["car"] == pytest.approx(0.15) and metrics["mAP"] == pytest.approx(0.015)
+    car = metrics["class_tp_errors"]["car"]
+    assert car["trans_err"] == pytest.approx(0.7) and car["orient_err"] == pytest.approx(0.2)
+    assert car["scale_err"] == pytest.approx(0.0, abs=1e-12) and car["attr_err"] == 0.0 and car["vel_err"] == 1.0
+    assert np.isnan(metrics["class_tp_errors"]["traffic_cone"]["orient_err"])
+    assert (
+        np.isnan(metrics["class_tp_errors"]["barrier"]["vel_err"])
+        and metrics["class_tp_errors"]["barrier"]["orient_err"] == 1.0
+    )
+    assert metrics["mATE"] == pytest.approx((0.7 + 9) / 10) and metrics["mAOE"] == pytest.approx((0.2 + 8) / 9)
+    assert metrics["mAAE"] == pytest.approx((0.0 + 7) / 8) and metrics["mAVE"] == 1.0
+    expected_nds = (5 * 0.015 + (1 - 0.97) + 0.1 + (1 - (8.2 / 9)) + 0 + (1 - 7 / 8)) / 10
+    assert metrics["NDS"] == pytest.approx(expected_nds)
+    # barrier orientation is 180-degree periodic; a box out of class range is ignored
+    assert float(_angle_diff(np.array(0.1), np.pi + 0.1, np.pi)) == pytest.approx(0.0, abs=1e-12)
+    far = [centre[0] + 60.0, centre[1], centre[2]]
+    results["results"][token].append(_box(token, far, 0.99))
+    assert evaluate_results(results, tables, "mini_val")["mAP"] == pytest.approx(0.015)
+    if devkit_status() is None:
+        path = write_results(tmp_path / "results.json", results)
+        _assert_same_metrics(metrics, devkit_evaluate(path, root, VERSION, "mini_val", tmp_path / "devkit"))
+
+
+def test_results_json_format():
+    lidar_to_global = np.eye(4)
+    lidar_to_global[:3, :3] = quaternion_to_matrix(quaternion_of_yaw(np.pi / 2))
+    lidar_to_global[:3, 3] = [100.0, 200.0, 1.5]
+    boxes = np.array([[1.0, 0.0, 0.5, 4.0, 2.0, 1.5, 0.25]] * 3 + [[5.0, 5.0, 0.0, 0.5, 0.5, 1.0, 0.0]] * 600)
+    scores = np.concatenate([[0.7, 0.9, 0.8], np.linspace(0.1, 0.5, 600)])
+    labels = np.array([0, 0, 5] + [8] * 600)
+    velocities = np.zeros((603, 2))
+    velocities[0] = [1.0, 0.0]
+    attributes = ["vehicle.moving", "", "vehicle.moving"] + [""] * 600  # a car attribute on a pedestrian: default
+    detections = [
+        {
+            "sample_token": "s",
+            "lidar_to_global": lidar_to_global,
+            "boxes": boxes,
+            "scores": scores,
+            "labels": labels,
+            "velocities": velocities,
+            "attributes": attributes,
+        }
+    ]
+    results = results_json(detections, default_meta())
+    boxes_out = results["results"]["s"]
+    assert len(boxes_out) == 500 and results["meta"]["use_lidar"] is True
+    assert [b["detection_score"] for b in boxes_out[:3]] == [0.9, 0.8, 0.7] and boxes_out[-1][
+        "detection_score"
+    ] == pytest.approx(0.1 + 0.4 * 103 / 599)
+    car = boxes_out[2]  # score 0.7: the first box
+    np.testing.assert_allclose(car["translation"], [100.0, 201.0, 2.0], atol=1e-12)
+    assert car["size"] == [2.0, 4.0, 1.5]  # w, l, h
+    assert yaw_of_quaternion(car["rotation"]) == pytest.approx(np.pi / 2 + 0.25)
+    np.testing.assert_allclose(car["velocity"], [0.0, 1.0], atol=1e-12)
+    assert car["attribute_name"] == "vehicle.moving" and boxes_out[0]["attribute_name"] == "vehicle.parked"
+    assert boxes_out[1]["detection_name"] == "pedestrian" and boxes_out[1]["attribute_name"] == "pedestrian.moving"
+    assert boxes_out[3]["detection_name"] == "traffic_cone" and boxes_out[3]["attribute_name"] == ""
+    with pytest.raises(ValueError, match="not nuScenes detection classes"):
+        results_json(detections, default_meta(), class_names=("car", "lorry"))
+    with pytest.raises(ValueError, match="labels must index"):
+        results_json([{**detections[0], "labels": labels + 9}], default_meta())
+
+
+def test_bad_results_and_tables_name_the_token(tmp_path):
+    root, token, centre = _one_car_root(tmp_path)
+    tables = load_tables(root, VERSION)
+    with pytest.raises(NuScenesFormatError, match=f"results miss 1 sample.*{token}"):
+        evaluate_results({"meta": default_meta(), "results": {}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="outside split 'mini_val', e.g. 'stranger'"):
+        evaluate_results({"meta": default_meta(), "results": {token: [], "stranger": []}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="at most 500"):
+        evaluate_results(
+            {"meta": default_meta(), "results": {token: [_box(token, centre, 0.5)] * 501}}, tables, "mini_val"
+        )
+    with pytest.raises(NuScenesFormatError, match=rf"results\['{token}'\]\[0\]: unknown detection_name 'lorry'"):
+        evaluate_results(
+            {"meta": default_meta(), "results": {token: [_box(token, centre, 0.5, name="lorry")]}}, tables, "mini_val"
+        )
+    with pytest.raises(NuScenesFormatError, match="no 'meta'"):
+        evaluate_results({"results": {token: []}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="belongs to v1.0-trainval"):
+        evaluate_results({"meta": default_meta(), "results": {token: []}}, tables, "val")
+    # an annotation of a category nuScenes does not have
+    tables.tables["category"][0]["name"] = "vehicle.hovercraft"
+    car_category = tables.get("instance", "car-instance")["category_token"]
+    tables.get("category", car_category)["name"] = "vehicle.hovercraft"
+    with pytest.raises(NuScenesFormatError, match="sample_annotation 'car-1': unknown category 'vehicle.hovercraft'"):
+        evaluate_results({"meta": default_meta(), "results": {token: []}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="results file .* does not exist"):
+        load_results(tmp_path / "absent.json")
+
+
+def test_devkit_evaluate_reports_absence(monkeypatch, tmp_path):
+    import fusion.nuscenes_eval as nuscenes_eval
+
+    monkeypatch.setattr(nuscenes_eval, "devkit_status", lambda: "nuscenes-devkit not usable (test)")
+    assert nuscenes_eval.devkit_evaluate(tmp_path / "r.json", tmp_path, VERSION, "mini_val", tmp_path / "out") is None

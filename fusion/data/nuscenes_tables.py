@@ -329,6 +329,12 @@ class NuScenesTables:
                 f"sample {sample_token!r} has no key-frame {channel} sample_data in {self.table_path('sample_data')}"
             ) from None
 
+    def lidar_to_global(self, sample_token: str) -> np.ndarray:
+        """4x4 float64 transform of the key-frame LIDAR_TOP frame into the global frame (ego_pose @ calibration)."""
+        lidar = self.key_frame(sample_token, "LIDAR_TOP")
+        ego_to_global = pose_matrix(self.get("ego_pose", self.field(lidar, "ego_pose_token", "sample_data")))
+        return ego_to_global @ pose_matrix(self.get("calibrated_sensor", lidar["calibrated_sensor_token"]))
+
     def previous_sweeps(self, sample_data: dict, count: int) -> list[dict]:
         """Up to `count` earlier sample_data of the same sensor, nearest first (the prev chain)."""
         out, token = [], sample_data.get("prev", "")
