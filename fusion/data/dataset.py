@@ -89,8 +89,14 @@ class SyntheticScenes(Dataset):
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack samples; images become float in [0, 1], integer targets stay int64."""
-    batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+    """Stack samples; images become float in [0, 1], integer targets stay int64; strings (nuScenes
+    `sample_token`) stay a list."""
+    batch = {
+        key: [s[key] for s in samples]
+        if isinstance(samples[0][key], str)
+        else torch.from_numpy(np.stack([s[key] for s in samples]))
+        for key in samples[0]
+    }
     batch["images"] = batch["images"].float().div_(255.0)
     batch["bev_map"] = batch["bev_map"].float()
     return batch
