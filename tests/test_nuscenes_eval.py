@@ -188,7 +188,8 @@ def make_tables(
                     [np.cos(yaw), np.sin(yaw)]
                 )
                 centre = np.array(ego["translation"][:2]) + offset
-                attributes = _CATEGORY_ATTRIBUTES.get(category, ())
+                # some annotations of attribute classes carry none: the devkit then skips their attribute error
+                attributes = _CATEGORY_ATTRIBUTES.get(category, ()) if k < 12 or k % 7 != 5 else ()
                 annotations.append(
                     {
                         "token": _token(rng),
