@@ -2,7 +2,8 @@
 
 The public API (imported lazily, so `altermoma --help` stays fast):
 
-    Task, Setup, prune, finetune, save_pruned, load_pruned, export_onnx
+    Task, Setup, prune, finetune, save_pruned, load_pruned, export_onnx,
+    quantize, QuantizeConfig, save_quantized, load_quantized (INT8 Q/DQ; needs the `quant` extra)
 
 See `altermoma.api` and the README's "Use it on your own model".
 """
@@ -11,7 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Task", "Setup", "prune", "finetune", "save_pruned", "load_pruned", "export_onnx"]
+__all__ = [
+    "Task",
+    "Setup",
+    "prune",
+    "finetune",
+    "save_pruned",
+    "load_pruned",
+    "export_onnx",
+    "quantize",
+    "QuantizeConfig",
+    "save_quantized",
+    "load_quantized",
+]
 
 _WHERE = {
     "Task": ("common.task", "Task"),
@@ -21,6 +34,10 @@ _WHERE = {
     "save_pruned": ("compress.checkpoint", "save_pruned"),
     "load_pruned": ("compress.checkpoint", "load_pruned"),
     "export_onnx": ("export.onnx", "export_onnx"),
+    "quantize": ("altermoma.quant_api", "quantize"),
+    "QuantizeConfig": ("export.quantize", "QuantizeConfig"),
+    "save_quantized": ("export.quantize", "save_quantized"),
+    "load_quantized": ("export.quantize", "load_quantized"),
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_latency import add_latency_table_parser
+from altermoma.cli_quant import add_quantize_parser
 from benchmarks.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
@@ -204,10 +205,16 @@ def run_prune(
     Under torchrun every rank prunes its copy (scoring shared out), rank 0 saves; `threads` goes to
     IMP's fine-tunes between levels."""
     from compress.prune import prune
+    from export.quantize import is_quantized_checkpoint
     from fusion.checkpoint import load_checkpoint, save_checkpoint
     from fusion.finetune import FinetuneConfig, imp_finetune_fn
     from fusion.task import first_sample, reference_task, scoring_set
 
+    if is_quantized_checkpoint(checkpoint):
+        raise ValueError(
+            f"a quantized checkpoint cannot be pruned: {checkpoint}; prune its floating-point checkpoint "
+            f"({Path(checkpoint) / 'base'}), then quantize the pruned one"
+        )
     check_replaceable(out, ("checkpoint",), overwrite)
     model, meta = load_checkpoint(checkpoint)
     if meta.get("pruning"):
@@ -476,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_deploy_parsers(sub)
     add_latency_table_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 

@@ -103,6 +103,14 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def has_quantizers(model: nn.Module) -> bool:
+    """Whether `model` holds ModelOpt fake-quant modules (`export.quantize`): its graph gets Q/DQ pairs."""
+    return any(type(m).__module__.startswith("modelopt.") for m in model.modules())
+
+
+QDQ_SIMPLIFY_NOTE = "not simplified: a Q/DQ graph (onnxslim folds the weights' Q/DQ into float constants)"
+
+
 def _check_destination(path: Path) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
@@ -411,7 +419,10 @@ def _export_graph(
     write: bool = True,
 ) -> dict[str, Any]:
     """Export `traceable` to `path` (see the module docstring for the steps). Returns the details;
-    with `write=False` nothing is written and the graph's bytes are returned under "_bytes"."""
+    with `write=False` nothing is written and the graph's bytes are returned under "_bytes".
+
+    A model with ModelOpt quantizers exports as a Q/DQ graph: never simplified (onnxslim would fold the
+    weights' QuantizeLinear/DequantizeLinear into float constants) and judged at the "int8-qdq" tolerance."""
     path = Path(path)
     _check_destination(path)
     start = time.perf_counter()
@@ -465,7 +476,10 @@ def _export_graph(
     del session
 
     final, final_outputs, simplify_note = raw, raw_outputs, "not simplified (simplify=False)"
-    if simplify:
+    quantized = has_quantizers(module)
+    if quantized:
+        simplify_note = QDQ_SIMPLIFY_NOTE
+    elif simplify:
         slim, slim_outputs, simplify_note = _simplify(raw, feeds, raw_outputs, threads)
         if slim is not None:
             final, final_outputs = slim, slim_outputs
@@ -478,7 +492,9 @@ def _export_graph(
         more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
         raise ExportError(f"{path.name} is not TensorRT-ready, {len(errors)} error(s): {detail}{more}")
 
-    parity = compare_outputs(reference, final_outputs, atol_fp32=FP32_ATOL)
+    parity = compare_outputs(
+        reference, final_outputs, precision="int8-qdq" if quantized else "fp32", atol_fp32=FP32_ATOL
+    )
 
     if write:
         atomic_write_bytes(path, final_bytes)
@@ -498,6 +514,7 @@ def _export_graph(
         "nodes_unsimplified": len(raw.graph.node),
         "nodes": len(final.graph.node),
         "ops": op_histogram(final),
+        "quantized": quantized,
         "findings": [asdict(f) for f in findings],
         "readiness_errors": len(errors),
         "parity": parity.to_dict(),

@@ -579,6 +579,109 @@ def rule_opset(ctx: _Context) -> Iterator[Finding]:
                 )
 
 
+# TensorRT 10 explicit quantization ("Working with Quantized Types", Q/DQ layer placement): INT8 is symmetric
+# (zero-point 0, INT8), activations per tensor, weights per tensor or per output channel (axis 0 of a
+# Conv/Gemm-like weight, axis 1 of a ConvTranspose weight), scales build-time constants and positive, and a
+# QuantizeLinear feeds DequantizeLinear only (TensorRT fuses the pair into the neighbouring layers).
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
+
+
+def _qdq_source(ctx: _Context, name: str) -> np.ndarray | None:
+    """The constant behind a Q/DQ input (through a Q of a constant weight), or None for activations."""
+    value = ctx.const_value(name)
+    if value is not None:
+        return value
+    producer = ctx.producers.get(name)
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        return ctx.const_value(producer.input[0])
+    return None
+
+
+def rule_qdq_int8(ctx: _Context) -> Iterator[Finding]:
+    """QuantizeLinear/DequantizeLinear in the form TensorRT 10's explicit INT8 accepts.
+
+    TensorRT developer guide, "Explicit Quantization": only symmetric quantization (zero-point 0), INT8
+    for integer Q/DQ, scales that are build-time constants (positive), per-tensor activations and
+    per-channel weights on the output-channel axis; a Q must be followed by DQ.
+    """
+    for node in _ops(ctx, *_QDQ_OPS):
+        scale_name, zero_name = _input(node, 1), _input(node, 2)
+        scale = ctx.const_value(scale_name)
+        if scale is None:
+            yield _finding("qdq-scale", ERROR, node, f"scale {scale_name!r} is not a constant initializer")
+            continue
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            yield _finding("qdq-scale", ERROR, node, f"scale {scale_name!r} has values <= 0 or non-finite")
+        if not zero_name:
+            yield _finding(
+                "qdq-zero-point", WARNING, node, "no zero-point: ONNX then means UINT8; give an INT8 zero-point 0"
+            )
+        else:
+            zero = ctx.const_value(zero_name)
+            if zero is None:
+                yield _finding("qdq-zero-point", ERROR, node, f"zero-point {zero_name!r} is not a constant")
+            else:
+                if zero.dtype != np.int8:
+                    yield _finding("qdq-int8", ERROR, node, f"zero-point type {zero.dtype} (TensorRT INT8 needs int8)")
+                if np.any(zero != 0):
+                    yield _finding("qdq-zero-point", ERROR, node, "non-zero zero-point: TensorRT INT8 is symmetric")
+        source = _qdq_source(ctx, node.input[0])
+        if scale.size > 1:
+            axis = int(_attr(node, "axis", 1))
+            if source is None:
+                yield _finding(
+                    "qdq-axis", ERROR, node, "per-channel scale on an activation: TensorRT needs per-tensor there"
+                )
+                continue
+            rank = source.ndim
+            if not -rank <= axis < rank or source.shape[axis] != scale.size:
+                yield _finding(
+                    "qdq-axis",
+                    ERROR,
+                    node,
+                    f"axis {axis} does not fit weight shape {source.shape} / {scale.size} scales",
+                )
+                continue
+            axis %= rank
+            if node.op_type == "DequantizeLinear":
+                for consumer in ctx.consumers.get(node.output[0], []):
+                    wanted = _WEIGHT_AXIS.get(consumer.op_type)
+                    if wanted is not None and _input(consumer, 1) == node.output[0] and axis != wanted:
+                        yield _finding(
+                            "qdq-axis",
+                            ERROR,
+                            node,
+                            f"{consumer.op_type} weight quantized on axis {axis}; TensorRT needs its output "
+                            f"channels, axis {wanted}",
+                        )
+
+
+def rule_qdq_pairs(ctx: _Context) -> Iterator[Finding]:
+    """Every QuantizeLinear feeds DequantizeLinear nodes only, with the same scale (TensorRT fuses Q/DQ pairs;
+    a dangling Q leaves an INT8 tensor the next layer cannot take). A DQ reads a Q or an INT8 constant."""
+    for node in _ops(ctx, "QuantizeLinear"):
+        consumers = ctx.consumers.get(node.output[0], [])
+        if not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
+            others = sorted({c.op_type for c in consumers if c.op_type != "DequantizeLinear"}) or ["nothing"]
+            yield _finding("qdq-pair", ERROR, node, f"QuantizeLinear feeds {', '.join(others)}, not DequantizeLinear")
+            continue
+        scale = ctx.const_value(_input(node, 1))
+        for consumer in consumers:
+            other = ctx.const_value(_input(consumer, 1))
+            if scale is not None and other is not None and (scale.shape != other.shape or np.any(scale != other)):
+                yield _finding("qdq-pair", ERROR, consumer, "DequantizeLinear scale differs from its QuantizeLinear's")
+    for node in _ops(ctx, "DequantizeLinear"):
+        producer = ctx.producers.get(node.input[0])
+        if producer is not None and producer.op_type == "QuantizeLinear":
+            continue
+        value = ctx.const_value(node.input[0])
+        if value is None or value.dtype != np.int8:
+            yield _finding(
+                "qdq-pair", ERROR, node, "DequantizeLinear reads neither a QuantizeLinear nor an INT8 constant"
+            )
+
+
 Rule = Callable[[_Context], Iterator[Finding]]
 
 RULES: list[Rule] = [
@@ -593,6 +696,8 @@ RULES: list[Rule] = [
     rule_fp16_risky,
     rule_double,
     rule_opset,
+    rule_qdq_int8,
+    rule_qdq_pairs,
 ]
 
 

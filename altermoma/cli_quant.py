@@ -1,0 +1,340 @@
+"""`altermoma quantize`: INT8 PTQ (ModelOpt Q/DQ) of a reference checkpoint, pruned or not.
+
+    altermoma quantize --checkpoint C --out D [--calib-scenes 64] [--method max|mse|histogram]
+                       [--skip NAME ...] [--no-default-skip] [--no-fuse-bn] [--no-share]
+                       [--reference F] [--onnx] [--val-scenes 0] [--threads 1] [--overwrite]
+
+Calibration scenes are rendered from the TRAINING split (never val). The output folder holds the
+quantized checkpoint (`quantized.json` + `model.safetensors`, `export.quantize`) and, under `base/`, the
+floating-point checkpoint it came from (loading rebuilds the model from it). With `--onnx` it also holds
+`model.onnx` (the Q/DQ graph, TensorRT-readiness checked) and `model_fp32.onnx`, with parity against the
+PyTorch fake-quant model on `--parity-scenes` val scenes; with `--val-scenes N` the mAP of both graphs
+through ONNX Runtime on N val scenes. Everything lands in `quantize_report.json`.
+
+The reference model's placement defaults live here, not in `export` (which knows no model):
+CUDA-BEVFusion leaves its first LiDAR layer and first decoder deblock in floating point (their issue #8);
+here those are `lidar.pfn.conv` (the PillarFeatureNet's conv, the first LiDAR layer) and
+`decoder.neck.lateral.0` (SECONDFPN's first deblock, the stride-1 branch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.argtypes import non_negative_int, positive_int
+
+REFERENCE_SKIP = ("lidar.pfn.conv", "decoder.neck.lateral.0")
+BASE = "base"  # the floating-point source checkpoint, inside a quantized checkpoint
+CALIB_BATCH = 4
+
+
+def reference_skip(model) -> tuple[str, ...]:
+    """The CUDA-BEVFusion skips that exist in this model (a camera-only model has no LiDAR layer)."""
+    names = {name for name, _ in model.named_modules()}
+    return tuple(name for name in REFERENCE_SKIP if name in names)
+
+
+def calibration_batches(config, scenes: int, batch_size: int = CALIB_BATCH, progress: bool = True) -> list:
+    """`scenes` scenes of the TRAINING split, collated in batches: calibration never sees val data."""
+    from fusion.data.dataset import SyntheticScenes, collate
+
+    if scenes < 1:
+        raise ValueError("--calib-scenes must be >= 1: quantization needs calibration scenes")
+    dataset = SyntheticScenes(config, "train", num_scenes=scenes, progress=progress)
+    return [collate([dataset[j] for j in range(i, min(i + batch_size, scenes))]) for i in range(0, scenes, batch_size)]
+
+
+def check_pair(checkpoint: str, reference: str | None) -> None:
+    """--reference must describe the same model as --checkpoint (modality and preset): an INT8 fusion model
+    compared with (or calibrated against) a camera-only one would report a meaningless accuracy change."""
+    from fusion.checkpoint import read_metadata
+
+    if reference is None:
+        return
+    ours, theirs = read_metadata(checkpoint), read_metadata(reference)
+    kind = (ours.get("modality"), ours.get("config", {}).get("preset"))
+    other = (theirs.get("modality"), theirs.get("config", {}).get("preset"))
+    if kind != other:
+        raise ValueError(
+            f"--reference {reference} is a {other[0]} checkpoint (preset {other[1]}), --checkpoint {checkpoint} is "
+            f"{kind[0]} (preset {kind[1]}): calibrating and comparing them mixes different models"
+        )
+
+
+def load_quantized_checkpoint(directory: str | Path):
+    """(quantized model, quantized.json) from an `altermoma quantize` folder: the floating-point model is
+    rebuilt from `base/`, then fused and given its quantizers and amax values (`export.quantize`)."""
+    from export.quantize import load_quantized, read_quantized_metadata
+    from fusion.checkpoint import load_checkpoint
+
+    meta = read_quantized_metadata(directory)
+    model, _ = load_checkpoint(Path(directory) / BASE)
+    return load_quantized(model, directory), meta
+
+
+def detections_per_scene(outputs: dict, grid) -> list[int]:
+    from fusion.models.heads import decode_boxes
+
+    return [len(d["scores"]) for d in decode_boxes(outputs, grid)]
+
+
+def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dict[str, Any]:
+    """ONNX Runtime (the Q/DQ graph) against PyTorch's fake-quant model on `scenes` val scenes: per-output
+    max/mean abs error and the detection count of every scene on both sides."""
+    import numpy as np
+    import torch
+
+    from export.onnx import OrtPipeline
+    from export.parity import compare_outputs
+    from fusion.data.dataset import SyntheticScenes, collate, model_inputs
+
+    dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
+    pipeline = OrtPipeline(onnx_path, threads)
+    refs, cands, counts_torch, counts_ort = [], [], [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            inputs = model_inputs(collate([dataset[i]]))
+            ref = {k: v for k, v in model(**inputs).items()}
+            out = pipeline({k: v.numpy() for k, v in inputs.items()})
+            refs.append({k: v.numpy() for k, v in ref.items()})
+            cands.append(out)
+            counts_torch += detections_per_scene(ref, config.grid)
+            counts_ort += detections_per_scene({k: torch.from_numpy(v) for k, v in out.items()}, config.grid)
+    stack = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
+    report = compare_outputs(stack, {k: np.concatenate([c[k] for c in cands]) for k in stack}, precision="int8-qdq")
+    return {
+        "scenes": len(dataset),
+        "threads": int(threads),
+        "outputs": {
+            k: {"max_abs": o.max_abs, "mean_abs": o.mean_abs, "max_ref_abs": o.max_ref_abs}
+            for k, o in report.outputs.items()
+        },
+        "detections_torch": counts_torch,
+        "detections_ort": counts_ort,
+        "detections_equal": counts_torch == counts_ort,
+    }
+
+
+def ort_map(onnx_path: Path, config, scenes: int, threads: int) -> dict[str, float]:
+    """mAP/NDS/mIoU of one graph through ONNX Runtime on `scenes` val scenes."""
+    from export.onnx import OrtPipeline
+    from fusion.data.dataset import SyntheticScenes
+    from fusion.evaluate import evaluate
+
+    dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
+    metrics = evaluate(OrtPipeline(onnx_path, threads).torch_runner(), dataset, progress=False)
+    return {k: float(metrics[k]) for k in ("mAP", "NDS", "mIoU") if k in metrics}
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    calib_scenes: int = 64,
+    method: str = "max",
+    skip: tuple[str, ...] | None = None,
+    fuse_conv_bn: bool = True,
+    share_quantizers: bool = True,
+    reference: str | None = None,
+    onnx: bool = False,
+    parity_scenes: int = 8,
+    val_scenes: int = 0,
+    threads: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize a reference checkpoint into `out` (see the module docstring); returns the report."""
+    from common.io import check_replaceable, staged_directory
+    from export.onnx import export_onnx, torch_threads
+    from export.quantize import (
+        QUANT_KIND,
+        QuantizeConfig,
+        is_quantized_checkpoint,
+        modelopt_missing,
+        quantize,
+        write_quantized,
+    )
+    from fusion.checkpoint import load_checkpoint, save_checkpoint
+    from fusion.models.bevfusion import example_inputs
+    from fusion.task import reference_task
+
+    if calib_scenes < 1:
+        raise ValueError("--calib-scenes must be >= 1: quantization needs calibration scenes")
+    if is_quantized_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is already quantized; quantize its floating-point checkpoint ({BASE}/)")
+    if val_scenes and not onnx:
+        raise ValueError("--val-scenes measures mAP through ONNX Runtime: add --onnx")
+    reason = modelopt_missing()
+    if reason:
+        raise ValueError(reason)
+    check_replaceable(out, (QUANT_KIND,), overwrite)
+    check_pair(str(checkpoint), reference)
+    start = time.perf_counter()
+    model, meta = load_checkpoint(checkpoint)
+    config = QuantizeConfig(
+        fuse_conv_bn=fuse_conv_bn,
+        share_quantizers=share_quantizers,
+        skip=reference_skip(model) if skip is None else tuple(skip),
+        method=method,
+    ).validate()
+    with torch_threads(threads):
+        batches = calibration_batches(model.config, calib_scenes, progress=progress)
+        base = copy.deepcopy(model)
+        report = quantize(model, reference_task(model), batches, config, progress=progress)
+        report.update(
+            checkpoint=str(checkpoint),
+            reference=reference or str(checkpoint),
+            calibration_split="train",
+            calibration_scenes=int(calib_scenes),
+            modality=model.modality,
+            preset=model.config.preset,
+            pruned=bool(meta.get("pruning")),
+            threads=int(threads),
+            command=" ".join(["altermoma", *sys.argv[1:]]),
+        )
+        out = Path(out)
+        with staged_directory(out, kind=QUANT_KIND) as staging:
+            save_checkpoint(staging / BASE, base, {k: v for k, v in meta.items() if k in ("pruning", "command")})
+            write_quantized(
+                model,
+                staging,
+                report,
+                {"source": {k: report[k] for k in ("checkpoint", "modality", "preset", "pruned")}},
+            )
+            if onnx:
+                report.update(
+                    _export_both(
+                        model,
+                        base,
+                        reference,
+                        staging,
+                        out,
+                        threads,
+                        parity_scenes,
+                        val_scenes,
+                        example_inputs,
+                        export_onnx,
+                        load_checkpoint,
+                    )
+                )
+            report["seconds"] = round(time.perf_counter() - start, 2)
+            (staging / "quantize_report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _export_both(
+    model,
+    base,
+    reference,
+    staging,
+    out,
+    threads,
+    parity_scenes,
+    val_scenes,
+    example_inputs,
+    export_onnx,
+    load_checkpoint,
+) -> dict[str, Any]:
+    """model.onnx (Q/DQ) and model_fp32.onnx of the FP reference, parity and (optionally) ORT mAP of both."""
+    from export.onnx import ExportError
+
+    fp = base if reference is None else load_checkpoint(reference)[0]
+    inputs = example_inputs(model.config, 1, model.modality)
+    int8 = export_onnx(model, inputs, staging / "model.onnx", threads=threads, check=True)
+    if int8["readiness_errors"]:
+        raise ExportError(f"the Q/DQ graph is not TensorRT-ready ({int8['readiness_errors']} errors)")
+    fp32 = export_onnx(fp, inputs, staging / "model_fp32.onnx", threads=threads, check=True)
+    for details, name in ((int8, "model.onnx"), (fp32, "model_fp32.onnx")):
+        details["path"] = str(Path(out) / name)
+    result: dict[str, Any] = {
+        "onnx": {k: int8[k] for k in ("path", "nodes", "ops", "findings", "readiness_errors", "simplify_note")},
+        "onnx_fp32": {k: fp32[k] for k in ("path", "nodes", "max_abs_error")},
+        "parity": qdq_parity(model, staging / "model.onnx", model.config, parity_scenes, threads),
+    }
+    if val_scenes:
+        fp_map = ort_map(staging / "model_fp32.onnx", model.config, val_scenes, threads)
+        int8_map = ort_map(staging / "model.onnx", model.config, val_scenes, threads)
+        result["accuracy"] = {
+            "split": "val",
+            "scenes": int(val_scenes),
+            "backend": "onnxruntime-cpu",
+            "fp32": fp_map,
+            "int8": int8_map,
+            "mAP_change": int8_map["mAP"] - fp_map["mAP"],
+        }
+    return result
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    skip = None if args.skip is None and not args.no_default_skip else tuple(args.skip or ())
+    report = quantize_checkpoint(
+        args.checkpoint,
+        args.out,
+        calib_scenes=args.calib_scenes,
+        method=args.method,
+        skip=skip,
+        fuse_conv_bn=not args.no_fuse_bn,
+        share_quantizers=not args.no_share,
+        reference=args.reference,
+        onnx=args.onnx,
+        parity_scenes=args.parity_scenes,
+        val_scenes=args.val_scenes,
+        threads=args.threads,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"quantized {report['quantizers_enabled']} of {report['quantizers']} quantizers on {report['calibration_scenes']}"
+        f" training scenes ({report['config']['method']}); fused {len(report['fused_conv_bn'])} Conv+BN; "
+        f"left in floating point: {', '.join(report['skipped']) or 'nothing'}"
+    )
+    if "parity" in report:
+        parity = report["parity"]
+        print(
+            f"parity vs PyTorch fake-quant on {parity['scenes']} val scenes: "
+            + ", ".join(f"{k} max abs {o['max_abs']:.2e}" for k, o in parity["outputs"].items())
+            + f"; detection counts {'equal' if parity['detections_equal'] else 'DIFFER'}"
+        )
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        print(
+            f"ONNX Runtime on {acc['scenes']} val scenes: mAP FP32 {acc['fp32']['mAP']:.4f}, INT8 {acc['int8']['mAP']:.4f}"
+            f" ({acc['mAP_change']:+.4f})"
+        )
+    print(f"saved {args.out}")
+
+
+def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("quantize", help="INT8 post-training quantization (ModelOpt Q/DQ) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a reference checkpoint, pruned or not")
+    p.add_argument("--out", required=True, help="quantized checkpoint folder")
+    p.add_argument(
+        "--calib-scenes", type=positive_int, default=64, help="training-split scenes to calibrate on (default 64)"
+    )
+    p.add_argument("--method", choices=("max", "mse", "histogram"), default="max", help="calibration (default max)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        metavar="MODULE",
+        help=f"module left in floating point (repeatable; default: {', '.join(REFERENCE_SKIP)})",
+    )
+    p.add_argument("--no-default-skip", action="store_true", help="quantize the default skipped layers too")
+    p.add_argument("--no-fuse-bn", action="store_true", help="do not fold BatchNorm into the convs first")
+    p.add_argument("--no-share", action="store_true", help="no shared scale for quantizers reading one tensor")
+    p.add_argument("--reference", help="the floating-point checkpoint to compare with (default: --checkpoint)")
+    p.add_argument("--onnx", action="store_true", help="also export model.onnx (Q/DQ) + model_fp32.onnx, parity")
+    p.add_argument("--parity-scenes", type=positive_int, default=8, help="val scenes for parity (default 8)")
+    p.add_argument(
+        "--val-scenes", type=non_negative_int, default=0, help="with --onnx: mAP of both graphs on N val scenes"
+    )
+    p.add_argument("--threads", type=positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+    p.set_defaults(run=cmd_quantize)
+    return p
