@@ -58,18 +58,28 @@ def rig_calibration(config: Config) -> CameraCalibration:
     )
 
 
-def resize_crop(raw_height: int, raw_width: int, height: int, width: int) -> tuple[float, int, int, np.ndarray]:
+def resize_crop(
+    raw_height: int, raw_width: int, height: int, width: int
+) -> tuple[float, tuple[int, int], tuple[int, int], np.ndarray]:
     """BEVFusion's test-time image transform: resize to the input width, keep the bottom `height` rows.
 
-    Returns (scale, resized height, rows cropped at the top, 3x3 matrix mapping raw pixels to input pixels).
-    As in mmdet3d's ImageAug3D (bot_pct_lim (0, 0)): new size int(raw * scale), crop top = new height - height.
+    Returns the scale, the resized (height, width), the crop's (top, left) and the 3x3 matrix taking raw
+    pixel coordinates to input ones. As mmdet3d's ImageAug3D at test time (bot_pct_lim (0, 0)): resized
+    size int(raw * scale), crop top = resized height - height. The matrix uses each axis's exact scale
+    (resized / raw size), in continuous pixel coordinates (0 at the image's edge, as Pillow resizes).
     """
     scale = width / raw_width
     new_height, new_width = int(raw_height * scale), int(raw_width * scale)
-    top = new_height - height
-    left = (new_width - width) // 2
-    aug = np.array([[scale, 0.0, -left], [0.0, scale, -top], [0.0, 0.0, 1.0]])
-    return scale, new_height, top, aug
+    if new_height < height:
+        raise ValueError(
+            f"a {raw_width}x{raw_height} image resized to width {width} is {new_height} rows high, "
+            f"fewer than the {height} the input needs"
+        )
+    top, left = new_height - height, (new_width - width) // 2
+    aug = np.array(
+        [[new_width / raw_width, 0.0, -left], [0.0, new_height / raw_height, -top], [0.0, 0.0, 1.0]], dtype=np.float64
+    )
+    return scale, (new_height, new_width), (top, left), aug
 
 
 def frustum_points(config: Config, calibration: CameraCalibration) -> np.ndarray:
