@@ -460,8 +460,11 @@ def devkit_status() -> str | None:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             from nuscenes.eval.detection.evaluate import DetectionEval  # noqa: F401
-    except ImportError as error:
-        return f"nuscenes-devkit not usable ({error}); install the `nuscenes` extra (see README)"
+    except Exception as error:  # ImportError, or a devkit that breaks on import
+        return (
+            f"nuscenes-devkit not usable ({type(error).__name__}: {error}); install it with "
+            "`pip install -e '.[nuscenes]' && pip install --no-deps nuscenes-devkit==1.2.0`"
+        )
     return None
 
 
