@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
-	$(PY) -m pip install -q -e ".[dev,nuscenes]"
+	$(PY) -m pip install -q -e ".[dev,nuscenes,quant]"
 	$(PY) -m pip install -q --no-deps nuscenes-devkit==1.2.0  # pins numpy<2; runs on numpy 2 (see pyproject)
 	touch $@
 
