@@ -207,6 +207,8 @@ def _check_prediction(token: str, number: int, box) -> dict:
         raise NuScenesFormatError(f"{where} has no field {missing}") from None
     except (TypeError, ValueError) as error:
         raise NuScenesFormatError(f"{where}: {error}") from None
+    if box.get("sample_token") != token:  # the devkit matches a box by this field, so it must agree with the key
+        raise NuScenesFormatError(f"{where}: sample_token {box.get('sample_token')!r} differs from its key")
     lengths = {"translation": 3, "size": 3, "rotation": 4, "velocity": 2}
     for key, length in lengths.items():
         if len(record[key]) != length:

@@ -583,6 +583,13 @@ def test_bad_results_and_tables_name_the_token(tmp_path):
         evaluate_results(
             {"meta": default_meta(), "results": {token: [_box(token, centre, 0.5, name="lorry")]}}, tables, "mini_val"
         )
+    with pytest.raises(NuScenesFormatError, match="sample_token 'other' differs from its key"):
+        evaluate_results({"meta": default_meta(), "results": {token: [_box("other", centre, 0.5)]}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="detection_score must be a float"):
+        evaluate_results({"meta": default_meta(), "results": {token: [_box(token, centre, 1)]}}, tables, "mini_val")
+    with pytest.raises(NuScenesFormatError, match="no field 'velocity'"):
+        broken = {k: v for k, v in _box(token, centre, 0.5).items() if k != "velocity"}
+        evaluate_results({"meta": default_meta(), "results": {token: [broken]}}, tables, "mini_val")
     with pytest.raises(NuScenesFormatError, match="no 'meta'"):
         evaluate_results({"results": {token: []}}, tables, "mini_val")
     with pytest.raises(NuScenesFormatError, match="belongs to v1.0-trainval"):
