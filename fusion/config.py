@@ -80,6 +80,10 @@ class DataConfig:
     camera_noise: float = 0.02  # pixel noise std (images in [0, 1])
     lidar_beam_dropout: float = 0.0  # fraction of beams removed
     lidar_point_dropout: float = 0.05  # fraction of returns lost
+    # Sensor-physics knobs of the modality balance (defaults: the `tiny` benchmark's data, bit for bit).
+    camera_blur: float = 0.0  # Gaussian optical blur, std in pixels (defocus, motion, a low-grade lens)
+    camera_haze_range: float = 120.0  # metres over which contrast fades towards the sky (fog, dusk, rain)
+    lidar_material_contrast: float = 0.0  # 0: reflectivity independent of material; 1: set by each surface's material
     train_scenes: int = 2000
     val_scenes: int = 200
     train_seed: int = 0
@@ -181,6 +185,9 @@ class Config:
             raise ConfigError("train.warmup_steps and train.weight_decay must be >= 0 and train.lr > 0")
         if self.data.train_scenes < 1 or self.data.val_scenes < 1:
             raise ConfigError("data.train_scenes and data.val_scenes must be >= 1")
+        d = self.data
+        if d.camera_blur < 0 or not d.camera_haze_range > 0 or not 0.0 <= d.lidar_material_contrast <= 1.0:
+            raise ConfigError("data.camera_blur must be >= 0, camera_haze_range > 0, lidar_material_contrast in [0, 1]")
         return self
 
 
@@ -346,7 +353,31 @@ def _nuscenes_tiny() -> Config:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "r50": _r50, "nuscenes": _nuscenes, "nuscenes-tiny": _nuscenes_tiny}
+def _tiny_balanced() -> Config:
+    """The tiny model on nuScenes-balanced data: sensor physics (fewer look-alike distractors, material
+    reflectivity the LiDAR reads, a hazy, blurred, noisy camera) aim LiDAR-only at 0.90-0.96 of fusion mAP
+    and the camera at 0.45-0.60, as BEVFusion reports on nuScenes (64.7 and 35.6 of 68.5 mAP)."""
+    config = _tiny()
+    config.preset = "tiny-balanced"
+    config.data = DataConfig(
+        distractors_per_scene=(2, 5),
+        camera_brightness=0.7,
+        camera_noise=0.05,
+        camera_blur=1.0,
+        camera_haze_range=45.0,
+        lidar_material_contrast=0.8,
+    )
+    return config
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "tiny-balanced": _tiny_balanced,
+    "small": _small,
+    "r50": _r50,
+    "nuscenes": _nuscenes,
+    "nuscenes-tiny": _nuscenes_tiny,
+}
 
 
 def get_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:

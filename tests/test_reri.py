@@ -8,8 +8,11 @@ weight makes its SNIP score equal channel 0's in expectation. Masking the LiDAR 
 the two apart where SNIP cannot.
 """
 
+import dataclasses
+import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,6 +31,10 @@ from compress.partition import Partition, masked_modality
 from compress.prune import prune
 from compress.request import PruneRequest
 from compress.structured import ChannelGraph, PruningError
+from fusion.config import BEVGrid, ConfigError, DataConfig, get_config
+from fusion.data.dataset import make_sample
+from fusion.data.render import gaussian_blur, render_cameras
+from fusion.data.scenes import MATERIAL_REFLECTIVITY, sample_scene
 
 SHARED = 2.0  # weight of z_s in the target: each modality's copy carries half
 TWIN = math.sqrt(2.0)  # camera-only channel 1: |E[h dL/dh]| equals the copy's (SNIP cannot tell them apart)
@@ -252,3 +259,72 @@ def test_the_cli_refuses_an_unknown_estimator_in_one_line(capsys):
     assert main(["prune", "--checkpoint", "x", "--out", "y", "--reri-data", "D_B"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--reri-data" in err[0]
+
+
+# ---- the nuScenes-balanced synthetic benchmark: sensor-physics knobs ----------------------------------
+TINY_DATA_SHA256 = "e6a1c17eab1199ec35acca14896977d0be5c7ebc20cd33ef306d394fd182acbf"  # before the knobs existed
+
+
+def _sample_digest(config, scenes: int = 3) -> str:
+    digest = hashlib.sha256()
+    for index in range(scenes):
+        sample = make_sample(config, 0, index)
+        for key in sorted(sample):
+            array = np.ascontiguousarray(sample[key])
+            digest.update(key.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
+def test_the_tiny_benchmark_renders_the_same_scenes_bit_for_bit():
+    assert _sample_digest(get_config("tiny")) == TINY_DATA_SHA256
+
+
+def test_the_balanced_preset_differs_only_in_its_data():
+    tiny, balanced = get_config("tiny").to_dict(), get_config("tiny-balanced").to_dict()
+    assert {k for k in tiny if tiny[k] != balanced[k]} == {"preset", "data"}
+    assert _sample_digest(get_config("tiny-balanced"), 1) != _sample_digest(get_config("tiny"), 1)
+
+
+def test_material_contrast_lets_the_lidar_read_what_a_look_alike_is_made_of():
+    def reflectivity(contrast: float) -> dict[str, np.ndarray]:
+        data = DataConfig(lidar_material_contrast=contrast, distractors_per_scene=(10, 12))
+        values: dict[str, list[float]] = {}
+        for index in range(10):
+            scene = sample_scene(np.random.default_rng([0, index]), BEVGrid(), data)
+            for kind, r in zip(scene.kinds, scene.reflectivity):
+                values.setdefault(kind, []).append(r)
+        return {k: np.array(v) for k, v in values.items()}
+
+    blind, aware = reflectivity(0.0), reflectivity(1.0)
+    assert all(0.2 <= v.min() and v.max() <= 0.6 for v in blind.values())  # the material-blind draw
+    assert abs(blind["hedge"].mean() - blind["car"].mean()) < 0.05  # shape alike, intensity alike
+    for kind, values in aware.items():
+        assert np.all(values == MATERIAL_REFLECTIVITY[kind])
+    assert aware["hedge"].max() < aware["car"].min() and aware["bollard"].min() > aware["pedestrian"].max()
+
+
+def test_blur_and_haze_degrade_the_camera_as_optics_and_weather_do():
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 16, 24, 3))
+    blurred = gaussian_blur(images, 1.5)
+    assert blurred.shape == images.shape
+    assert np.allclose(gaussian_blur(np.full((1, 8, 8, 3), 0.4), 2.0), 0.4)  # a flat image stays flat
+    assert np.abs(np.diff(blurred, axis=2)).mean() < 0.5 * np.abs(np.diff(images, axis=2)).mean()
+
+    config = get_config("tiny")
+    scene = sample_scene(np.random.default_rng([0, 0]), config.grid, config.data)
+    clear = dataclasses.replace(config.data, camera_noise=0.0)
+    hazy = dataclasses.replace(clear, camera_haze_range=10.0)
+    sky = (np.array([0.55, 0.7, 0.92]) * 255)[None, :, None, None]
+    clear_distance, hazy_distance = (
+        np.abs(render_cameras(scene, config.rig, d, np.random.default_rng(0)) - sky).mean() for d in (clear, hazy)
+    )
+    assert hazy_distance < 0.7 * clear_distance  # contrast fades towards the sky
+
+
+@pytest.mark.parametrize(
+    "key, value", [("data.camera_blur", -1.0), ("data.camera_haze_range", 0.0), ("data.lidar_material_contrast", 1.5)]
+)
+def test_impossible_sensor_knobs_are_refused(key, value):
+    with pytest.raises(ConfigError, match="camera_blur must be >= 0"):
+        get_config("tiny-balanced", {key: value})

@@ -126,12 +126,30 @@ def render_cameras(scene: Scene, rig: CameraRig, data: DataConfig, rng: np.rando
     on_box = box_id >= 0
     shade = 0.45 + 0.55 * np.clip(normal[on_box] @ LIGHT, 0.0, 1.0)
     colour[on_box] = _box_colour(scene, box_id[on_box], local[on_box]) * shade[:, None]
-    haze = 1.0 - np.exp(-np.where(np.isfinite(t), t, 1e3) / 120.0)  # distant things fade towards the sky
+    haze = 1.0 - np.exp(-np.where(np.isfinite(t), t, 1e3) / data.camera_haze_range)  # distant things fade
     colour = colour * (1.0 - haze[:, None]) + SKY * haze[:, None]
+    if data.camera_blur > 0:  # optics blur the scene before the sensor adds its noise
+        shape = (rig.num_cameras, rig.image_height, rig.image_width, 3)
+        colour = gaussian_blur(colour.reshape(shape), data.camera_blur).reshape(-1, 3)
 
     colour = colour * data.camera_brightness + rng.normal(0.0, data.camera_noise, size=colour.shape)
     image = np.clip(colour, 0.0, 1.0).reshape(rig.num_cameras, rig.image_height, rig.image_width, 3)
     return np.round(image * 255.0).astype(np.uint8).transpose(0, 3, 1, 2)
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of images (N, H, W, C) over H and W, edges replicated."""
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in (1, 2):
+        pad = [(0, 0)] * images.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(images, pad, mode="edge")
+        size = images.shape[axis]
+        images = sum(w * np.take(padded, np.arange(i, i + size), axis=axis) for i, w in enumerate(kernel))
+    return images
 
 
 def scan_lidar(scene: Scene, lidar: LidarConfig, data: DataConfig, rng: np.random.Generator) -> np.ndarray:

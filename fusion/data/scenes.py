@@ -30,6 +30,19 @@ SIZE_PRIORS = {
 }
 DISTRACTORS = ("bollard", "hedge")
 
+# Near-infrared (905 nm) reflectivity by surface material, the LiDAR's cue to what a shape is made of:
+# painted metal bodies middling, clothing and skin lower, foliage dark and diffuse (the canopy scatters
+# the beam), bollards bright (retroreflective bands). `DataConfig.lidar_material_contrast` blends these
+# into the material-blind draw: 0 keeps the LiDAR blind to materials.
+MATERIAL_REFLECTIVITY = {
+    "car": 0.45,
+    "truck": 0.5,
+    "pedestrian": 0.3,
+    "bicycle": 0.35,
+    "bollard": 0.85,
+    "hedge": 0.08,
+}
+
 
 @dataclass
 class Scene:
@@ -151,13 +164,19 @@ def sample_scene(rng: np.random.Generator, grid: BEVGrid, data: DataConfig) -> S
     num_objects = sum(k in data.classes for k in kinds)
     order = np.argsort([k not in data.classes for k in kinds], kind="stable")  # objects first
     boxes_arr = np.array(boxes, dtype=np.float64).reshape(-1, 7)[order]
+    kinds = [kinds[i] for i in order]
+    reflectivity = rng.uniform(0.2, 0.6, size=len(boxes))  # material-blind
+    contrast = data.lidar_material_contrast
+    if contrast > 0:
+        material = np.array([MATERIAL_REFLECTIVITY[k] for k in kinds])
+        reflectivity = (1.0 - contrast) * reflectivity + contrast * material
     return Scene(
         roads=roads,
         lanes=lanes,
         boxes=boxes_arr,
-        kinds=[kinds[i] for i in order],
+        kinds=kinds,
         colours=np.clip(np.array(colours).reshape(-1, 3)[order], 0.0, 1.0),
         accents=np.clip(np.array(accents).reshape(-1, 3)[order], 0.0, 1.0),
-        reflectivity=rng.uniform(0.2, 0.6, size=len(boxes)),
+        reflectivity=reflectivity,
         num_objects=num_objects,
     )
