@@ -5,6 +5,12 @@ Takes what `altermoma export onnx` wrote (model.onnx and split/*.onnx), writes `
 are not portable across GPUs or TensorRT versions), then, where TensorRT imports, builds every engine
 and checks it against ONNX Runtime on the same inputs. Where TensorRT is missing it says so and
 stops: no code path here claims a TensorRT result it did not produce.
+
+A graph with QuantizeLinear/DequantizeLinear nodes (`altermoma quantize --onnx`) gets INT8 engines whatever
+precisions were asked for: TensorRT 10 builds it weakly typed with `--int8 --fp16` (INT8 where the Q/DQ
+nodes say, FP16 allowed elsewhere), TensorRT 11 (weak typing removed) strongly typed with `--stronglyTyped`
+(INT8 where the Q/DQ nodes say, the graph's FP32 elsewhere). The script holds both and picks by
+`$TRT_MAJOR` (default: read from `trtexec --version`); a build here uses the installed TensorRT's form.
 """
 
 from __future__ import annotations
@@ -34,20 +40,37 @@ def exported_graphs(onnx_dir: str | Path) -> dict[str, Path]:
     return {"model": model, **{p.stem: p for p in sorted((onnx_dir / "split").glob("*.onnx"))}}
 
 
+def has_qdq(onnx_path: str | Path) -> bool:
+    """Whether a graph is explicitly quantized (holds QuantizeLinear / DequantizeLinear nodes)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+
+
 def engine_specs(
     graphs: dict[str, Path], out_dir: Path, precisions: tuple[str, ...], workspace_mib: int
 ) -> list[EngineSpec]:
-    return [
-        EngineSpec(
-            path,
-            out_dir / f"{name}-{precision}.engine",
-            precision=precision,
-            workspace_mib=workspace_mib,
-            timing_cache=out_dir / "timing.cache",
-        )
+    """One engine per graph and precision; a Q/DQ graph gets its two INT8 forms instead (see the docstring)."""
+    qdq = {name for name, path in graphs.items() if has_qdq(path)}
+    common = {"workspace_mib": workspace_mib, "timing_cache": out_dir / "timing.cache"}
+    specs = [
+        EngineSpec(path, out_dir / f"{name}-{precision}.engine", precision=precision, **common)
         for precision in precisions
         for name, path in graphs.items()
+        if name not in qdq
     ]
+    for name in qdq:
+        for typed in (False, True):
+            suffix = "int8-qdq-typed" if typed else "int8-qdq"
+            engine = out_dir / f"{name}-{suffix}.engine"
+            specs.append(EngineSpec(graphs[name], engine, precision="int8-qdq", strongly_typed=typed, **common))
+    return specs
+
+
+def _int8_form_matches(spec: EngineSpec, weak_typing: bool) -> bool:
+    """Which INT8 form the installed TensorRT builds: weakly typed on 10, strongly typed on 11."""
+    return spec.precision != "int8-qdq" or spec.strongly_typed != weak_typing
 
 
 def write_build_script(specs: list[EngineSpec], path: Path) -> None:
@@ -63,6 +86,13 @@ def write_build_script(specs: list[EngineSpec], path: Path) -> None:
         'cd "$(dirname "$0")"',
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
     ]
+    if any(spec.precision == "int8-qdq" for spec in specs):
+        lines += [
+            "# INT8 (Q/DQ graphs): TensorRT 10 builds weakly typed (--int8 --fp16), TensorRT 11 strongly typed.",
+            'TRT_MAJOR="${TRT_MAJOR:-$("$TRTEXEC" --version 2>/dev/null | grep -o "TensorRT v[0-9]*" | grep -o "[0-9]*$" '
+            '| head -c 2 || echo 10)}"',
+            'TRT_MAJOR="${TRT_MAJOR:-10}"',
+        ]
     for spec in specs:
         command = trtexec_command(spec)
         if command.startswith("trtexec "):
@@ -75,6 +105,9 @@ def write_build_script(specs: list[EngineSpec], path: Path) -> None:
             paths.append((spec.timing_cache, Path(spec.timing_cache).name))
         for absolute, relative in paths:
             command = command.replace(str(absolute), relative)
+        if spec.precision == "int8-qdq":
+            test = "-ge 11" if spec.strongly_typed else "-lt 11"
+            command = f'if [ "${{TRT_MAJOR:0:2}}" {test} ]; then {command}; fi'
         lines.append(command)
     atomic_write_text(path, "\n".join(lines) + "\n")
     path.chmod(0o755)
@@ -133,8 +166,11 @@ def build_engines(
         import_tensorrt()
     except TensorRTUnavailable as error:
         return {"built": False, "reason": str(error), "script": str(script), "engines": {}, "ok": None}
+    from export.tensorrt import _supports_weak_typing
+
+    weak_typing = _supports_weak_typing(import_tensorrt())
     report = {"built": True, "script": str(script), "engines": {}}
-    for spec in specs:
+    for spec in [s for s in specs if _int8_form_matches(s, weak_typing)]:
         build_engine(spec)
         report["engines"][Path(spec.engine_path).name] = check_against_onnxruntime(spec, samples, threads)
     report["ok"] = all(e["ok"] for e in report["engines"].values())

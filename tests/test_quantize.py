@@ -281,3 +281,34 @@ def test_cli_quantize_bad_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "q").exists()
+
+
+def _qdq_export_dir(root: Path) -> Path:
+    from common.io import staged_directory
+
+    with staged_directory(root / "onnx", kind="onnx-export") as staging:
+        onnx.save(_qdq_graph(), staging / "model.onnx")
+    return root / "onnx"
+
+
+def test_build_script_has_both_int8_forms(tmp_path):
+    from export.engines import build_engines, engine_specs, exported_graphs
+
+    onnx_dir = _qdq_export_dir(tmp_path)
+    specs = engine_specs(exported_graphs(onnx_dir), tmp_path / "eng", ("fp16",), 1024)
+    assert [(s.precision, s.strongly_typed) for s in specs] == [("int8-qdq", False), ("int8-qdq", True)]
+    report = build_engines(onnx_dir, tmp_path / "eng", ("fp16",))
+    script = (tmp_path / "eng" / "build_engines.sh").read_text()
+    assert '-lt 11 ]; then "$TRTEXEC"' in script and "--int8 --fp16" in script
+    assert '-ge 11 ]; then "$TRTEXEC"' in script and "--stronglyTyped" in script
+    if not report["built"]:
+        assert "TensorRT" in report["reason"]
+
+
+def test_int8_engine_builds_where_tensorrt_exists(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no builder wheel on PyPI)")
+    from export.engines import build_engines
+
+    report = build_engines(_qdq_export_dir(tmp_path), tmp_path / "eng", ("fp16",))
+    assert report["built"] and len(report["engines"]) == 1
+    assert all(engine["samples"] for engine in report["engines"].values())
