@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from altermoma.cli_data import add_data_parsers
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_latency import add_latency_table_parser
 from altermoma.cli_quant import add_quantize_parser
+from altermoma.data_args import add_data_args, data_source
 from benchmarks.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
@@ -72,11 +74,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
     from fusion.checkpoint import TRAIN_STATE_META, read_weights
-    from fusion.data.dataset import SyntheticScenes
+    from fusion.data.source import check_config_fits, open_split
     from fusion.models.bevfusion import build_model
     from fusion.train import check_resumable, fit, load_pretrained
 
     config = config_from_args(args)
+    source = data_source(args)
+    check_config_fits(config, source)
     if dist.is_distributed() and not any(o.split("=", 1)[0].strip() == "train.threads" for o in args.overrides):
         config.train.threads = dist.default_threads()
     if not args.resume:
@@ -85,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     check_init_sources(sources, args.modality, config.preset)
     torch.manual_seed(config.train.seed)  # the initial weights are part of "same seed, same result"
     model = build_model(config, args.modality)
-    metadata = {"command": " ".join(["altermoma", *sys.argv[1:]])}
+    metadata = {"command": " ".join(["altermoma", *sys.argv[1:]]), **source.describe()}
     # LiDAR first: its decoder and heads initialise the fusion model's (as in BEVFusion); the camera
     # checkpoint then contributes only what the LiDAR one lacks, the camera branch.
     if sources:
@@ -96,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"initialised from {', '.join(f'{k}: {v} tensors' for k, v in loaded.items())}")
     if args.resume and (Path(args.out) / TRAIN_STATE_META).is_file():
         check_resumable(Path(args.out), config.train)  # before rendering: a refused resume costs nothing
-    train_set = SyntheticScenes(config, "train")
+    train_set = open_split(config, source, "train")
     fit(
         model,
         train_set,
@@ -140,18 +144,70 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
-    from fusion.data.dataset import SyntheticScenes
+    from fusion.data.source import check_config_fits, open_split
     from fusion.evaluate import evaluate, summary_line
 
     if args.json:
         check_output_file(args.json, "--json")
+    source = data_source(args)
     torch.set_num_threads(threads_of(args))
     model, _ = load_checkpoint(args.checkpoint)
-    dataset = SyntheticScenes(model.config, args.split, num_scenes=args.scenes)
+    check_config_fits(model.config, source)
+    if source.kind == "nuscenes":
+        return evaluate_nuscenes(args, model, source)
+    dataset = open_split(model.config, source, args.split, num_scenes=args.scenes)
     metrics = evaluate(model, dataset)
     print(f"{args.checkpoint}: {summary_line(metrics)}")
     if args.json:
         dist.on_main(lambda: atomic_write_text(Path(args.json), json.dumps(metrics, indent=2)))
+
+
+def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
+    """nuScenes: the official results JSON, our detection-challenge metric and, where the devkit is
+    installed, its DetectionEval on the same file, side by side (written to --out)."""
+    from common.io import atomic_write_text, staged_directory
+    from fusion.data.nuscenes_tables import load_tables
+    from fusion.data.source import NUSCENES_SPLITS, open_split
+    from fusion.evaluate import nuscenes_detections
+    from fusion.nuscenes_eval import default_meta, devkit_evaluate, devkit_status, evaluate_results, results_json
+
+    split = NUSCENES_SPLITS[source.version][args.split]
+    out = Path(args.out or f"runs/evaluate-nuscenes/{source.version}-{split}")
+    check_replaceable(out, ("nuscenes-evaluation",), args.overwrite)
+    tables = load_tables(source.dataroot, source.version)
+    if args.scenes is not None:
+        raise ValueError("--scenes subsets the synthetic split; nuScenes is scored on the whole official split")
+    dataset = open_split(model.config, source, args.split)
+    detections = nuscenes_detections(model, dataset)
+    if not dist.is_main():
+        return
+    modality = getattr(model, "modality", "fusion")
+    results = results_json(
+        detections, default_meta(modality != "lidar", modality != "camera"), model.config.data.classes
+    )
+    metrics = {"ours": evaluate_results(results, tables, split), "split": split, **source.describe()}
+    with staged_directory(out, kind="nuscenes-evaluation") as stage:
+        atomic_write_text(stage / "results_nusc.json", json.dumps(results))
+        reason = devkit_status()
+        devkit = (
+            None
+            if reason
+            else devkit_evaluate(stage / "results_nusc.json", source.dataroot, source.version, split, stage / "devkit")
+        )
+        metrics["devkit"] = devkit if devkit is not None else {"skipped": reason}
+        atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    print(f"{args.checkpoint} on nuScenes {source.version} {split} ({len(results['results'])} samples):")
+    rows = [("ours", metrics["ours"])] + ([("devkit", devkit)] if devkit is not None else [])
+    for name, m in rows:
+        print(
+            f"  {name:<7} mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}  "
+            + "  ".join(f"{k} {m[k]:.3f}" for k in ("mATE", "mASE", "mAOE", "mAVE", "mAAE"))
+        )
+    if devkit is None:
+        print(f"  devkit  skipped: {reason}")
+    print(f"results: {out / 'results_nusc.json'}")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(metrics, indent=2, default=float))
 
 
 def threads_of(args: argparse.Namespace) -> int:
@@ -199,6 +255,7 @@ def run_prune(
     progress: bool = True,
     overwrite: bool = False,
     threads: int = 2,
+    source=None,
 ) -> dict:
     """Load a reference checkpoint, prune, save; the output directory is written only once pruning has succeeded.
 
@@ -207,6 +264,7 @@ def run_prune(
     from compress.prune import prune
     from export.quantize import is_quantized_checkpoint
     from fusion.checkpoint import load_checkpoint, save_checkpoint
+    from fusion.data.source import DataSource, check_config_fits
     from fusion.finetune import FinetuneConfig, imp_finetune_fn
     from fusion.task import first_sample, reference_task, scoring_set
 
@@ -221,7 +279,9 @@ def run_prune(
         raise ValueError(f"{checkpoint} is already pruned; prune the unpruned checkpoint instead")
     if meta.get("quantized"):
         raise ValueError(f"{checkpoint} is quantized; prune the floating-point checkpoint, then quantize")
-    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed)
+    source = source or DataSource()
+    check_config_fits(model.config, source)
+    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, request.seed, source)
     tune_config = FinetuneConfig() if not dist.is_distributed() else FinetuneConfig(threads=threads)
     imp_tune = imp_finetune_fn(tune_config, None, not request.structured, progress)
     task, example = reference_task(model), first_sample(batches[0])
@@ -278,12 +338,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
     request = dataclasses.replace(prune_request(args), best_effort=args.best_effort)
     if (args.task is None) == (args.checkpoint is None):
         raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
+    if args.task is not None and args.data != "synthetic":
+        raise ValueError("--data is for reference checkpoints; with --task your setup function brings the data")
     threads = threads_of(args)
     torch.set_num_threads(threads)
     if args.task is not None:
         report = run_user_prune(args.task, request, args.out, overwrite=args.overwrite)
     else:
-        report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite, threads=threads)
+        source = data_source(args)
+        report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite, threads=threads, source=source)
     print_prune_report(report)
     wanted = request.target_gflops if request.target_gflops is not None else request.sparsity
     achieved = report.get("gflops_reduction") if request.target_gflops is not None else report.get("sparsity")
@@ -305,17 +368,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     if args.task is not None:
+        if args.data != "synthetic":
+            raise ValueError("--data is for reference checkpoints; with --task your setup function brings the data")
         return finetune_user(args)
     from fusion.checkpoint import load_checkpoint, read_metadata
+    from fusion.data.source import check_config_fits, open_split
     from fusion.finetune import FinetuneConfig, finetune
 
+    source = data_source(args)
     if not args.resume:
         check_replaceable(args.out, ("checkpoint",), args.overwrite)
     model, meta = load_checkpoint(args.checkpoint)
+    check_config_fits(model.config, source)
     meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
     config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=threads_of(args))
     start = time.perf_counter()
-    finetune(model, config, args.out, metadata=meta, resume=args.resume, sync_bn=args.sync_bn)
+    train_set = None if source.kind == "synthetic" else open_split(model.config, source, "train")
+    finetune(model, config, args.out, metadata=meta, resume=args.resume, sync_bn=args.sync_bn, train_set=train_set)
     losses = read_metadata(args.out).get("last_loss")
     loss = f", last loss {losses:.4f}" if isinstance(losses, float) else ""
     print(f"fine-tuned {args.steps} steps in {time.perf_counter() - start:.0f} s{loss}; saved {args.out}")
@@ -357,6 +426,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         val_scenes=args.val_scenes,
         threads=threads_of(args),
         sync_bn=args.sync_bn,
+        preset=args.preset,
+        source=data_source(args),
     )
 
 
@@ -437,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
     add_config_args(p)
+    add_data_args(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="detection mAP/NDS and map mIoU of a checkpoint")
@@ -445,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=positive_int, help="number of scenes (default: the config's split size)")
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+    p.add_argument(
+        "--out", help="nuScenes: folder for results_nusc.json and metrics (default runs/evaluate-nuscenes/...)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+    add_data_args(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("prune", help="score channels (or weights) and remove them")
@@ -454,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_args(p)
     add_trust_args(p)
     p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+    add_data_args(p)
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint with the task loss")
@@ -467,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
+    add_data_args(p)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("pipeline", help="the main job: shipped checkpoints -> prune -> fine-tune -> evaluate")
@@ -476,12 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-scenes", type=positive_int, default=200)
     p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
+    p.add_argument(
+        "--preset", default="tiny", help="model size with --from-scratch (default tiny; nuscenes-tiny for nuScenes)"
+    )
+    add_data_args(p)
     add_prune_args(p, default_target=0.5)
     add_trust_args(p)
     p.set_defaults(run=cmd_pipeline)
 
     add_compare_parser(sub)
     add_deploy_parsers(sub)
+    add_data_parsers(sub)
     add_latency_table_parser(sub)
     add_quantize_parser(sub)
     return parser

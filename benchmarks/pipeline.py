@@ -20,7 +20,7 @@ from compress.prune import prune
 from compress.request import PruneRequest
 from fusion.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from fusion.config import get_config
-from fusion.data.dataset import SyntheticScenes
+from fusion.data.source import DataSource, check_config_fits, open_split
 from fusion.evaluate import evaluate
 from fusion.finetune import FinetuneConfig, finetune, imp_finetune_fn
 from fusion.models.bevfusion import build_model, example_inputs
@@ -30,10 +30,14 @@ from fusion.train import fit, load_pretrained
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 
 
-def train_from_scratch(out: Path, threads: int, sync_bn: bool = False) -> dict[str, Path]:
-    """Retrain the three tiny models with the same recipe as the shipped ones (see the model card)."""
-    config = get_config("tiny", {"train.threads": threads})
-    train_set = SyntheticScenes(config, "train")
+def train_from_scratch(
+    out: Path, threads: int, sync_bn: bool = False, preset: str = "tiny", source: DataSource | None = None
+) -> dict[str, Path]:
+    """Retrain the three models with the same recipe as the shipped ones (see the model card)."""
+    source = source or DataSource()
+    config = get_config(preset, {"train.threads": threads})
+    check_config_fits(config, source)
+    train_set = open_split(config, source, "train")
     paths = {}
     for modality in ("camera", "lidar", "fusion"):
         torch.manual_seed(config.train.seed)
@@ -41,8 +45,9 @@ def train_from_scratch(out: Path, threads: int, sync_bn: bool = False) -> dict[s
         train = config.train
         if modality == "fusion":
             load_pretrained(model, {m: read_weights(paths[m]) for m in ("lidar", "camera")})
-            train = get_config("tiny", {"train.threads": threads, "train.steps": 1500, "train.lr": 1e-3}).train
-        paths[modality] = out / f"tiny-{modality}"
+            fusion_recipe = {"train.threads": threads, "train.steps": config.train.steps * 3 // 4, "train.lr": 1e-3}
+            train = get_config(preset, fusion_recipe).train
+        paths[modality] = out / f"{preset}-{modality}"
         fit(model, train_set, train, out_dir=paths[modality], desc=f"train {modality}", sync_bn=sync_bn)
     return paths
 
@@ -87,18 +92,28 @@ def run_pipeline(
     val_scenes: int,
     threads: int,
     sync_bn: bool = False,
+    preset: str = "tiny",
+    source: DataSource | None = None,
 ) -> dict:
+    source = (source or DataSource()).check()
+    if not from_scratch and (preset != "tiny" or source.kind != "synthetic"):
+        raise ValueError(
+            "the shipped checkpoints are tiny models trained on synthetic scenes: "
+            "add --from-scratch to train for another --preset or --data"
+        )
+    check_config_fits(get_config(preset), source)
     check_writable_folder(out)
     start = time.time()
     torch.set_num_threads(threads)
     dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
     if from_scratch:
-        paths = train_from_scratch(out / "trained", threads, sync_bn)
+        paths = train_from_scratch(out / "trained", threads, sync_bn, preset, source)
     else:
         paths = {m: SHIPPED / f"tiny-{m}" for m in ("camera", "lidar", "fusion")}
     models = {m: load_checkpoint(p)[0] for m, p in paths.items()}
     config = models["fusion"].config
-    val = SyntheticScenes(config, "val", num_scenes=val_scenes)
+    val = open_split(config, source, "val", num_scenes=val_scenes)
+    val_scenes = len(val)
 
     rows = []
     for modality, model in models.items():
@@ -110,8 +125,9 @@ def run_pipeline(
     fusion_model = models["fusion"]
     request.imp.finetune_steps = finetune_steps  # IMP's total budget
     tune_config = FinetuneConfig(steps=finetune_steps, threads=threads)
-    imp_tune = imp_finetune_fn(tune_config, None, not request.structured, sync_bn=sync_bn)
-    batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed)
+    train_set = None if source.kind == "synthetic" else open_split(config, source, "train")
+    imp_tune = imp_finetune_fn(tune_config, train_set, not request.structured, sync_bn=sync_bn)
+    batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed, source)
     task = reference_task(fusion_model)
     report = prune(fusion_model, task, batches, request, example_batch=first_sample(batches[0]), finetune_fn=imp_tune)
     dist.on_main(lambda: save_checkpoint(out / "pruned", fusion_model, {"pruning": report}))
@@ -130,6 +146,7 @@ def run_pipeline(
         out / "finetuned",
         metadata={"pruning": report},
         sync_bn=sync_bn,
+        train_set=train_set,
     )
     rows.append(
         _row(
@@ -142,10 +159,17 @@ def run_pipeline(
 
     table = format_table(rows)
     elapsed = time.time() - start
-    summary = {"rows": rows, "pruning": report, "val_scenes": val_scenes, "seconds": elapsed, "threads": threads}
+    summary = {
+        "rows": rows,
+        "pruning": report,
+        "val_scenes": val_scenes,
+        "seconds": elapsed,
+        "threads": threads,
+        **source.describe(),
+    }
     processes = f" x {dist.world()} processes" if dist.is_distributed() else ""
     markdown = (
-        f"# altermoma pipeline\n\n{table}\n\nSynthetic val split, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads{processes}.\n"
+        f"# altermoma pipeline\n\n{table}\n\n{_split_name(source)}, {val_scenes} scenes; {elapsed:.0f} s with {threads} threads{processes}.\n"
         + (f"\n## Where the pruning cut\n\n{format_partitions(report)}\n" if report["kind"] == "structured" else "")
     )
 
@@ -157,3 +181,9 @@ def run_pipeline(
     print(table)
     print(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
     return summary
+
+
+def _split_name(source: DataSource) -> str:
+    if source.kind == "synthetic":
+        return "Synthetic val split"
+    return f"nuScenes {source.version} val split (in-loop metric; `altermoma evaluate --data nuscenes` gives the official one)"

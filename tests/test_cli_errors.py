@@ -35,6 +35,7 @@ def workspace(tmp_path_factory):
     (root / "a_file").write_text("not a folder")
     (root / "photos").mkdir()
     (root / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    (root / "nusc" / "v1.0-mini").mkdir(parents=True)  # a root whose tables are never reached
     model = build_model(get_config("tiny"), "lidar")
     head = model.heads.det.branches["heatmap"][-1]
     head.weight = torch.nn.Parameter(head.weight[:2].clone())
@@ -126,6 +127,40 @@ CASES = {
         ],
         "not both",
     ),  # fmt: skip
+    "nuscenes-without-dataroot": (
+        ["evaluate", "--checkpoint", "{shipped}/tiny-fusion", "--data", "nuscenes"],
+        "--data nuscenes needs --dataroot",
+    ),
+    "nuscenes-dataroot-missing": (
+        ["evaluate", "--checkpoint", "{shipped}/tiny-fusion", "--data", "nuscenes", "--dataroot", "{ws}/nope"],
+        "is not a folder",
+    ),
+    "nuscenes-version-missing": (
+        [
+            "prune",
+            "--checkpoint",
+            "{shipped}/tiny-fusion",
+            "--out",
+            "{ws}/p",
+            "--data",
+            "nuscenes",
+            "--dataroot",
+            "{ws}/photos",
+            "--version",
+            "v1.0-trainval",
+            "--target-gflops",
+            "0.5",
+        ],
+        "v1.0-trainval does not exist (versions present: none)",
+    ),  # fmt: skip
+    "dataroot-with-synthetic": (
+        ["finetune", "--checkpoint", "{shipped}/tiny-fusion", "--out", "{ws}/f", "--dataroot", "{ws}/photos"],
+        "--dataroot is for --data nuscenes",
+    ),
+    "synthetic-classes-on-nuscenes": (
+        ["evaluate", "--checkpoint", "{shipped}/tiny-fusion", "--data", "nuscenes", "--dataroot", "{ws}/nusc"],
+        "not the nuScenes detection classes",
+    ),
 }
 
 
