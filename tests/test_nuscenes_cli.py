@@ -1,0 +1,56 @@
+"""The nuScenes data path through the CLI flags: a generated root trains, prunes, fine-tunes and evaluates,
+and the results file the evaluation writes is one the devkit accepts, scored the same by both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from altermoma.cli import main
+from fusion.data.nuscenes_tables import load_tables
+from fusion.nuscenes_eval import devkit_status
+
+SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nus") / "root"
+    args = ["data", "export-nuscenes", "--out", str(out), "--version", "v1.0-mini", "--preset", "nuscenes-tiny"]
+    assert main(args + ["--scenes", "2", "--samples-per-scene", "4"]) == 0
+    return out
+
+
+def test_train_prune_finetune_evaluate_on_a_nuscenes_root(root, tmp_path, capsys):
+    data = ["--data", "nuscenes", "--dataroot", str(root), "--version", "v1.0-mini"]
+    train = ["train", "--modality", "fusion", "--preset", "nuscenes-tiny", "--out", str(tmp_path / "t")]
+    assert (
+        main(train + data + ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.threads=1"]) == 0
+    )
+    prune = ["prune", "--checkpoint", str(tmp_path / "t"), "--out", str(tmp_path / "p"), "--target-gflops", "0.3"]
+    assert main(prune + data + ["--scoring-batches", "1", "--method", "snip", "--threads", "1"]) == 0
+    tune = ["finetune", "--checkpoint", str(tmp_path / "p"), "--out", str(tmp_path / "f"), "--steps", "1"]
+    assert main(tune + data + ["--threads", "1"]) == 0
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "f"), "--out", str(tmp_path / "e"), "--threads", "1"]
+    assert main(evaluate + data) == 0
+    out = capsys.readouterr().out
+    assert "mini_val" in out and "results:" in out
+
+    results = json.loads((tmp_path / "e" / "results_nusc.json").read_text())
+    tables = load_tables(root, "v1.0-mini")
+    assert set(results["results"]) == set(tables.split_sample_tokens("mini_val"))  # exactly the split's samples
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert 0.0 <= metrics["ours"]["mAP"] <= 1.0 and 0.0 <= metrics["ours"]["NDS"] <= 1.0
+    if devkit_status() is None:  # the devkit read the same file and agrees
+        for key in ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE"):
+            assert metrics["devkit"][key] == pytest.approx(metrics["ours"][key], abs=1e-6), key
+    else:
+        assert "skipped" in metrics["devkit"]
+
+
+def test_a_synthetic_checkpoint_is_refused_on_nuscenes_data(root, capsys):
+    args = ["evaluate", "--checkpoint", str(SHIPPED), "--data", "nuscenes", "--dataroot", str(root)]
+    assert main(args) == 2
+    assert "not the nuScenes detection classes" in capsys.readouterr().err
