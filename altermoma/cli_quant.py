@@ -7,9 +7,10 @@
 Calibration scenes are rendered from the TRAINING split (never val). The output folder holds the
 quantized checkpoint (`quantized.json` + `model.safetensors`, `export.quantize`) and, under `base/`, the
 floating-point checkpoint it came from (loading rebuilds the model from it). With `--onnx` it also holds
-`model.onnx` (the Q/DQ graph, TensorRT-readiness checked) and `model_fp32.onnx`, with parity against the
-PyTorch fake-quant model on `--parity-scenes` val scenes; with `--val-scenes N` the mAP of both graphs
-through ONNX Runtime on N val scenes. Everything lands in `quantize_report.json`.
+`model.onnx` (the Q/DQ graph, TensorRT-readiness checked), `split/<stage>.onnx` (the CUDA-BEVFusion split,
+Q/DQ too) and `model_fp32.onnx`, with parity against the PyTorch fake-quant model on `--parity-scenes` val
+scenes; with `--val-scenes N` the mAP of both graphs through ONNX Runtime on N val scenes. Everything lands
+in `quantize_report.json`; `altermoma export trt --onnx-dir D` then writes the INT8 engine build script.
 
 The reference model's placement defaults live here, not in `export` (which knows no model):
 CUDA-BEVFusion leaves its first LiDAR layer and first decoder deblock in floating point (their issue #8);
@@ -241,7 +242,8 @@ def _export_both(
     load_checkpoint,
 ) -> dict[str, Any]:
     """model.onnx (Q/DQ) and model_fp32.onnx of the FP reference, parity and (optionally) ORT mAP of both."""
-    from export.onnx import ExportError
+    from export.onnx import ExportError, export_split_details
+    from fusion.models.stages import split_stages
 
     fp = base if reference is None else load_checkpoint(reference)[0]
     inputs = example_inputs(model.config, 1, model.modality)
@@ -249,11 +251,21 @@ def _export_both(
     if int8["readiness_errors"]:
         raise ExportError(f"the Q/DQ graph is not TensorRT-ready ({int8['readiness_errors']} errors)")
     fp32 = export_onnx(fp, inputs, staging / "model_fp32.onnx", threads=threads, check=True)
+    (staging / "split").mkdir()
+    split = export_split_details(split_stages(model, inputs), inputs, staging / "split", threads=threads, check=True)
     for details, name in ((int8, "model.onnx"), (fp32, "model_fp32.onnx")):
         details["path"] = str(Path(out) / name)
     result: dict[str, Any] = {
         "onnx": {k: int8[k] for k in ("path", "nodes", "ops", "findings", "readiness_errors", "simplify_note")},
         "onnx_fp32": {k: fp32[k] for k in ("path", "nodes", "max_abs_error")},
+        "onnx_split": {
+            name: {
+                "quantize_linear": d["ops"].get("QuantizeLinear", 0),
+                "readiness_errors": d["readiness_errors"],
+                "max_abs_error_vs_fake_quant": d["max_abs_error"],
+            }
+            for name, d in split.items()
+        },
         "parity": qdq_parity(model, staging / "model.onnx", model.config, parity_scenes, threads),
     }
     if val_scenes:

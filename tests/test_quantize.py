@@ -312,3 +312,28 @@ def test_int8_engine_builds_where_tensorrt_exists(tmp_path):
     report = build_engines(_qdq_export_dir(tmp_path), tmp_path / "eng", ("fp16",))
     assert report["built"] and len(report["engines"]) == 1
     assert all(engine["samples"] for engine in report["engines"].values())
+
+
+@needs_modelopt
+def test_ort_uint8_variant_fuses_integer_convs_and_keeps_values(tmp_path):
+    """The benchmark's ONNX Runtime experiment: same values, QLinearConv where Relu -> Q blocked fusion."""
+    import onnxruntime as ort
+
+    from benchmarks.quant import optimized_graph_ops, uint8_after_relu
+    from export.onnx import export_onnx
+    from export.quantize import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    task = Task(partition={"camera": ("0", "2", "4")}, loss=lambda o, b: o.sum())
+    batches = [torch.rand(2, 3, 16, 16) for _ in range(4)]
+    quantize(model, task, batches, progress=False)
+    export_onnx(model, batches[0][:1], tmp_path / "toy.onnx")
+    variant = uint8_after_relu(tmp_path / "toy.onnx", tmp_path / "toy-u8.onnx")
+    before = optimized_graph_ops(tmp_path / "toy.onnx", 1, tmp_path / "a.onnx")
+    after = optimized_graph_ops(variant, 1, tmp_path / "b.onnx")
+    assert not before["integer_kernels"] and after["integer_kernels"].get("QLinearConv", 0) >= 1
+    feeds = {"input_0": batches[1][:1].numpy()}
+    a = ort.InferenceSession(str(tmp_path / "toy.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert all(np.abs(x - y).max() < 1e-3 * max(1.0, np.abs(x).max()) for x, y in zip(a, b))
