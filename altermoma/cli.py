@@ -22,7 +22,6 @@ from altermoma.cli_data import add_data_parsers
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_latency import add_latency_table_parser
 from altermoma.cli_quant import add_quantize_parser
-from altermoma.data_args import add_data_args, data_source
 from benchmarks.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
@@ -32,6 +31,7 @@ from compress.structured import PruningError
 from export.runtime import TensorRTUnavailable
 from fusion.checkpoint import CheckpointError
 from fusion.config import ConfigError
+from fusion.data.source import add_data_args, source_from_args
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 DISTRIBUTED_VERBS = ("train", "prune", "finetune", "pipeline", "evaluate")
@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fusion.train import check_resumable, fit, load_pretrained
 
     config = config_from_args(args)
-    source = data_source(args)
+    source = source_from_args(args)
     check_config_fits(config, source)
     if dist.is_distributed() and not any(o.split("=", 1)[0].strip() == "train.threads" for o in args.overrides):
         config.train.threads = dist.default_threads()
@@ -149,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.json:
         check_output_file(args.json, "--json")
-    source = data_source(args)
+    source = source_from_args(args)
     torch.set_num_threads(threads_of(args))
     model, _ = load_checkpoint(args.checkpoint)
     check_config_fits(model.config, source)
@@ -345,7 +345,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.task is not None:
         report = run_user_prune(args.task, request, args.out, overwrite=args.overwrite)
     else:
-        source = data_source(args)
+        source = source_from_args(args)
         report = run_prune(args.checkpoint, request, args.out, overwrite=args.overwrite, threads=threads, source=source)
     print_prune_report(report)
     wanted = request.target_gflops if request.target_gflops is not None else request.sparsity
@@ -375,7 +375,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from fusion.data.source import check_config_fits, open_split
     from fusion.finetune import FinetuneConfig, finetune
 
-    source = data_source(args)
+    source = source_from_args(args)
     if not args.resume:
         check_replaceable(args.out, ("checkpoint",), args.overwrite)
     model, meta = load_checkpoint(args.checkpoint)
@@ -427,7 +427,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         threads=threads_of(args),
         sync_bn=args.sync_bn,
         preset=args.preset,
-        source=data_source(args),
+        source=source_from_args(args),
     )
 
 

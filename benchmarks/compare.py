@@ -33,6 +33,7 @@ import numpy as np
 
 from common.argtypes import non_negative_int, positive_int
 from common.io import check_writable_folder
+from fusion.data.source import add_data_args, source_from_args
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
@@ -41,6 +42,12 @@ SPARSITIES = (0.8, 0.85, 0.9)
 BETAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # AlterEva beta/alpha, alpha = 1
 SWEEP_TARGET = 0.5
 EQ13 = "altereva-eq13"  # AlterEva with printed Eq. 13 scores; run at SWEEP_TARGET only
+# ReRI estimator variants (see compress.altereva), run when named in --methods: name -> AlterEvaConfig options
+ALTEREVA_VARIANTS = {
+    "altereva-same": {"reri_data": "same"},
+    "altereva-adamw": {"reactivation_optimizer": "adamw"},
+    "altereva-same-adamw": {"reri_data": "same", "reactivation_optimizer": "adamw"},
+}
 METRICS = ("mAP", "NDS", "mIoU", "mATE", "mASE", "mAOE")
 PARTS = ("camera", "lidar", "fusion")
 
@@ -56,6 +63,22 @@ class Settings:
     threads: int = 2
     synflow_iterations: int = 100
     imp_levels: int = 3
+    data: str = "synthetic"  # or "nuscenes" (then dataroot and version name the root)
+    dataroot: str = ""
+    version: str = ""
+
+    def source(self):
+        from fusion.data.source import DataSource
+
+        return DataSource(self.data, Path(self.dataroot) if self.dataroot else None, self.version or "v1.0-mini")
+
+    def stored(self) -> dict:
+        """As stored with a run; the data fields only when not synthetic, so runs made before they existed stay valid."""
+        values = dataclasses.asdict(self)
+        if self.data == "synthetic":
+            for key in ("data", "dataroot", "version"):
+                values.pop(key)
+        return values
 
 
 @dataclass(frozen=True)
@@ -96,10 +119,11 @@ def prune_request(spec: RunSpec, settings: Settings):
 
     target = {"target_gflops": spec.target} if spec.kind == "structured" else {"sparsity": spec.target}
     floor = None if spec.method == EQ13 else AlterEvaConfig.floor
+    variant = ALTEREVA_VARIANTS.get(spec.method, {})
     return PruneRequest(
-        method="altereva" if spec.method == EQ13 else spec.method,
+        method="altereva" if spec.method == EQ13 or spec.method in ALTEREVA_VARIANTS else spec.method,
         seed=spec.seed,
-        altereva=AlterEvaConfig(alpha=1.0, beta=spec.beta, floor=floor),
+        altereva=AlterEvaConfig(alpha=1.0, beta=spec.beta, floor=floor, **variant),
         imp=IMPConfig(levels=settings.imp_levels, finetune_steps=settings.finetune_steps),
         synflow=SynFlowConfig(iterations=settings.synflow_iterations),
         **target,
@@ -145,7 +169,9 @@ def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict
 
     model = copy.deepcopy(base)
     request = prune_request(spec, settings)
-    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, spec.seed)
+    batches = scoring_set(
+        model.config, request.scoring_batches, request.scoring_batch_size, spec.seed, settings.source()
+    )
     start = time.perf_counter()
     imp_tune = imp_finetune_fn(finetune_config(settings, spec.seed), train_set, not request.structured, progress=False)
     task, example = reference_task(model), first_sample(batches[0])
@@ -160,7 +186,7 @@ def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict
     return {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.stored(),
         "metrics": metrics,
         **model_stats(model),
         "gflops_reduction": report.get("gflops_reduction"),
@@ -184,7 +210,7 @@ def load_run(path: Path, settings: Settings) -> dict | None:
         run = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return run if run.get("settings") == dataclasses.asdict(settings) else None
+    return run if run.get("settings") == settings.stored() else None
 
 
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
@@ -194,6 +220,8 @@ def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
 
     path = runs_dir / "unpruned.json"
     wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
+    if settings.data != "synthetic":
+        wanted.update(data=settings.data, dataroot=settings.dataroot, version=settings.version)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("settings") == wanted:
@@ -214,13 +242,15 @@ def compare(
 
     from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
-    from fusion.data.dataset import SyntheticScenes
+    from fusion.data.source import check_config_fits, open_split
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     base, _ = load_checkpoint(settings.checkpoint)
+    source = settings.source()
+    check_config_fits(base.config, source)
     specs = plan(methods, seeds, quick)
     stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
     todo = [spec for spec in specs if stored[spec.key] is None]
@@ -228,10 +258,10 @@ def compare(
     reference = unpruned(settings, base, None, runs_dir)
     val_set = None
     if todo or reference is None:  # rendered once, shared by every run of this invocation
-        val_set = SyntheticScenes(base.config, "val", num_scenes=settings.val_scenes, progress=progress)
+        val_set = open_split(base.config, source, "val", num_scenes=settings.val_scenes, progress=progress)
         reference = unpruned(settings, base, val_set, runs_dir)
     train_set = (
-        SyntheticScenes(base.config, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
+        open_split(base.config, source, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
     )
     for i, spec in enumerate(todo, 1):
         run = run_one(spec, settings, base, train_set, val_set)
@@ -392,7 +422,7 @@ def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         x_of = (lambda r: r["gflops"]) if kind == "structured" else (lambda r: r["sparsity"])
-        for method in (*METHODS, EQ13):
+        for method in (*METHODS, EQ13, *ALTEREVA_VARIANTS):
             points = sorted((k[1], v) for k, v in groups.items() if k[0] == kind and k[2] == method)
             if not points:
                 continue
@@ -519,6 +549,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--scoring-cost", action="store_true", help="measure per-criterion scoring time and memory instead")
     p.add_argument("--cost-child", choices=COST_KINDS, help=argparse.SUPPRESS)
+    add_data_args(p)
+
+
+def _data_settings(args: argparse.Namespace) -> dict:
+    source = source_from_args(args)
+    if source.kind == "synthetic":
+        return {}
+    return {"data": source.kind, "dataroot": str(source.dataroot), "version": source.version}
 
 
 def run_from_args(args: argparse.Namespace) -> dict | list:
@@ -529,9 +567,9 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
     if args.scoring_cost:
         return scoring_cost(Path(args.out or "reports/compare"), args.threads, args.synflow_iterations)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(ALTEREVA_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+        raise ValueError(f"unknown method {unknown[0]!r} (choose from {', '.join((*METHODS, *ALTEREVA_VARIANTS))})")
     if not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     quick = args.quick
@@ -547,6 +585,7 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
         threads=args.threads,
         synflow_iterations=args.synflow_iterations,
         imp_levels=args.imp_levels,
+        **_data_settings(args),
     )
     check_writable_folder(out)
     stored = out / "compare.json"

@@ -7,6 +7,7 @@ all have the reference model's batch format.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,24 @@ class _First(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(f"sample {index} of {self.count}")
         return self.dataset[index]
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The options every data-consuming verb shares."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        choices=KINDS,
+        default="synthetic",
+        help="synthetic (default: rendered scenes) or nuscenes (a data root in the official layout)",
+    )
+    group.add_argument("--dataroot", help="nuScenes root: the folder holding v1.0-*/, samples/ and sweeps/")
+    group.add_argument("--version", default="v1.0-mini", help="nuScenes version folder (default v1.0-mini)")
+
+
+def source_from_args(args: argparse.Namespace) -> DataSource:
+    """The checked DataSource of a command's options (an unreadable root fails here, before any work)."""
+    if args.data == "synthetic" and args.dataroot is not None:
+        raise DataSourceError("--dataroot is for --data nuscenes")
+    root = Path(args.dataroot) if args.dataroot is not None else None
+    return DataSource(args.data, root, args.version).check()
