@@ -328,3 +328,15 @@ def test_blur_and_haze_degrade_the_camera_as_optics_and_weather_do():
 def test_impossible_sensor_knobs_are_refused(key, value):
     with pytest.raises(ConfigError, match="camera_blur must be >= 0"):
         get_config("tiny-balanced", {key: value})
+
+
+def test_compare_runs_the_estimator_variants_as_altereva():
+    from benchmarks.compare import ALTEREVA_VARIANTS, RunSpec, Settings, prune_request
+
+    settings = Settings(checkpoint="unused")
+    for name, options in ALTEREVA_VARIANTS.items():
+        request = prune_request(RunSpec(name, "structured", 0.5, 0), settings)
+        assert request.method == "altereva"
+        assert all(getattr(request.altereva, k) == v for k, v in options.items())
+    plain = prune_request(RunSpec("altereva", "structured", 0.5, 0), settings).altereva
+    assert (plain.reri_data, plain.reactivation_optimizer) == ("paper", "sgd")
