@@ -33,6 +33,7 @@ import numpy as np
 
 from common.argtypes import non_negative_int, positive_int
 from common.io import check_writable_folder
+from fusion.data.source import add_data_args, source_from_args
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
@@ -62,6 +63,22 @@ class Settings:
     threads: int = 2
     synflow_iterations: int = 100
     imp_levels: int = 3
+    data: str = "synthetic"  # or "nuscenes" (then dataroot and version name the root)
+    dataroot: str = ""
+    version: str = ""
+
+    def source(self):
+        from fusion.data.source import DataSource
+
+        return DataSource(self.data, Path(self.dataroot) if self.dataroot else None, self.version or "v1.0-mini")
+
+    def stored(self) -> dict:
+        """As stored with a run; the data fields only when not synthetic, so runs made before they existed stay valid."""
+        values = dataclasses.asdict(self)
+        if self.data == "synthetic":
+            for key in ("data", "dataroot", "version"):
+                values.pop(key)
+        return values
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,9 @@ def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict
 
     model = copy.deepcopy(base)
     request = prune_request(spec, settings)
-    batches = scoring_set(model.config, request.scoring_batches, request.scoring_batch_size, spec.seed)
+    batches = scoring_set(
+        model.config, request.scoring_batches, request.scoring_batch_size, spec.seed, settings.source()
+    )
     start = time.perf_counter()
     imp_tune = imp_finetune_fn(finetune_config(settings, spec.seed), train_set, not request.structured, progress=False)
     task, example = reference_task(model), first_sample(batches[0])
@@ -167,7 +186,7 @@ def run_one(spec: RunSpec, settings: Settings, base, train_set, val_set) -> dict
     return {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.stored(),
         "metrics": metrics,
         **model_stats(model),
         "gflops_reduction": report.get("gflops_reduction"),
@@ -191,7 +210,7 @@ def load_run(path: Path, settings: Settings) -> dict | None:
         run = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return run if run.get("settings") == dataclasses.asdict(settings) else None
+    return run if run.get("settings") == settings.stored() else None
 
 
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
@@ -201,6 +220,8 @@ def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
 
     path = runs_dir / "unpruned.json"
     wanted = {"checkpoint": settings.checkpoint, "val_scenes": settings.val_scenes}
+    if settings.data != "synthetic":
+        wanted.update(data=settings.data, dataroot=settings.dataroot, version=settings.version)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("settings") == wanted:
@@ -221,13 +242,15 @@ def compare(
 
     from common.io import atomic_write_text
     from fusion.checkpoint import load_checkpoint
-    from fusion.data.dataset import SyntheticScenes
+    from fusion.data.source import check_config_fits, open_split
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     base, _ = load_checkpoint(settings.checkpoint)
+    source = settings.source()
+    check_config_fits(base.config, source)
     specs = plan(methods, seeds, quick)
     stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
     todo = [spec for spec in specs if stored[spec.key] is None]
@@ -235,10 +258,10 @@ def compare(
     reference = unpruned(settings, base, None, runs_dir)
     val_set = None
     if todo or reference is None:  # rendered once, shared by every run of this invocation
-        val_set = SyntheticScenes(base.config, "val", num_scenes=settings.val_scenes, progress=progress)
+        val_set = open_split(base.config, source, "val", num_scenes=settings.val_scenes, progress=progress)
         reference = unpruned(settings, base, val_set, runs_dir)
     train_set = (
-        SyntheticScenes(base.config, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
+        open_split(base.config, source, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
     )
     for i, spec in enumerate(todo, 1):
         run = run_one(spec, settings, base, train_set, val_set)
@@ -526,6 +549,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--scoring-cost", action="store_true", help="measure per-criterion scoring time and memory instead")
     p.add_argument("--cost-child", choices=COST_KINDS, help=argparse.SUPPRESS)
+    add_data_args(p)
+
+
+def _data_settings(args: argparse.Namespace) -> dict:
+    source = source_from_args(args)
+    if source.kind == "synthetic":
+        return {}
+    return {"data": source.kind, "dataroot": str(source.dataroot), "version": source.version}
 
 
 def run_from_args(args: argparse.Namespace) -> dict | list:
@@ -554,6 +585,7 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
         threads=args.threads,
         synflow_iterations=args.synflow_iterations,
         imp_levels=args.imp_levels,
+        **_data_settings(args),
     )
     check_writable_folder(out)
     stored = out / "compare.json"
