@@ -16,6 +16,7 @@ import argparse
 
 from benchmarks.latency import add_parser as add_bench_parser
 from common.argtypes import positive_int
+from fusion.data.source import add_data_args, source_from_args
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -37,6 +38,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         force=args.force,
         overwrite=args.overwrite,
+        source=source_from_args(args),
     )
     single, parity = report["single"], report["parity"]
     print(
@@ -181,12 +183,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--preset", help="refuse a checkpoint of another preset")
     o.add_argument("--pool-method", choices=("scatter", "cumsum"), help="BEV pooling form (default: the config's)")
     o.add_argument("--opset", type=int, default=17)
-    o.add_argument("--samples", type=positive_int, default=8, help="synthetic val scenes for parity (default 8)")
+    o.add_argument("--samples", type=positive_int, default=8, help="val samples for parity (default 8)")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     o.add_argument("--threads", type=positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
     o.add_argument("--batch-size", type=positive_int, default=1, help="static batch size of the graphs (default 1)")
     o.add_argument("--force", action="store_true", help="keep an export that fails its checks, in <out>-failed")
     o.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
+    add_data_args(o)
     o.set_defaults(run=cmd_export_onnx)
 
     t = formats.add_parser(

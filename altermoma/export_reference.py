@@ -75,6 +75,7 @@ def export_checkpoint(
     split: bool = True,
     force: bool = False,
     overwrite: bool = False,
+    source=None,
 ) -> dict[str, Any]:
     """Load a checkpoint (pruned or not), export `model.onnx` and `split/<stage>.onnx`, check parity on
     `samples` synthetic val scenes, and write `export_report.json` + `export_report.md` in `out_dir`.
@@ -86,7 +87,8 @@ def export_checkpoint(
     `ValueError`/`OutputError` for bad arguments, all before any export work.
     """
     from fusion.checkpoint import load_checkpoint
-    from fusion.data.dataset import SyntheticScenes, collate, model_inputs
+    from fusion.data.dataset import collate, model_inputs
+    from fusion.data.source import DataSource, check_config_fits
     from fusion.evaluate import evaluate
 
     if int(samples) < 1:
@@ -98,10 +100,13 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     check_replaceable(out_dir, (EXPORT_KIND,), overwrite)
     model, meta = load_checkpoint(checkpoint_dir, expect_preset=preset)
+    source = (source or DataSource()).check()
+    check_config_fits(model.config, source)
     pooling = (pool_method or model.config.model.pool_method) if model.camera is not None else None
     problem = opset_problem(opset, pooling)
     if problem:
         raise ValueError(problem)
+    dataset, calibration = parity_scenes(model, source, int(samples))
     work = work_directory(out_dir)
     try:
         report = _export_into(
@@ -116,8 +121,9 @@ def export_checkpoint(
             threads,
             batch_size,
             split,
-            load=(SyntheticScenes, collate, model_inputs, evaluate),
+            load=(dataset, collate, model_inputs, evaluate),
         )
+        report["data"] = {**source.describe(), "camera_calibration_of": calibration}
         ok = report["parity"]["ok"]
         target = out_dir if ok else (out_dir.with_name(out_dir.name + "-failed") if force else None)
         if target is not None:
@@ -139,11 +145,46 @@ def export_checkpoint(
     return report
 
 
+def parity_scenes(model, source, samples: int):
+    """The val samples parity runs on, and where the exported camera geometry comes from.
+
+    A graph is exported for one fixed rig. Synthetic: the preset's rig. nuScenes: the calibration of the
+    first val sample is baked into the model before export (`bake_calibration`; a user exports for their
+    car by pointing --dataroot at a root of that car), and the samples reach both PyTorch and ONNX
+    Runtime without their per-sample geometry, so the two run the same fixed-rig graph.
+    """
+    from fusion.data.source import open_split
+
+    dataset = open_split(model.config, source, "val", num_scenes=samples, progress=False)
+    if source.kind == "synthetic":
+        return dataset, "the preset's rig"
+    from fusion.data.camera_geometry import CameraCalibration, bake_calibration
+
+    first = dataset[0]
+    if getattr(model, "camera", None) is not None:
+        calibration = CameraCalibration(first["camera_intrinsics"], first["camera_to_lidar"], first["image_aug"])
+        bake_calibration(model, model.config, calibration)
+    return _FixedRig(dataset), f"sample {first['sample_token']}"
+
+
+class _FixedRig:
+    """A data set whose samples lose their per-sample camera geometry (the exported graph has its own)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.config = dataset, dataset.config
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {k: v for k, v in self.dataset[index].items() if k != "frustum_cells"}
+
+
 def _export_into(
     work, model, meta, checkpoint_dir, pool_method, opset, samples, simplify, threads, batch_size, split, load
 ):
     """The export proper, into the folder `work`; returns the report."""
-    SyntheticScenes, collate, model_inputs, evaluate = load
+    dataset, collate, model_inputs, evaluate = load
     start = time.perf_counter()
     inputs = example_inputs(model.config, batch_size, model.modality)
     options = {"opset": opset, "simplify": simplify, "check": True, "threads": threads}
@@ -161,7 +202,6 @@ def _export_into(
             for details in split_details.values():
                 details["pool_method"] = method
             paths.update({name: d["path"] for name, d in split_details.items()})
-        dataset = SyntheticScenes(model.config, "val", num_scenes=int(samples), progress=False)
         sample_inputs = [model_inputs(collate([dataset[i]])) for i in range(len(dataset))]
         parity = parity_report(
             model,
