@@ -367,6 +367,12 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from export.quantize import is_quantized_checkpoint
+
+    if args.qat or is_quantized_checkpoint(args.checkpoint):
+        from altermoma.cli_quant import cmd_finetune_qat
+
+        return cmd_finetune_qat(args)
     if args.task is not None:
         if args.data != "synthetic":
             raise ValueError("--data is for reference checkpoints; with --task your setup function brings the data")
@@ -546,6 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
     add_data_args(p)
+    p.add_argument(
+        "--qat", action="store_true", help="quantization-aware: fine-tune a quantized checkpoint, quantizers in place"
+    )
+    p.add_argument(
+        "--val-scenes",
+        type=non_negative_int,
+        default=0,
+        help="with --qat: mAP of the FP32 and INT8 graphs through ONNX Runtime on N val scenes",
+    )
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("pipeline", help="the main job: shipped checkpoints -> prune -> fine-tune -> evaluate")

@@ -350,3 +350,99 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.set_defaults(run=cmd_quantize)
     return p
+
+
+def qat_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    steps: int = 300,
+    lr: float = 5e-4,
+    scenes: int = 500,
+    batch_size: int = 4,
+    threads: int = 1,
+    val_scenes: int = 0,
+    parity_scenes: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantization-aware fine-tuning: continue training a quantized checkpoint with its quantizers in place
+    (ModelOpt's straight-through estimator; the activation scales stay as calibrated, the fused weights
+    learn to live with the rounding), on `scenes` training scenes; saved as a quantized checkpoint again."""
+    from common.io import check_replaceable, staged_directory
+    from compress.finetune import finetune
+    from export.onnx import export_onnx, torch_threads
+    from export.quantize import QUANT_KIND, is_quantized_checkpoint, write_quantized
+    from fusion.checkpoint import load_checkpoint, save_checkpoint
+    from fusion.models.bevfusion import example_inputs
+    from fusion.task import reference_task
+
+    if not is_quantized_checkpoint(checkpoint):
+        raise ValueError(f"--qat fine-tunes a quantized checkpoint; {checkpoint} is not one (run altermoma quantize)")
+    check_replaceable(out, (QUANT_KIND,), overwrite)
+    start = time.perf_counter()
+    with torch_threads(threads):
+        model, meta = load_quantized_checkpoint(checkpoint)
+        base, base_meta = load_checkpoint(Path(checkpoint) / BASE)
+        batches = calibration_batches(model.config, scenes, batch_size, progress=progress)
+        result = finetune(model, reference_task(model), batches, steps=steps, lr=lr, progress=progress)
+        model.eval()
+        report = {k: meta[k] for k in ("config", "fused_conv_bn", "calibration_batches", "shared_groups")}
+        report.update(
+            qat={"steps": steps, "lr": lr, "scenes": scenes, "batch_size": batch_size, "split": "train", **result},
+            checkpoint=str(checkpoint),
+            threads=int(threads),
+            command=" ".join(["altermoma", *sys.argv[1:]]),
+        )
+        out = Path(out)
+        with staged_directory(out, kind=QUANT_KIND) as staging:
+            save_checkpoint(staging / BASE, base, {k: v for k, v in base_meta.items() if k in ("pruning", "command")})
+            write_quantized(model, staging, report, {"source": meta.get("source", {}), "qat": report["qat"]})
+            if val_scenes:
+                report.update(
+                    _export_both(
+                        model,
+                        base,
+                        None,
+                        staging,
+                        out,
+                        threads,
+                        parity_scenes,
+                        val_scenes,
+                        example_inputs,
+                        export_onnx,
+                        load_checkpoint,
+                    )
+                )
+            report["seconds"] = round(time.perf_counter() - start, 2)
+            (staging / "quantize_report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def cmd_finetune_qat(args: argparse.Namespace) -> None:
+    """`altermoma finetune --qat`: see `qat_checkpoint`."""
+    if not args.qat:
+        raise ValueError(f"{args.checkpoint} is a quantized checkpoint: fine-tune it with --qat (or its base/ without)")
+    if args.task is not None or args.resume or getattr(args, "data", "synthetic") != "synthetic":
+        raise ValueError(
+            "--qat fine-tunes a reference quantized checkpoint on synthetic scenes: no --task/--resume/--data"
+        )
+    threads = args.threads or 1
+    report = qat_checkpoint(
+        args.checkpoint,
+        args.out,
+        steps=args.steps,
+        lr=args.lr,
+        scenes=args.scenes,
+        threads=threads,
+        val_scenes=args.val_scenes,
+        overwrite=args.overwrite,
+    )
+    qat = report["qat"]
+    print(f"QAT {qat['steps']} steps: loss {qat['first_loss']:.4f} -> {qat['final_loss']:.4f}")
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        print(
+            f"ONNX Runtime on {acc['scenes']} val scenes: mAP FP32 {acc['fp32']['mAP']:.4f}, INT8 {acc['int8']['mAP']:.4f}"
+            f" ({acc['mAP_change']:+.4f})"
+        )
+    print(f"saved {args.out}")

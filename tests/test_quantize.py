@@ -262,6 +262,31 @@ def test_cli_quantize_reference_and_refusals(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: a quantized checkpoint cannot be pruned")
     assert not (tmp_path / "p").exists()
+    # plain fine-tuning of a quantized checkpoint is refused; --qat trains it with the quantizers in place
+    code = main(["finetune", "--checkpoint", str(out), "--out", str(tmp_path / "f"), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fine-tune it with --qat" in err[0]
+    code = main(
+        [
+            "finetune",
+            "--qat",
+            "--checkpoint",
+            str(out),
+            "--out",
+            str(tmp_path / "qat"),
+            "--steps",
+            "2",
+            "--scenes",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    tuned, meta = load_quantized_checkpoint(tmp_path / "qat")
+    assert meta["qat"]["steps"] == 2 and meta["qat"]["split"] == "train"
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert changed and all(not k.endswith("_amax") for k in changed)  # weights learned, scales kept
 
 
 @pytest.mark.parametrize(
