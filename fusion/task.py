@@ -31,10 +31,17 @@ def reference_task(model: BEVFusion) -> Task:
     """
     names = model.input_names
     protected = ("camera.vtransform.depth_conv",) if model.camera is not None else ()
+
+    def inputs(batch: dict) -> dict:
+        chosen = {name: batch[name] for name in names}
+        if model.camera is not None and "frustum_cells" in batch:  # nuScenes: each sample's own camera geometry
+            chosen["frustum_cells"] = batch["frustum_cells"]
+        return chosen
+
     return Task(
         partition=model.partition(),
         loss=reference_loss,
-        inputs=lambda batch: {name: batch[name] for name in names},
+        inputs=inputs,
         protected=protected,
         trace=lambda m: m.pruning_trace(),
     )

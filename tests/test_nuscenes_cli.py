@@ -54,3 +54,19 @@ def test_a_synthetic_checkpoint_is_refused_on_nuscenes_data(root, capsys):
     args = ["evaluate", "--checkpoint", str(SHIPPED), "--data", "nuscenes", "--dataroot", str(root)]
     assert main(args) == 2
     assert "not the nuScenes detection classes" in capsys.readouterr().err
+
+
+def test_the_reference_task_scores_with_each_samples_camera_geometry():
+    """Pruning scores on nuScenes must lift with every sample's own calibration, not the preset's ring."""
+    import torch
+
+    from fusion.config import get_config
+    from fusion.models.bevfusion import build_model
+    from fusion.task import reference_task
+
+    model = build_model(get_config("nuscenes-tiny"), "fusion")
+    batch = {"images": 0, "pillars": 1, "pillar_map": 2, "frustum_cells": torch.zeros(1, 3)}
+    args, kwargs = reference_task(model).arguments(batch)
+    assert set(kwargs) == {"images", "pillars", "pillar_map", "frustum_cells"}
+    lidar_only = build_model(get_config("nuscenes-tiny"), "lidar")
+    assert "frustum_cells" not in reference_task(lidar_only).arguments(batch)[1]
