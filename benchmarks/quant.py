@@ -306,10 +306,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         for row in report["accuracy"]:
             acc, par = row["accuracy"], row["parity"]
             equal = sum(a == b for a, b in zip(par["detections_torch"], par["detections_ort"]))
+            confident = sum(a == b for a, b in zip(par["confident_detections_torch"], par["confident_detections_ort"]))
             lines.append(
                 f"| {row['label']} | {acc['scenes']} | {acc['fp32']['mAP']:.4f} | {acc['int8']['mAP']:.4f} | "
                 f"{100 * acc['mAP_change']:+.2f} | {acc['fp32'].get('NDS', float('nan')):.4f} | "
-                f"{acc['int8'].get('NDS', float('nan')):.4f} | {equal}/{len(par['detections_torch'])} scenes |"
+                f"{acc['int8'].get('NDS', float('nan')):.4f} | {equal}/{len(par['detections_torch'])} scenes (score >= 0.05),"
+                f" {confident}/{len(par['detections_torch'])} (score >= {par['confident_threshold']}) |"
             )
         lines += ["", "Commands:", ""] + [f"- {row['label']}: `{row['command']}`" for row in report["accuracy"]]
         lines += ["", "Parity, Q/DQ graph in ONNX Runtime vs PyTorch fake-quant (max abs error per output):", ""]
@@ -318,7 +320,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             lines.append(
                 f"- {row['label']} ({par['scenes']} val scenes): "
                 + ", ".join(f"{k} {o['max_abs']:.3g} (|ref| {o['max_ref_abs']:.3g})" for k, o in par["outputs"].items())
-                + f"; detections per scene torch {par['detections_torch']} vs ORT {par['detections_ort']}"
+                + f"; detections per scene (score >= 0.05) torch {par['detections_torch']} vs ORT {par['detections_ort']}"
+                + f", (score >= {par['confident_threshold']}) torch {par['confident_detections_torch']} vs ORT "
+                f"{par['confident_detections_ort']}"
             )
     return "\n".join(lines) + "\n"
 
