@@ -360,12 +360,12 @@ def _tiny_balanced() -> Config:
     config = _tiny()
     config.preset = "tiny-balanced"
     config.data = DataConfig(
-        distractors_per_scene=(2, 5),
+        distractors_per_scene=(1, 3),
         camera_brightness=0.7,
         camera_noise=0.05,
         camera_blur=1.0,
         camera_haze_range=45.0,
-        lidar_material_contrast=0.8,
+        lidar_material_contrast=0.9,
     )
     return config
 
