@@ -313,6 +313,30 @@ def insert_quantizers(model: nn.Module, config: QuantizeConfig, forward_loop: Ca
 
 
 @torch.no_grad()
+def histogram_calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
+    """Histogram calibration with entropy (KL) amax for activations, max for weights.
+
+    ModelOpt 0.47's `finish_stats_collection(method="entropy")` passes the method to every calibrator,
+    and its max calibrator takes none (TypeError), so this is its loop with the method given per calibrator.
+    """
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+    from modelopt.torch.quantization.model_calib import enable_stats_collection
+
+    enable_stats_collection(model)
+    forward_loop(model)
+    for quantizer in quantizers(model).values():
+        if quantizer._disabled:
+            continue
+        calibrator = getattr(quantizer, "_calibrator", None)
+        if calibrator is not None:
+            method = ("entropy",) if isinstance(calibrator, HistogramCalibrator) else ()
+            if calibrator.compute_amax(*method) is not None:
+                quantizer.load_calib_amax(*method)
+        quantizer.enable_quant()
+        quantizer.disable_calib()
+
+
+@torch.no_grad()
 def quantize(
     model: nn.Module,
     task: Task,
@@ -355,7 +379,11 @@ def quantize(
         for batch in progress_bar(batches, desc="calibrate", enabled=progress, leave=False):
             task.forward(m, batch)
 
-    insert_quantizers(model, config, forward_loop)
+    if config.method == "histogram":
+        insert_quantizers(model, config, None)
+        histogram_calibrate(model, forward_loop)
+    else:
+        insert_quantizers(model, config, forward_loop)
     groups = share_input_quantizers(model, run_first) if config.share_quantizers else []
     table = quantizer_table(model)
     quant_error = max_scaled_error(reference, run_first(model))

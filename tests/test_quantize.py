@@ -362,3 +362,26 @@ def test_ort_uint8_variant_fuses_integer_convs_and_keeps_values(tmp_path):
     a = ort.InferenceSession(str(tmp_path / "toy.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     b = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert all(np.abs(x - y).max() < 1e-3 * max(1.0, np.abs(x).max()) for x, y in zip(a, b))
+
+
+@needs_modelopt
+@pytest.mark.parametrize("method", ["mse", "histogram"])
+def test_calibration_methods_set_other_scales(method):
+    """The calibration knobs work and change the scales max calibration gives: ModelOpt's MSE searches the
+    weights' amax, the histogram calibrator (entropy) the activations'."""
+    from export.quantize import quantize, quantizers
+
+    kind = "weight_quantizer" if method == "mse" else "input_quantizer"
+
+    def small():  # the entropy search costs seconds per histogram quantizer on CPU: two convs only
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+
+    task = Task(partition={"camera": ("0", "2")}, loss=lambda o, b: o.sum())
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    model, other = small(), small()
+    quantize(model, task, batches, progress=False)
+    quantize(other, task, batches, QuantizeConfig(method=method), progress=False)
+    base, tuned = quantizers(model), quantizers(other)
+    assert tuned["2.input_quantizer"].amax is not None
+    assert any(not torch.allclose(base[n].amax, q.amax) for n, q in tuned.items() if n.endswith(kind) and q.is_enabled)
