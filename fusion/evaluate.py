@@ -67,7 +67,9 @@ def nuscenes_detections(
     run: Runner | torch.nn.Module, dataset, batch_size: int = 8, progress: bool = True
 ) -> list[dict] | None:
     """LiDAR-frame detections of every sample of a nuScenes data set, with the sample token and pose the
-    results file needs (`fusion.nuscenes_eval.results_json`); gathered on rank 0 (None on other ranks)."""
+    results file needs (`fusion.nuscenes_eval.results_json`); gathered on rank 0 (None on other ranks).
+    A model with a velocity head (ModelConfig.velocity_head) adds `velocities` (K, 2) LiDAR-frame m/s, which
+    results_json rotates to the global frame; without one the results carry zero velocities."""
     config = dataset.config
     detections = []
     for batch, outputs in _run_batches(run, dataset, batch_size, progress):

@@ -1,4 +1,4 @@
-"""Task losses: CenterPoint's Gaussian focal loss and L1 box regression, and BEV map BCE.
+"""Task losses: CenterPoint's Gaussian focal loss, L1 box (and velocity) regression, and BEV map BCE.
 
 The heatmap and box losses divide by a batch-wide count (peaks, objects), so they do not decompose
 over samples. When a global batch is split over N ranks, `normaliser` makes each rank divide its
@@ -13,9 +13,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fusion.data.targets import REGRESSION_CHANNELS
 from fusion.models.heads import REGRESSION_HEADS
 
 REGRESSION_WEIGHT = 0.25  # CenterPoint's weight of the box loss against the heatmap loss
+VELOCITY_CODE_WEIGHT = 0.2  # CenterPoint's code_weights for vx, vy: 0.2 of a box channel's weight each
 MAP_WEIGHT = 1.0
 Normaliser = Callable[[torch.Tensor], torch.Tensor]  # this rank's count -> the divisor of its loss
 
@@ -56,6 +58,21 @@ def regression_loss(
     return l1.sum() / normaliser(mask.sum()) / target.shape[-1]
 
 
+def velocity_loss(
+    velocity: torch.Tensor,
+    index: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    normaliser: Normaliser = local_count,
+) -> torch.Tensor:
+    """L1 between the velocity map (B, 2, Y, X) at the object centres and the targets (B, K, 2), summed over
+    the two channels and averaged over the objects the mask keeps (known velocity, centre on the grid)."""
+    values = velocity.flatten(2)
+    prediction = values.gather(2, index.unsqueeze(1).expand(-1, values.shape[1], -1)).transpose(1, 2)
+    l1 = (prediction - target).abs() * mask.unsqueeze(-1)
+    return l1.sum() / normaliser(mask.sum())
+
+
 def task_loss(
     outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], normaliser: Normaliser = local_count
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -65,6 +82,17 @@ def task_loss(
         "box": REGRESSION_WEIGHT
         * regression_loss(outputs, batch["target_index"], batch["target_regression"], batch["target_mask"], normaliser),
     }
+    if "velocity" in outputs and "target_velocity" in batch:
+        # Per channel 0.2 of a box channel's weight (the box loss is a mean over its 8 channels), as CenterPoint.
+        # Without velocity targets (synthetic scenes are static and have none) the branch gets no loss.
+        velocity = velocity_loss(
+            outputs["velocity"],
+            batch["target_index"],
+            batch["target_velocity"],
+            batch["target_velocity_mask"],
+            normaliser,
+        )
+        parts["velocity"] = REGRESSION_WEIGHT * VELOCITY_CODE_WEIGHT / REGRESSION_CHANNELS * velocity
     if "bev_map" in outputs:
         parts["map"] = MAP_WEIGHT * F.binary_cross_entropy_with_logits(outputs["bev_map"], batch["bev_map"])
     total = sum(parts.values())

@@ -69,7 +69,7 @@ class SamplePlan:
     lidar_to_global: np.ndarray  # (4, 4)
     boxes: np.ndarray  # (K, 7) float32 x, y, z centre, l, w, h, yaw in the key-frame LiDAR frame
     labels: np.ndarray  # (K,) int64 into the config's classes
-    velocities: np.ndarray  # (K, 2) float32 LiDAR-frame m/s; 0 where the devkit cannot estimate one
+    velocities: np.ndarray  # (K, 2) float32 LiDAR-frame m/s; NaN where the devkit cannot estimate one
 
 
 def read_points(path: str | Path) -> np.ndarray:
@@ -107,8 +107,10 @@ class NuScenesDataset(Dataset):
     `split`: mini_train / mini_val (v1.0-mini; "train" and "val" are read as those), train / val
     (v1.0-trainval). `sweeps`: earlier LiDAR sweeps per key frame (default: the preset's `lidar.sweeps`).
     Items have `make_sample`'s keys plus `frustum_cells` (P,) int64, `sample_token` (str),
-    `lidar_to_global` (4, 4) float64, `velocities` (K, 2), and the camera calibration the geometry came
-    from: `camera_intrinsics` (N, 3, 3) of the raw images, `camera_to_lidar` (N, 4, 4), `image_aug` (N, 3, 3).
+    `lidar_to_global` (4, 4) float64, `velocities` (K, 2) (0 where unknown), the velocity targets
+    `target_velocity` (K, 2) and `target_velocity_mask` (K,) (0 where the devkit's rule gives NaN), and the
+    camera calibration the geometry came from: `camera_intrinsics` (N, 3, 3) of the raw images,
+    `camera_to_lidar` (N, 4, 4), `image_aug` (N, 3, 3).
     """
 
     def __init__(
@@ -207,7 +209,7 @@ class NuScenesDataset(Dataset):
             width, length, height = ann["size"]
             rotation = global_to_lidar[:3, :3] @ quaternion_to_matrix(ann["rotation"])
             yaw = yaw_of_quaternion(matrix_to_quaternion(rotation))
-            velocity = global_to_lidar[:3, :3] @ np.nan_to_num(tables.box_velocity(ann))
+            velocity = global_to_lidar[:3, :3] @ tables.box_velocity(ann)  # NaN stays NaN: not supervised
             boxes.append([*centre[:3], length, width, height, yaw])
             labels.append(DETECTION_CLASSES.index(name))
             velocities.append(velocity[:2])
@@ -280,7 +282,7 @@ class NuScenesDataset(Dataset):
         boxes[:count], labels[:count], velocities[:count] = (
             plan.boxes[:count],
             plan.labels[:count],
-            plan.velocities[:count],
+            np.nan_to_num(plan.velocities[:count]),  # the item's `velocities`: 0 where unknown
         )
         grid = config.grid
         sample = {
@@ -298,5 +300,9 @@ class NuScenesDataset(Dataset):
             "camera_to_lidar": plan.camera_to_lidar.copy(),
             "image_aug": augs,
         }
-        sample.update(build_targets(plan.boxes[:count], plan.labels[:count], grid, len(config.data.classes), k_max))
+        sample.update(
+            build_targets(
+                plan.boxes[:count], plan.labels[:count], grid, len(config.data.classes), k_max, plan.velocities[:count]
+            )
+        )
         return sample

@@ -36,8 +36,20 @@ def draw_gaussian(heatmap: np.ndarray, cx: int, cy: int, radius: int) -> None:
     np.maximum(window, peak[radius - top : radius + bottom, radius - left : radius + right], out=window)
 
 
-def build_targets(boxes: np.ndarray, labels: np.ndarray, grid: BEVGrid, num_classes: int, max_objects: int) -> dict:
-    """Heatmap (C, Y, X), flat centre index (K,), regression (K, 8) and mask (K,) for up to K objects."""
+def build_targets(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    grid: BEVGrid,
+    num_classes: int,
+    max_objects: int,
+    velocities: np.ndarray | None = None,
+) -> dict:
+    """Heatmap (C, Y, X), flat centre index (K,), regression (K, 8) and mask (K,) for up to K objects.
+
+    With `velocities` (N, 2) LiDAR-frame m/s (nuScenes), also `target_velocity` (K, 2) and
+    `target_velocity_mask` (K,): a NaN row (the devkit cannot estimate that object's velocity) is
+    not supervised, as is an object whose centre is off the grid.
+    """
     heatmap = np.zeros((num_classes, grid.size_y, grid.size_x), dtype=np.float32)
     index = np.zeros(max_objects, dtype=np.int64)
     regression = np.zeros((max_objects, REGRESSION_CHANNELS), dtype=np.float32)
@@ -53,4 +65,13 @@ def build_targets(boxes: np.ndarray, labels: np.ndarray, grid: BEVGrid, num_clas
         index[k] = cy * grid.size_x + cx
         regression[k] = [fx - cx, fy - cy, box[2], *np.log(box[3:6]), math.sin(box[6]), math.cos(box[6])]
         mask[k] = 1.0
-    return {"heatmap": heatmap, "target_index": index, "target_regression": regression, "target_mask": mask}
+    targets = {"heatmap": heatmap, "target_index": index, "target_regression": regression, "target_mask": mask}
+    if velocities is not None:
+        n = min(len(velocities), max_objects)
+        known = np.zeros(max_objects, dtype=bool)
+        known[:n] = np.isfinite(velocities[:n]).all(axis=1)
+        target_velocity = np.zeros((max_objects, 2), dtype=np.float32)
+        target_velocity[:n] = np.nan_to_num(velocities[:n])
+        targets["target_velocity"] = target_velocity
+        targets["target_velocity_mask"] = mask * known
+    return targets

@@ -60,7 +60,7 @@ class Heads(nn.Module):
     def __init__(self, config: Config, in_channels: int):
         super().__init__()
         m = config.model
-        self.det = CenterHead(in_channels, m.head_channels, len(config.data.classes))
+        self.det = CenterHead(in_channels, m.head_channels, len(config.data.classes), velocity=m.velocity_head)
         self.map = MapHead(in_channels, m.head_channels, len(config.data.map_classes)) if m.seg_head else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ class FuserDecoderStage(nn.Module):
 
 
 class HeadsStage(nn.Module):
-    """bev_features -> the head outputs (heatmap, offset, height, size, rotation[, bev_map])."""
+    """bev_features -> the head outputs (heatmap, offset, height, size, rotation[, velocity][, bev_map])."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
