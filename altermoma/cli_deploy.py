@@ -24,6 +24,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
         return export_user(args)
     if args.checkpoint is None:
         raise ValueError("give --checkpoint (a reference checkpoint) or --task with an optional --checkpoint")
+    from export.quantize import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is quantized: its Q/DQ graphs come from `altermoma quantize --onnx`")
     from altermoma.export_reference import export_checkpoint
 
     report = export_checkpoint(

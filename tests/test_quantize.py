@@ -262,6 +262,9 @@ def test_cli_quantize_reference_and_refusals(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: a quantized checkpoint cannot be pruned")
     assert not (tmp_path / "p").exists()
+    code = main(["export", "onnx", "--checkpoint", str(out), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "altermoma quantize --onnx" in err[0]
     # plain fine-tuning of a quantized checkpoint is refused; --qat trains it with the quantizers in place
     code = main(["finetune", "--checkpoint", str(out), "--out", str(tmp_path / "f"), "--steps", "2"])
     err = capsys.readouterr().err.strip().splitlines()
