@@ -6,6 +6,8 @@ the TensorRT Q/DQ readiness rules need only onnx and always run.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -214,34 +216,34 @@ def test_trt_qdq_rules():
 # The reference model and the CLI
 
 
-@needs_modelopt
-def test_cli_quantize_reference_and_refusals(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quantized_tiny(tmp_path_factory):
+    """`altermoma quantize --onnx` on the shipped tiny fusion checkpoint: (output folder, printed lines)."""
+    if MISSING:
+        pytest.skip(MISSING)
     from altermoma.cli import main
+
+    out = tmp_path_factory.mktemp("quant") / "int8"
+    argv = ["quantize", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(out), "--calib-scenes", "4"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main([*argv, "--onnx", "--parity-scenes", "2"])
+    assert code == 0, printed.getvalue()
+    return out, printed.getvalue()
+
+
+def test_cli_quantize_reference(quantized_tiny):
     from altermoma.cli_quant import load_quantized_checkpoint
     from export.quantize import quantizers
 
-    out = tmp_path / "int8"
-    code = main(
-        [
-            "quantize",
-            "--checkpoint",
-            str(SHIPPED / "tiny-fusion"),
-            "--out",
-            str(out),
-            "--calib-scenes",
-            "4",
-            "--onnx",
-            "--parity-scenes",
-            "2",
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+    out, printed = quantized_tiny
     assert "left in floating point: lidar.pfn.conv, decoder.neck.lateral.0" in printed
     report = json.loads((out / "quantize_report.json").read_text())
     assert report["calibration_split"] == "train" and report["calibration_scenes"] == 4
     assert report["onnx"]["readiness_errors"] == 0
     assert report["onnx"]["ops"]["QuantizeLinear"] > 50
+    assert all(stage["readiness_errors"] == 0 for stage in report["onnx_split"].values())
+    assert sum(stage["quantize_linear"] for stage in report["onnx_split"].values()) > 50
     parity = report["parity"]
     assert set(parity["outputs"]) >= {"heatmap", "bev_map"}
     # Two INT8 implementations differ by rounding flips that spread layer by layer (docs/quantize.md): a
@@ -257,35 +259,36 @@ def test_cli_quantize_reference_and_refusals(tmp_path, capsys):
         q.is_enabled for n, q in table.items() if n.startswith(("lidar.pfn.conv.", "decoder.neck.lateral.0."))
     )
     assert table["fuser.fuse.0.input_quantizer"].is_enabled
-    # a quantized checkpoint given to prune: one error line, status 2, before any work
-    code = main(["prune", "--checkpoint", str(out), "--out", str(tmp_path / "p"), "--target-gflops", "0.5"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--target-gflops", "0.5"], "error: a quantized checkpoint cannot be pruned"),
+        (["export", "onnx"], "altermoma quantize --onnx"),
+        (["finetune", "--steps", "2"], "fine-tune it with --qat"),
+        (["quantize"], "is already quantized"),
+    ],
+)
+def test_quantized_checkpoint_refused(quantized_tiny, tmp_path, capsys, argv, message):
+    """One `error:` line, status 2, before any work, nothing written."""
+    from altermoma.cli import main
+
+    out, _ = quantized_tiny
+    code = main([*argv, "--checkpoint", str(out), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: a quantized checkpoint cannot be pruned")
-    assert not (tmp_path / "p").exists()
-    code = main(["export", "onnx", "--checkpoint", str(out), "--out", str(tmp_path / "e")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "altermoma quantize --onnx" in err[0]
-    # plain fine-tuning of a quantized checkpoint is refused; --qat trains it with the quantizers in place
-    code = main(["finetune", "--checkpoint", str(out), "--out", str(tmp_path / "f"), "--steps", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "fine-tune it with --qat" in err[0]
-    code = main(
-        [
-            "finetune",
-            "--qat",
-            "--checkpoint",
-            str(out),
-            "--out",
-            str(tmp_path / "qat"),
-            "--steps",
-            "2",
-            "--scenes",
-            "4",
-            "--threads",
-            "1",
-        ]
-    )
-    assert code == 0
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_qat_trains_weights_keeps_scales(quantized_tiny, tmp_path):
+    from altermoma.cli import main
+    from altermoma.cli_quant import load_quantized_checkpoint
+
+    out, _ = quantized_tiny
+    argv = ["finetune", "--qat", "--checkpoint", str(out), "--out", str(tmp_path / "qat"), "--steps", "2"]
+    assert main([*argv, "--scenes", "4", "--threads", "1"]) == 0
+    model, _ = load_quantized_checkpoint(out)
     tuned, meta = load_quantized_checkpoint(tmp_path / "qat")
     assert meta["qat"]["steps"] == 2 and meta["qat"]["split"] == "train"
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
