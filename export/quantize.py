@@ -143,9 +143,8 @@ class QuantizeConfig:
                 )
         for parent in ("nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.LeakyReLU", "nn.Embedding"):
             quant_cfg.append({"quantizer_name": "*", "parent_class": parent, "enable": False})
-        for name in self.skip:
-            for pattern in (f"{name}.*", f"{name}*quantizer"):
-                quant_cfg.append({"quantizer_name": pattern, "enable": False})
+        for name in self.skip:  # a module's quantizers are its children: "<name>.input_quantizer", ...
+            quant_cfg.append({"quantizer_name": f"{name}.*", "enable": False})
         algorithm: Any = {"method": "mse"} if self.method == "mse" else "max"
         return {"quant_cfg": quant_cfg, "algorithm": algorithm}
 
