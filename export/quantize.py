@@ -28,8 +28,8 @@ of the amax), or `"histogram"` (histogram calibrator on activations with entropy
 pytorch_quantization's PTQ). Calibration batches must come from the training split (the caller's job:
 never calibrate on the data you evaluate on).
 
-Storage (`save_quantized` / `load_quantized`): ModelOpt's own `modelopt_state` holds Python objects
-(pickled by `torch.save` in ModelOpt's examples), so it is not used. Instead the quantized model's full
+Storage (`save_quantized` / `load_quantized`): ModelOpt's own `modelopt_state` holds objects JSON cannot
+store (measured: `torch.dtype` values) and ModelOpt saves it with `torch.save` (pickle), so it is not used. Instead the quantized model's full
 state dict (fused weights and every quantizer's `_amax`) goes to `model.safetensors`, and `quantized.json`
 holds the `QuantizeConfig` and the fused Conv+BN pairs. Loading rebuilds deterministically: take a
 freshly built floating-point model of the same architecture (pruned widths included), fuse the same pairs,
