@@ -143,7 +143,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from common.io import atomic_write_text
-    from fusion.checkpoint import load_checkpoint
     from fusion.data.source import check_config_fits, open_split
     from fusion.evaluate import evaluate, summary_line
 
@@ -151,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         check_output_file(args.json, "--json")
     source = source_from_args(args)
     torch.set_num_threads(threads_of(args))
-    model, _ = load_checkpoint(args.checkpoint)
+    model = load_any_checkpoint(args.checkpoint)
     check_config_fits(model.config, source)
     if source.kind == "nuscenes":
         return evaluate_nuscenes(args, model, source)
@@ -160,6 +159,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{args.checkpoint}: {summary_line(metrics)}")
     if args.json:
         dist.on_main(lambda: atomic_write_text(Path(args.json), json.dumps(metrics, indent=2)))
+
+
+def load_any_checkpoint(directory: str):
+    """A reference checkpoint, pruned or not, or an `altermoma quantize` folder (its PyTorch fake-quant
+    model: the INT8 arithmetic ONNX Runtime and TensorRT run, simulated)."""
+    from export.quantize import is_quantized_checkpoint
+    from fusion.checkpoint import load_checkpoint
+
+    if is_quantized_checkpoint(directory):
+        from altermoma.cli_quant import load_quantized_checkpoint
+
+        return load_quantized_checkpoint(directory)[0]
+    return load_checkpoint(directory)[0]
 
 
 def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
