@@ -89,47 +89,81 @@ def detections_per_scene(outputs: dict, grid, score_threshold: float = 0.05) -> 
     return [len(d["scores"]) for d in decode_boxes(outputs, grid, score_threshold=score_threshold)]
 
 
+def _counts(outputs: dict, grid) -> tuple[list[int], list[int]]:
+    return detections_per_scene(outputs, grid), detections_per_scene(outputs, grid, CONFIDENT)
+
+
 def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dict[str, Any]:
-    """ONNX Runtime (the Q/DQ graph) against PyTorch's fake-quant model on `scenes` val scenes: per-output
-    max/mean abs error and the detection count of every scene on both sides."""
+    """ONNX Runtime (the Q/DQ graph) against PyTorch's fake-quant model on `scenes` val scenes.
+
+    Two comparisons, both reported: the exact one (`outputs`, `detections_*`): PyTorch's fake quant with the
+    Q/DQ graph's own arithmetic (`export.quantize.onnx_qdq_semantics`) against ONNX Runtime with the
+    optimizers that change a Q/DQ graph's function turned off (`ORT_INEXACT_OPTIMIZERS`); and the as-shipped
+    one (`as_shipped`): ModelOpt's own fake-quant formula against ONNX Runtime's default optimizations. Each
+    with per-output max/mean abs error and the detection count of every scene at score >= 0.05 and 0.3."""
     import numpy as np
     import torch
 
-    from export.onnx import OrtPipeline
     from export.parity import compare_outputs
+    from export.quantize import ORT_INEXACT_OPTIMIZERS, onnx_qdq_semantics, ort_qdq_session
     from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 
     dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
-    pipeline = OrtPipeline(onnx_path, threads)
-    refs, cands, counts_torch, counts_ort, confident_torch, confident_ort = [], [], [], [], [], []
+    sessions = {
+        "exact": ort_qdq_session(onnx_path, threads, exact=True),
+        "default": ort_qdq_session(onnx_path, threads, exact=False),
+    }
+    sides = ("torch_exact", "ort_exact", "torch_modelopt", "ort_default")
+    outs: dict[str, list[dict]] = {k: [] for k in sides}
+    counts: dict[str, tuple[list[int], list[int]]] = {k: ([], []) for k in sides}
     with torch.no_grad():
         for i in range(len(dataset)):
             inputs = model_inputs(collate([dataset[i]]))
-            ref = {k: v for k, v in model(**inputs).items()}
-            out = pipeline({k: v.numpy() for k, v in inputs.items()})
-            refs.append({k: v.numpy() for k, v in ref.items()})
-            cands.append(out)
-            counts_torch += detections_per_scene(ref, config.grid)
-            ort_out = {k: torch.from_numpy(v) for k, v in out.items()}
-            counts_ort += detections_per_scene(ort_out, config.grid)
-            confident_torch += detections_per_scene(ref, config.grid, CONFIDENT)
-            confident_ort += detections_per_scene(ort_out, config.grid, CONFIDENT)
-    stack = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
-    report = compare_outputs(stack, {k: np.concatenate([c[k] for c in cands]) for k in stack}, precision="int8-qdq")
+            with onnx_qdq_semantics():
+                results = {"torch_exact": dict(model(**inputs))}
+            results["torch_modelopt"] = dict(model(**inputs))
+            for key, session in sessions.items():
+                names = [o.name for o in session.get_outputs()]
+                feed = {v.name: inputs[v.name].numpy() for v in session.get_inputs()}
+                results[f"ort_{key}"] = {n: torch.from_numpy(v) for n, v in zip(names, session.run(None, feed))}
+            for side in sides:
+                outs[side].append({k: v.numpy() for k, v in results[side].items()})
+                low, high = _counts(results[side], config.grid)
+                counts[side][0].extend(low)
+                counts[side][1].extend(high)
+
+    def errors(ref_side: str, cand_side: str) -> dict[str, Any]:
+        ref = {k: np.concatenate([r[k] for r in outs[ref_side]]) for k in outs[ref_side][0]}
+        cand = {k: np.concatenate([c[k] for c in outs[cand_side]]) for k in ref}
+        report = compare_outputs(ref, cand, precision="int8-qdq")
+        return {
+            k: {"max_abs": o.max_abs, "mean_abs": o.mean_abs, "max_ref_abs": o.max_ref_abs}
+            for k, o in report.outputs.items()
+        }
+
     return {
         "scenes": len(dataset),
         "threads": int(threads),
-        "outputs": {
-            k: {"max_abs": o.max_abs, "mean_abs": o.mean_abs, "max_ref_abs": o.max_ref_abs}
-            for k, o in report.outputs.items()
-        },
-        "detections_torch": counts_torch,
-        "detections_ort": counts_ort,
-        "detections_equal": counts_torch == counts_ort,
+        "reference": "PyTorch fake quant with the Q/DQ graph's arithmetic (x / (amax/127), q * (amax/127))",
+        "ort_disabled_optimizers": list(ORT_INEXACT_OPTIMIZERS),
+        "outputs": errors("torch_exact", "ort_exact"),
+        "detections_torch": counts["torch_exact"][0],
+        "detections_ort": counts["ort_exact"][0],
+        "detections_equal": counts["torch_exact"][0] == counts["ort_exact"][0],
         "confident_threshold": CONFIDENT,
-        "confident_detections_torch": confident_torch,
-        "confident_detections_ort": confident_ort,
-        "confident_detections_equal": confident_torch == confident_ort,
+        "confident_detections_torch": counts["torch_exact"][1],
+        "confident_detections_ort": counts["ort_exact"][1],
+        "confident_detections_equal": counts["torch_exact"][1] == counts["ort_exact"][1],
+        "as_shipped": {
+            "what": "ModelOpt's fake-quant formula (x * (127/amax), q / (127/amax)) vs ONNX Runtime default optimizations",
+            "outputs": errors("torch_modelopt", "ort_default"),
+            "detections_torch": counts["torch_modelopt"][0],
+            "detections_ort": counts["ort_default"][0],
+            "confident_detections_torch": counts["torch_modelopt"][1],
+            "confident_detections_ort": counts["ort_default"][1],
+            "torch_formula_only": errors("torch_exact", "torch_modelopt"),
+            "ort_optimizers_only": errors("ort_exact", "ort_default"),
+        },
     }
 
 
@@ -321,7 +355,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if "parity" in report:
         parity = report["parity"]
         print(
-            f"parity vs PyTorch fake-quant on {parity['scenes']} val scenes: "
+            f"parity vs PyTorch fake-quant (the graph's Q/DQ arithmetic) on {parity['scenes']} val scenes: "
             + ", ".join(f"{k} max abs {o['max_abs']:.2e}" for k, o in parity["outputs"].items())
             + f"; detection counts (score >= 0.05) {'equal' if parity['detections_equal'] else 'DIFFER'}, "
             f"(score >= {CONFIDENT}) {'equal' if parity['confident_detections_equal'] else 'DIFFER'}"

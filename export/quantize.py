@@ -41,7 +41,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,62 @@ def quantize(
     }
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Exact parity with the exported Q/DQ graph
+
+# ONNX Runtime graph optimizers that change what a Q/DQ graph computes (not only how fast). Measured with
+# ORT 1.32 on tiny-fusion: `WeightBiasQuantization` rewrites each Conv's float bias into an int32 tensor with
+# scale x_scale * w_scale (a rounding the graph does not contain; it lets ORT fuse QLinearConv). With it off,
+# ORT_ENABLE_ALL gives bit-identical outputs to ORT_DISABLE_ALL on the TensorRT-form graph.
+ORT_INEXACT_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
+def _onnx_fake_quant(inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
+    """ModelOpt's CPU fake quant rewritten as ONNX QuantizeLinear + DequantizeLinear compute it (the export's
+    `scale = float32(amax) / 127`, zero scale -> 1): q = saturate(round_half_even(x / scale)), x' = q * scale."""
+    if num_bits != 8 or unsigned:
+        raise QuantizeError("ONNX Q/DQ semantics are implemented for signed INT8 only")
+    dtype = inputs.dtype
+    scale = amax.float() / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    low = -127.0 if narrow_range else -128.0
+    return (torch.clamp(torch.round(inputs.float() / scale), low, 127.0) * scale).to(dtype)
+
+
+@contextmanager
+def onnx_qdq_semantics() -> Iterator[None]:
+    """Within this block ModelOpt's fake quant computes exactly what the exported Q/DQ graph computes.
+
+    Why: ModelOpt (0.47, CPU path `tensor_quant._tensor_quant`) quantizes as `round(x * (127 / amax))` and
+    dequantizes as `q / (127 / amax)`, while ONNX QuantizeLinear divides by the stored scale
+    `amax / 127` and DequantizeLinear multiplies by it. The two differ in the last bit of float32; an
+    activation on a rounding boundary then rounds the other way and the difference grows layer by layer
+    (measured on tiny-fusion: heatmap 0.059 apart on one scene from this alone). Same amax, same rounding
+    (half to even), same saturation ([-128, 127]: ModelOpt's INT8 default is not narrow range)."""
+    _mtq()
+    from modelopt.torch.quantization import tensor_quant
+
+    original = tensor_quant._tensor_quant
+    tensor_quant._tensor_quant = _onnx_fake_quant
+    try:
+        yield
+    finally:
+        tensor_quant._tensor_quant = original
+
+
+def ort_qdq_session(path: str | os.PathLike, threads: int = 1, exact: bool = True):
+    """An ONNX Runtime CPU session for a Q/DQ graph; `exact` turns off the optimizers that change its
+    function (`ORT_INEXACT_OPTIMIZERS`), so the session computes the graph as specified."""
+    import onnxruntime as ort
+
+    from export.onnx import session_options
+
+    disabled = list(ORT_INEXACT_OPTIMIZERS) if exact else []
+    return ort.InferenceSession(
+        os.fspath(path), session_options(threads), providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether `model` holds ModelOpt quantizers (False where ModelOpt is not installed)."""
     if modelopt_missing():
@@ -506,4 +563,7 @@ __all__ = [
     "is_quantized",
     "is_quantized_checkpoint",
     "modelopt_missing",
+    "onnx_qdq_semantics",
+    "ort_qdq_session",
+    "ORT_INEXACT_OPTIMIZERS",
 ]
