@@ -193,6 +193,7 @@ def quantize_checkpoint(
     threads: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    ort_cpu: bool = False,
 ) -> dict[str, Any]:
     """Quantize a reference checkpoint into `out` (see the module docstring); returns the report."""
     from common.io import check_replaceable, staged_directory
@@ -215,6 +216,8 @@ def quantize_checkpoint(
         raise ValueError(f"{checkpoint} is already quantized; quantize its floating-point checkpoint ({BASE}/)")
     if val_scenes and not onnx:
         raise ValueError("--val-scenes measures mAP through ONNX Runtime: add --onnx")
+    if ort_cpu and not onnx:
+        raise ValueError("--ort-cpu converts the exported Q/DQ graph: add --onnx")
     reason = modelopt_missing()
     if reason:
         raise ValueError(reason)
@@ -266,11 +269,63 @@ def quantize_checkpoint(
                         example_inputs,
                         export_onnx,
                         load_checkpoint,
+                        ort_cpu=ort_cpu,
                     )
                 )
             report["seconds"] = round(time.perf_counter() - start, 2)
             (staging / "quantize_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def ort_cpu_export(onnx_path: Path, out_path: Path, config, scenes: int, threads: int) -> dict[str, Any]:
+    """`model_ort_cpu.onnx`: the Q/DQ graph in ONNX Runtime's CPU form (`export.qdq_ort`), with which convs
+    ONNX Runtime fused into integer kernels, and its outputs and detection counts against the TensorRT-form
+    graph on `scenes` val scenes (both with ONNX Runtime's default optimizations, as deployed)."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import torch
+
+    from export.onnx import ort_session
+    from export.qdq_ort import ort_fusion_report, to_ort_cpu_form
+    from fusion.data.dataset import SyntheticScenes, collate, model_inputs
+
+    converted, conversion = to_ort_cpu_form(onnx.load(str(onnx_path)))
+    onnx.save(converted, str(out_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        fusion = ort_fusion_report(out_path, threads, Path(tmp) / "optimized.onnx")
+    sessions = {"qdq": ort_session(onnx_path, threads), "ort_cpu": ort_session(out_path, threads)}
+    dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
+    worst: dict[str, float] = {}
+    counts: dict[str, tuple[list[int], list[int]]] = {k: ([], []) for k in sessions}
+    for i in range(len(dataset)):
+        inputs = model_inputs(collate([dataset[i]]))
+        outs = {}
+        for key, session in sessions.items():
+            names = [o.name for o in session.get_outputs()]
+            values = session.run(None, {v.name: inputs[v.name].numpy() for v in session.get_inputs()})
+            outs[key] = {n: torch.from_numpy(v) for n, v in zip(names, values)}
+            low, high = _counts(outs[key], config.grid)
+            counts[key][0].extend(low)
+            counts[key][1].extend(high)
+        for name, value in outs["qdq"].items():
+            diff = float(np.abs(outs["ort_cpu"][name].numpy() - value.numpy()).max())
+            worst[name] = max(worst.get(name, 0.0), diff)
+    return {
+        "conversion": conversion,
+        "integer_kernels": fusion["integer_kernels"],
+        "float_compute_ops": fusion["float_compute_ops"],
+        "float_compute": [c["node"] for c in fusion["float_compute"]],
+        "vs_qdq": {
+            "scenes": len(dataset),
+            "max_abs": worst,
+            "detections_qdq": counts["qdq"][0],
+            "detections_ort_cpu": counts["ort_cpu"][0],
+            "confident_detections_qdq": counts["qdq"][1],
+            "confident_detections_ort_cpu": counts["ort_cpu"][1],
+        },
+    }
 
 
 def _export_both(
@@ -285,8 +340,10 @@ def _export_both(
     example_inputs,
     export_onnx,
     load_checkpoint,
+    ort_cpu: bool = False,
 ) -> dict[str, Any]:
-    """model.onnx (Q/DQ) and model_fp32.onnx of the FP reference, parity and (optionally) ORT mAP of both."""
+    """model.onnx (Q/DQ) and model_fp32.onnx of the FP reference, parity and (optionally) ORT mAP of both;
+    with `ort_cpu` also model_ort_cpu.onnx (`ort_cpu_export`) and its mAP."""
     from export.onnx import ExportError, export_split_details
     from fusion.models.stages import split_stages
 
@@ -313,6 +370,13 @@ def _export_both(
         },
         "parity": qdq_parity(model, staging / "model.onnx", model.config, parity_scenes, threads),
     }
+    if ort_cpu:
+        from export.qdq_ort import ORT_CPU_FILE
+
+        result["ort_cpu"] = {
+            "path": str(Path(out) / ORT_CPU_FILE),
+            **ort_cpu_export(staging / "model.onnx", staging / ORT_CPU_FILE, model.config, parity_scenes, threads),
+        }
     if val_scenes:
         fp_map = ort_map(staging / "model_fp32.onnx", model.config, val_scenes, threads)
         int8_map = ort_map(staging / "model.onnx", model.config, val_scenes, threads)
@@ -324,6 +388,12 @@ def _export_both(
             "int8": int8_map,
             "mAP_change": int8_map["mAP"] - fp_map["mAP"],
         }
+        if ort_cpu:
+            from export.qdq_ort import ORT_CPU_FILE
+
+            ort_cpu_map = ort_map(staging / ORT_CPU_FILE, model.config, val_scenes, threads)
+            result["accuracy"]["int8_ort_cpu"] = ort_cpu_map
+            result["accuracy"]["mAP_change_ort_cpu"] = ort_cpu_map["mAP"] - fp_map["mAP"]
     return result
 
 
@@ -346,6 +416,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         val_scenes=args.val_scenes,
         threads=args.threads,
         overwrite=args.overwrite,
+        ort_cpu=args.ort_cpu,
     )
     print(
         f"quantized {report['quantizers_enabled']} of {report['quantizers']} quantizers on {report['calibration_scenes']}"
@@ -360,11 +431,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             + f"; detection counts (score >= 0.05) {'equal' if parity['detections_equal'] else 'DIFFER'}, "
             f"(score >= {CONFIDENT}) {'equal' if parity['confident_detections_equal'] else 'DIFFER'}"
         )
+    if "ort_cpu" in report:
+        cpu = report["ort_cpu"]
+        kernels = ", ".join(f"{k} {v}" for k, v in cpu["integer_kernels"].items()) or "no integer kernels"
+        print(
+            f"ORT CPU form: {kernels}, {cpu['float_compute_ops']} convs left in FP32; max abs vs the Q/DQ graph "
+            f"{max(cpu['vs_qdq']['max_abs'].values()):.2e}"
+        )
     if "accuracy" in report:
         acc = report["accuracy"]
         print(
             f"ONNX Runtime on {acc['scenes']} val scenes: mAP FP32 {acc['fp32']['mAP']:.4f}, INT8 {acc['int8']['mAP']:.4f}"
             f" ({acc['mAP_change']:+.4f})"
+            + (
+                f", INT8 ORT CPU form {acc['int8_ort_cpu']['mAP']:.4f} ({acc['mAP_change_ort_cpu']:+.4f})"
+                if "int8_ort_cpu" in acc
+                else ""
+            )
         )
     print(f"saved {args.out}")
 
@@ -388,6 +471,11 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--no-share", action="store_true", help="no shared scale for quantizers reading one tensor")
     p.add_argument("--reference", help="the floating-point checkpoint to compare with (default: --checkpoint)")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx (Q/DQ) + model_fp32.onnx, parity")
+    p.add_argument(
+        "--ort-cpu",
+        action="store_true",
+        help="with --onnx: also write model_ort_cpu.onnx, the graph in ONNX Runtime's CPU form (uint8 activations)",
+    )
     p.add_argument("--parity-scenes", type=positive_int, default=8, help="val scenes for parity (default 8)")
     p.add_argument(
         "--val-scenes", type=non_negative_int, default=0, help="with --onnx: mAP of both graphs on N val scenes"

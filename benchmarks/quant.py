@@ -33,81 +33,25 @@ import torch
 
 from benchmarks.latency import environment
 from common.io import atomic_write_text
-from export.onnx import OrtPipeline, export_onnx, session_options, torch_threads
+from export.onnx import export_onnx, session_options, torch_threads
+from export.qdq_ort import ort_fusion_report, to_ort_cpu_form
 
-FUSED_INTEGER_OPS = (
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-    "QLinearAdd",
-    "QLinearConcat",
-    "QLinearGlobalAveragePool",
-    "QLinearSigmoid",
-    "QLinearLeakyRelu",
-    "QGemm",
-    "QLinearAveragePool",
-)
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul")
+ORT_SETTINGS = {  # ONNX Runtime session config entries tried on the pruned ORT CPU form (export/qdq_ort.py)
+    "session.qdqisint8allowed=1": {"session.qdqisint8allowed": "1"},
+    "session.x64quantprecision=1": {"session.x64quantprecision": "1"},
+}
 
 
-def optimized_graph_ops(onnx_path: Path, threads: int, out_path: Path) -> dict[str, Any]:
-    """Op histogram of the graph ONNX Runtime runs after its optimisations (saved to `out_path`), and which
-    compute ops stayed floating point (read dequantized inputs) or were fused into integer kernels."""
-    options = session_options(threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # serialisable level
-    options.optimized_model_filepath = str(out_path)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(str(out_path)).graph
-    producers = {o: n for n in graph.node for o in n.output}
-    ops = Counter(n.op_type for n in graph.node)
-    float_compute = []
-    for node in graph.node:
-        if node.op_type in COMPUTE_OPS:
-            src = producers.get(node.input[0])
-            float_compute.append(
-                {"node": node.name, "op": node.op_type, "input_from": src.op_type if src is not None else "graph input"}
-            )
-    return {
-        "level": "ORT_ENABLE_EXTENDED",
-        "ops": dict(ops.most_common()),
-        "integer_kernels": {k: ops[k] for k in FUSED_INTEGER_OPS if ops[k]},
-        "float_compute_ops": len(float_compute),
-        "float_compute": float_compute,
-        "quantize_linear_left": ops["QuantizeLinear"],
-        "dequantize_linear_left": ops["DequantizeLinear"],
-    }
-
-
-def uint8_after_relu(path: Path, out: Path) -> Path:
-    """An ONNX Runtime-only variant of a Q/DQ graph: Relu -> Q/DQ(int8, zero-point 0) becomes Q/DQ(uint8,
-    zero-point 0) with the same scale. ONNX Runtime removes a Relu before a Q only when the zero-point is the
-    type's minimum (its ReluQuantFusion), and only then sees DQ -> Conv -> Q to fuse into QLinearConv. Values
-    equal the symmetric graph's below the int8 ceiling (127 x scale; uint8 saturates at 255 x scale instead).
-    TensorRT wants the symmetric int8 graph: this variant is measured, never shipped."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        producer = producers.get(node.input[0])
-        if producer is None or producer.op_type != "Relu":
-            continue
-        zero = f"{node.name}/uint8_zero_point"
-        graph.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), zero))
-        node.input[2] = zero
-        for dq in consumers.get(node.output[0], []):
-            dq.input[2] = zero
-    onnx.save(model, str(out))
-    return out
+def ort_cpu_forms(path: Path, kind: str, work: Path) -> dict[str, Path]:
+    """The ORT CPU deployment form of an INT8 graph (`export.qdq_ort.to_ort_cpu_form`) and its exact
+    variant (zero-point 128 only, the Relu kept), written next to it."""
+    forms = {}
+    for label, relu_uint8 in (("ORT CPU form", True), ("ORT CPU form, zero-point 128 only (exact)", False)):
+        converted, _ = to_ort_cpu_form(onnx.load(str(path)), relu_uint8=relu_uint8)
+        out = work / f"{kind}-int8-ort-cpu{'' if relu_uint8 else '-exact'}.onnx"
+        onnx.save(converted, str(out))
+        forms[f"INT8 {kind}, {label}"] = out
+    return forms
 
 
 def latency_models(preset: str, target: float, method: str, calib_scenes: int, threads: int, work: Path):
@@ -134,7 +78,7 @@ def latency_models(preset: str, target: float, method: str, calib_scenes: int, t
         path = work / f"{kind}-int8.onnx"
         export_onnx(model, inputs, path, check=True, threads=threads)
         graphs[f"INT8 {kind}"] = path
-        graphs[f"INT8 {kind}, ORT uint8 variant"] = uint8_after_relu(path, work / f"{kind}-int8-ort-u8.onnx")
+        graphs.update(ort_cpu_forms(path, kind, work))
         details[kind] = {
             "checkpoint": str(directory),
             "gflops_reduction": meta.get("pruning", {}).get("gflops_reduction", 0.0),
@@ -145,11 +89,11 @@ def latency_models(preset: str, target: float, method: str, calib_scenes: int, t
     return graphs, details
 
 
-def _feeds(pipeline: OrtPipeline) -> dict[str, Any]:
+def _feeds(session: ort.InferenceSession) -> dict[str, Any]:
     """Seeded inputs of the graph's shapes: floats in [0, 1), integer indices 0 (valid for every gather)."""
     generator = torch.Generator().manual_seed(0)
     feeds = {}
-    for value in pipeline.sessions["model"].get_inputs():
+    for value in session.get_inputs():
         shape = [int(d) for d in value.shape]
         if value.type == "tensor(float)":
             feeds[value.name] = torch.rand(shape, generator=generator).numpy()
@@ -158,41 +102,73 @@ def _feeds(pipeline: OrtPipeline) -> dict[str, Any]:
     return feeds
 
 
+def _session(path: Path, threads: int, config: Mapping[str, str] | None = None, profile: str | None = None):
+    options = session_options(threads)  # explicit intra-op threads, inter-op 1, sequential, ORT_ENABLE_ALL
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def op_profile(path: Path, threads: int, runs: int, work: Path) -> dict[str, float]:
+    """Milliseconds per run spent in each op type (ONNX Runtime's profiler, `runs` runs after 3 warm-up)."""
+    session = _session(path, threads, profile=str(work / f"{path.stem}-profile"))
+    feeds = _feeds(session)
+    for _ in range(runs + 3):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    events = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    trace.unlink()
+    per_op: Counter = Counter()
+    for event in events[-len(events) * runs // (runs + 3) :]:  # drop the warm-up runs (same nodes each run)
+        per_op[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    return {op: round(ms, 2) for op, ms in per_op.most_common()}
+
+
 def bench_latency(graphs: Mapping[str, Path], threads: int, warmup: int, runs: int, work: Path) -> dict[str, Any]:
     """Every graph timed in interleaved rounds (10 rounds of runs/10 calls each, after `warmup` calls), so that
-    load from other processes on a shared machine hits all models alike; median/p90/p99 over all runs."""
+    load from other processes on a shared machine hits all models alike; median/p90/p99 over all runs.
+    The pruned ORT CPU form is also timed with the ONNX Runtime settings in `ORT_SETTINGS`."""
     import numpy as np
 
     from export.runtime import latency_summary
 
-    pipelines = {label: OrtPipeline(path, threads) for label, path in graphs.items()}
-    feeds = {label: _feeds(pipeline) for label, pipeline in pipelines.items()}
-    samples: dict[str, list[float]] = {label: [] for label in graphs}
-    for label, pipeline in pipelines.items():
+    configs: dict[str, tuple[Path, dict[str, str]]] = {label: (path, {}) for label, path in graphs.items()}
+    for name, config in ORT_SETTINGS.items():
+        configs[f"INT8 pruned, ORT CPU form, {name}"] = (graphs["INT8 pruned, ORT CPU form"], config)
+    sessions = {label: _session(path, threads, config) for label, (path, config) in configs.items()}
+    feeds = {label: _feeds(session) for label, session in sessions.items()}
+    samples: dict[str, list[float]] = {label: [] for label in sessions}
+    for label, session in sessions.items():
         for _ in range(warmup):
-            pipeline(feeds[label])
+            session.run(None, feeds[label])
     rounds = 10
     for r in range(rounds):
-        for label, pipeline in pipelines.items():
+        for label, session in sessions.items():
             for _ in range(runs // rounds + (1 if r < runs % rounds else 0)):
                 start = time.perf_counter()
-                pipeline(feeds[label])
+                session.run(None, feeds[label])
                 samples[label].append((time.perf_counter() - start) * 1e3)
     results = {}
-    for label, path in graphs.items():
+    for label, (path, config) in configs.items():
         summary = {f"{k}_ms": v for k, v in latency_summary(np.array(samples[label])).items()}
         timed = {**summary, "runs": len(samples[label]), "warmup": warmup, "rounds": rounds}
-        results[label] = {"path": str(path), "latency": timed}
-        if label.startswith("INT8"):
-            results[label]["ort_graph"] = optimized_graph_ops(path, threads, work / f"{path.stem}.ort.onnx")
+        results[label] = {"path": str(path), "session_config": config, "latency": timed}
+        if label.startswith("INT8") and not config:
+            results[label]["ort_graph"] = ort_fusion_report(path, threads, work / f"{path.stem}.ort.onnx")
     base = results["FP32 unpruned"]["latency"]["median_ms"]
-    reference = OrtPipeline(graphs["INT8 unpruned"], threads)
-    variant = OrtPipeline(graphs["INT8 unpruned, ORT uint8 variant"], threads)
-    feeds = {k: v for k, v in _feeds(reference).items()}
-    a, b = reference(feeds), variant(feeds)
-    results["INT8 unpruned, ORT uint8 variant"]["max_abs_vs_int8"] = max(float(abs(a[k] - b[k]).max()) for k in a)
+    for kind in ("unpruned", "pruned"):  # same inputs through the TensorRT form and the ORT CPU forms
+        reference = sessions[f"INT8 {kind}"].run(None, feeds[f"INT8 {kind}"])
+        for label in results:
+            if label.startswith(f"INT8 {kind}, ORT CPU form") and not configs[label][1]:
+                out = sessions[label].run(None, feeds[label])
+                results[label]["max_abs_vs_int8"] = max(float(np.abs(a - b).max()) for a, b in zip(reference, out))
     for row in results.values():
         row["speedup_vs_fp32_unpruned"] = base / row["latency"]["median_ms"]
+    for label in ("FP32 pruned", "INT8 pruned", "INT8 pruned, ORT CPU form"):
+        results[label]["op_profile_ms"] = op_profile(configs[label][0], threads, 10, work)
     return results
 
 
@@ -268,15 +244,32 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"{row['speedup_vs_fp32_unpruned']:.2f}x |"
             )
         combined = lat["INT8 pruned"]["speedup_vs_fp32_unpruned"]
+        ort_form = lat["INT8 pruned, ORT CPU form"]["speedup_vs_fp32_unpruned"]
         lines += [
             "",
-            f"Combined speed-up (INT8 pruned vs FP32 unpruned): **{combined:.2f}x** (goal 3x: "
-            f"{'met' if combined >= 3 else 'NOT met'}).",
+            f"Combined speed-up (INT8 pruned vs FP32 unpruned), TensorRT-form graph: **{combined:.2f}x**; ORT CPU form: "
+            f"**{ort_form:.2f}x** (goal 3x: {'met' if max(combined, ort_form) >= 3 else 'NOT met'}).",
             "",
-            '"ORT uint8 variant": the same Q/DQ graph with each Relu -> Q/DQ pair turned from int8 into uint8 '
-            "(zero-point 0, same scale), so that ONNX Runtime can drop the Relu and fuse DQ -> Conv -> Q into "
-            "QLinearConv; an ONNX Runtime experiment, not the TensorRT deliverable (max abs difference from the "
-            f"symmetric graph: {lat['INT8 unpruned, ORT uint8 variant'].get('max_abs_vs_int8', float('nan')):.2e}).",
+            '"ORT CPU form" (`export.qdq_ort.to_ort_cpu_form`, `altermoma quantize --onnx --ort-cpu`): activation '
+            "Q/DQ pairs int8 zero-point 0 -> uint8 zero-point 128 (the same grid, identical values), and after a "
+            "Relu uint8 zero-point 0 with the same scale (identical up to 127 x scale, saturating at 255 x scale "
+            "instead), so ONNX Runtime drops the Relu and fuses DQ -> Conv -> Q into QLinearConv. "
+            '"zero-point 128 only (exact)": the first rewrite alone. Max abs difference from the TensorRT-form '
+            "graph on the benchmark's random inputs (ONNX Runtime default optimizations on both): "
+            + ", ".join(
+                f"{label} {row['max_abs_vs_int8']:.2e}" for label, row in lat.items() if "max_abs_vs_int8" in row
+            )
+            + ". Session settings rows: the pruned ORT CPU form with one ONNX Runtime config entry set.",
+            "",
+            "### Where the time goes (ONNX Runtime profiler, ms per run by op type, top 8)",
+            "",
+        ]
+        for label, row in lat.items():
+            if "op_profile_ms" in row:
+                top = list(row["op_profile_ms"].items())[:8]
+                total = sum(row["op_profile_ms"].values())
+                lines.append(f"- {label} ({total:.1f} ms in kernels): " + ", ".join(f"{k} {v:.1f}" for k, v in top))
+        lines += [
             "",
             "### Where ONNX Runtime ran integer kernels",
             "",

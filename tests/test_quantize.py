@@ -264,7 +264,7 @@ def quantized_tiny(tmp_path_factory):
     argv = ["quantize", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(out), "--calib-scenes", "4"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main([*argv, "--onnx", "--parity-scenes", "2"])
+        code = main([*argv, "--onnx", "--ort-cpu", "--parity-scenes", "2"])
     assert code == 0, printed.getvalue()
     return out, printed.getvalue()
 
@@ -294,6 +294,11 @@ def test_cli_quantize_reference(quantized_tiny):
     assert parity["confident_detections_torch"] == parity["confident_detections_ort"]
     assert parity["confident_detections_equal"]
     assert set(parity["as_shipped"]["outputs"]) == set(parity["outputs"])
+    # The ONNX Runtime CPU form: integer convs where the TensorRT form had none, same detections at 0.3
+    cpu = report["ort_cpu"]
+    assert (out / "model_ort_cpu.onnx").is_file() and cpu["integer_kernels"].get("QLinearConv", 0) >= 10
+    assert cpu["vs_qdq"]["confident_detections_qdq"] == cpu["vs_qdq"]["confident_detections_ort_cpu"]
+    assert "ORT CPU form: QLinearConv" in printed
     model, meta = load_quantized_checkpoint(out)
     table = quantizers(model)
     # BEV pooling has no quantizer; the default skips are disabled; the rest is quantized
@@ -389,13 +394,12 @@ def test_int8_engine_builds_where_tensorrt_exists(tmp_path):
 
 
 @needs_modelopt
-def test_ort_uint8_variant_fuses_integer_convs_and_keeps_values(tmp_path):
-    """The benchmark's ONNX Runtime experiment: same values, QLinearConv where Relu -> Q blocked fusion."""
-    import onnxruntime as ort
-
-    from benchmarks.quant import optimized_graph_ops, uint8_after_relu
+def test_ort_cpu_form_is_exact_and_fuses_integer_convs(tmp_path):
+    """to_ort_cpu_form: zero-point 128 alone gives bit-identical outputs; uint8 zero-point 0 after a Relu gives
+    identical outputs inside the calibrated range, differs only above it, and lets ORT fuse QLinearConv."""
     from export.onnx import export_onnx
-    from export.quantize import quantize
+    from export.qdq_ort import ort_fusion_report, to_ort_cpu_form
+    from export.quantize import ort_qdq_session, quantize
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
@@ -403,14 +407,32 @@ def test_ort_uint8_variant_fuses_integer_convs_and_keeps_values(tmp_path):
     batches = [torch.rand(2, 3, 16, 16) for _ in range(4)]
     quantize(model, task, batches, progress=False)
     export_onnx(model, batches[0][:1], tmp_path / "toy.onnx")
-    variant = uint8_after_relu(tmp_path / "toy.onnx", tmp_path / "toy-u8.onnx")
-    before = optimized_graph_ops(tmp_path / "toy.onnx", 1, tmp_path / "a.onnx")
-    after = optimized_graph_ops(variant, 1, tmp_path / "b.onnx")
-    assert not before["integer_kernels"] and after["integer_kernels"].get("QLinearConv", 0) >= 1
-    feeds = {"input_0": batches[1][:1].numpy()}
-    a = ort.InferenceSession(str(tmp_path / "toy.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
-    b = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"]).run(None, feeds)
-    assert all(np.abs(x - y).max() < 1e-3 * max(1.0, np.abs(x).max()) for x, y in zip(a, b))
+    source = onnx.load(tmp_path / "toy.onnx")
+    exact, exact_info = to_ort_cpu_form(source, relu_uint8=False)
+    relu, relu_info = to_ort_cpu_form(source)
+    assert exact_info["uint8_zero_point_128"] == 3 and exact_info["uint8_zero_point_0_after_relu"] == 0
+    assert relu_info["uint8_zero_point_128"] == 1 and relu_info["uint8_zero_point_0_after_relu"] == 2
+    onnx.save(exact, tmp_path / "exact.onnx")
+    onnx.save(relu, tmp_path / "relu.onnx")
+    assert "qdq-int8" in _errors(relu)  # an ONNX Runtime form: TensorRT's rules refuse uint8 Q/DQ
+    before = ort_fusion_report(tmp_path / "toy.onnx", 1, tmp_path / "a.onnx")
+    after = ort_fusion_report(tmp_path / "relu.onnx", 1, tmp_path / "b.onnx")
+    assert not before["integer_kernels"] and after["integer_kernels"].get("QLinearConv", 0) == 2
+    sessions = {name: ort_qdq_session(tmp_path / f"{name}.onnx") for name in ("toy", "exact", "relu")}
+
+    def run(name, image):
+        return sessions[name].run(None, {sessions[name].get_inputs()[0].name: image.numpy()})[0]
+
+    for image in torch.cat(batches).split(1):  # the calibration range: all three identical
+        reference = run("toy", image)
+        np.testing.assert_array_equal(run("exact", image), reference)
+        np.testing.assert_array_equal(run("relu", image), reference)
+    # Beyond the calibrated range (int8 saturates at 127 x scale, uint8 at 255 x scale): an image tiled with the
+    # sign pattern of the first conv's first filter drives that channel to its largest possible value.
+    pattern = (model[0].weight[0] > 0).float()
+    big = pattern.repeat(1, 6, 6)[:, :16, :16].unsqueeze(0)
+    np.testing.assert_array_equal(run("exact", big), run("toy", big))
+    assert not np.array_equal(run("relu", big), run("toy", big))
 
 
 @needs_modelopt
