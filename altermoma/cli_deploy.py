@@ -13,6 +13,7 @@ CheckpointError for user errors, which the main CLI prints as one line.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from benchmarks.latency import add_parser as add_bench_parser
 from common.argtypes import positive_int
@@ -123,7 +124,9 @@ def check_comparable(checkpoints: list[str], allow_mixed: bool) -> None:
 
     if allow_mixed or len(checkpoints) < 2:
         return
-    kinds = [(read_metadata(c).get("modality"), read_metadata(c).get("config", {}).get("preset")) for c in checkpoints]
+    # an INT8 checkpoint of `altermoma quantize` is described by its floating-point source, base/
+    sources = [Path(c) / "base" if (Path(c) / "quantized.json").is_file() else c for c in checkpoints]
+    kinds = [(read_metadata(c).get("modality"), read_metadata(c).get("config", {}).get("preset")) for c in sources]
     for checkpoint, kind in zip(checkpoints[1:], kinds[1:]):
         if kind != kinds[0]:
             raise ValueError(

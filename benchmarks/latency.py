@@ -52,6 +52,9 @@ GPU_BACKENDS = (
     "tensorrt-fp16",
 )
 BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+# An INT8 checkpoint of `altermoma quantize --onnx`: its Q/DQ graphs as exported (TensorRT form) and in ONNX
+# Runtime's CPU form (export.qdq_ort), both on ONNX Runtime CPU; compared with the baseline's ort-cpu-fp32.
+INT8_BACKENDS = ("ort-cpu-int8", "ort-cpu-int8-ort-form")
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 
 
@@ -297,6 +300,12 @@ def resolve_models(
     models = []
     if checkpoints:
         for i, path in enumerate(checkpoints):
+            if is_quantized_dir(path):  # the FP source model (for GFLOPs and stage inputs); latency from its graphs
+                quantized_graphs(path)
+                model, _ = load_checkpoint(Path(path) / "base", expect_preset=preset)
+                label = f"{Path(path).name or path} (INT8)"
+                models.append((label, model, f"quantized checkpoint {path} (its Q/DQ ONNX graphs)"))
+                continue
             model, _ = load_checkpoint(path, expect_preset=preset)
             label = Path(path).name or str(path)
             if any(label == other for other, _, _ in models):
@@ -311,6 +320,81 @@ def resolve_models(
     torch.manual_seed(0)
     model = build_model(get_config(preset), "fusion").eval()
     return [(f"{preset}-fusion (random weights)", model, f"random weights: no shipped checkpoint at {shipped}")]
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """An `altermoma quantize` output folder (INT8 Q/DQ)."""
+    return (Path(path) / "quantized.json").is_file()
+
+
+def quantized_graphs(path: str | os.PathLike) -> tuple[Path, dict[str, Path]]:
+    """The single Q/DQ graph and the split stage graphs of a quantized checkpoint (`quantize --onnx`)."""
+    path = Path(path)
+    single, split = path / "model.onnx", sorted((path / "split").glob("*.onnx"))
+    if not single.is_file() or not split:
+        raise ValueError(f"quantized checkpoint {path} has no ONNX graphs: run altermoma quantize with --onnx")
+    return single, {p.stem: p for p in split}
+
+
+def bench_quantized(
+    label: str,
+    model: nn.Module,
+    source: str,
+    directory: Path,
+    workdir: Path,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 50,
+) -> dict[str, Any]:
+    """An INT8 checkpoint: GFLOPs of its floating-point source, latency of its exported Q/DQ graphs (whole and
+    per split stage) on ONNX Runtime CPU, as exported and in ONNX Runtime's CPU form, with the FP32 harness."""
+    import onnx
+
+    from export.qdq_ort import to_ort_cpu_form
+    from fusion.models.bevfusion import current_pool_method, example_inputs
+    from fusion.models.stages import split_stages
+
+    model.eval()
+    inputs = example_inputs(model.config, 1, model.modality)
+    stages = as_stages(split_stages(model, inputs))
+    single, found = quantized_graphs(directory)
+    if set(found) != {stage.name for stage in stages}:
+        raise ValueError(
+            f"{directory}/split holds {sorted(found)}, the model's split stages are {[s.name for s in stages]}"
+        )
+    split = {stage.name: found[stage.name] for stage in stages}  # run order
+    form = workdir / "ort_cpu"
+    (form / "split").mkdir(parents=True, exist_ok=True)
+    form_single = form / "model.onnx"
+    onnx.save(to_ort_cpu_form(onnx.load(str(single)))[0], str(form_single))
+    form_split = {}
+    for name, path in split.items():
+        form_split[name] = form / "split" / path.name
+        onnx.save(to_ort_cpu_form(onnx.load(str(path)))[0], str(form_split[name]))
+    with torch_threads(threads):
+        flops = stage_flops(model, inputs, device="meta")
+        split_flops = split_stage_flops(model, inputs, device="meta")
+        tensors = stage_tensors(stages, inputs)  # stage inputs of the right shapes
+        latency: dict[str, Any] = dict.fromkeys(
+            BACKENDS, {"status": "not run: an INT8 checkpoint runs on ort-cpu-int8"}
+        )
+        latency["ort-cpu-int8"] = _try(lambda: bench_ort(single, split, tensors, threads, warmup, runs))
+        latency["ort-cpu-int8-ort-form"] = _try(
+            lambda: bench_ort(form_single, form_split, tensors, threads, warmup, runs)
+        )
+    return {
+        "label": label,
+        "source": source,
+        "preset": model.config.preset,
+        "modality": model.modality,
+        "pool_method": current_pool_method(model),
+        "params": flops["total"]["params"],
+        "gflops": flops["total"]["gflops"],
+        "flops": flops,
+        "split_flops": split_flops,
+        "onnx": {"model": {"path": str(single)}, **{n: {"path": str(p)} for n, p in split.items()}},
+        "latency": latency,
+    }
 
 
 def _try(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -404,8 +488,8 @@ def compare(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return []
     base = models[0]
     rows = []
-    for backend in BACKENDS:
-        base_lat = base["latency"].get(backend, {})
+    for backend in BACKENDS + INT8_BACKENDS:
+        base_lat = base["latency"].get("ort-cpu-fp32" if backend in INT8_BACKENDS else backend, {})
         if base_lat.get("status") != "ok":
             continue
         for m in models:
@@ -444,6 +528,10 @@ def bench(
         raise ValueError(f"threads must be >= 1, got {threads}")
     if int(runs) < 1 or int(warmup) < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if checkpoints and any(is_quantized_dir(c) for c in checkpoints) and (batch_size != 1 or pool_method):
+        raise ValueError(
+            "an INT8 checkpoint is timed as exported (batch 1, its pooling): no --batch-size/--pool-method"
+        )
     models = resolve_models(checkpoints, preset)  # checkpoint errors before any output is created
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -451,6 +539,9 @@ def bench(
     results = []
     for i, (label, model, source) in enumerate(models):
         workdir = out_dir / "onnx" / f"{i}-{_slug(label)}"
+        if checkpoints and is_quantized_dir(checkpoints[i]):
+            results.append(bench_quantized(label, model, source, Path(checkpoints[i]), workdir, threads, warmup, runs))
+            continue
         results.append(
             bench_model(label, model, source, workdir, status, threads, batch_size, warmup, runs, pool_method)
         )
@@ -561,7 +652,7 @@ def plot_latency_vs_gflops(report: Mapping[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     plotted = False
-    for backend in BACKENDS:
+    for backend in BACKENDS + INT8_BACKENDS:
         points = [
             (m["gflops"], m["latency"][backend]["total"]["median_ms"], m["label"])
             for m in report["models"]
@@ -594,7 +685,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="checkpoint directory, repeatable; the first is the baseline (default: the shipped "
-        "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such)",
+        "fusion/weights/<preset>-fusion, else a random-weight model of --preset, labelled as such); an "
+        "`altermoma quantize --onnx` folder is timed as INT8 on ONNX Runtime CPU (ort-cpu-int8, and "
+        "ort-cpu-int8-ort-form for its ONNX Runtime CPU form) against the baseline's ort-cpu-fp32",
     )
     parser.add_argument("--preset", help="preset of the default model (tiny); with --checkpoint, refuse other presets")
     parser.add_argument("--threads", type=positive_int, default=1)

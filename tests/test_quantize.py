@@ -309,6 +309,35 @@ def test_cli_quantize_reference(quantized_tiny):
     assert table["fuser.fuse.0.input_quantizer"].is_enabled
 
 
+def test_bench_times_int8_next_to_fp32(quantized_tiny, tmp_path, capsys):
+    """`altermoma bench` takes a quantized folder: its Q/DQ graphs (as exported and in ONNX Runtime's CPU form)
+    timed whole and per split stage on ONNX Runtime CPU, compared with the FP32 baseline's ort-cpu-fp32."""
+    import shutil
+
+    from altermoma.cli import main
+
+    out, _ = quantized_tiny
+    argv = ["bench", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--checkpoint", str(out)]
+    assert main([*argv, "--runs", "1", "--warmup", "0", "--out", str(tmp_path / "bench")]) == 0
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    int8 = report["models"][1]
+    assert int8["label"].endswith("(INT8)") and int8["gflops"] == report["models"][0]["gflops"]
+    for backend in ("ort-cpu-int8", "ort-cpu-int8-ort-form"):
+        timed = int8["latency"][backend]
+        assert timed["status"] == "ok" and timed["total"]["median_ms"] > 0
+        assert set(timed["stages"]) == set(report["models"][0]["latency"]["ort-cpu-fp32"]["stages"])
+    rows = {(r["model"], r["backend"]) for r in report["comparison"]}
+    assert {(int8["label"], "ort-cpu-int8"), (int8["label"], "ort-cpu-int8-ort-form")} <= rows
+    assert "ort-cpu-int8-ort-form" in (tmp_path / "bench" / "bench.md").read_text()
+    # a quantized folder written without --onnx has no graphs to time: one error line
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("*.onnx", "split"))
+    capsys.readouterr()
+    assert main(["bench", "--checkpoint", str(bare), "--out", str(tmp_path / "bench2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--onnx" in err[0]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
