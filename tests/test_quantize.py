@@ -338,6 +338,36 @@ def test_bench_times_int8_next_to_fp32(quantized_tiny, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "--onnx" in err[0]
 
 
+@needs_modelopt
+@pytest.mark.slow
+def test_pipeline_int8_rows(tmp_path):
+    """`altermoma pipeline --int8`: the fine-tuned pruned model quantized, its ONNX Runtime mAP rows in the table
+    and the INT8-vs-unpruned-FP32 section (latency of the four graphs with one harness) in the report."""
+    from benchmarks.pipeline import run_pipeline
+    from compress.request import PruneRequest
+
+    summary = run_pipeline(tmp_path / "p", False, PruneRequest(target_gflops=0.5), 2, 4, 1, int8=True)
+    names = [row["model"] for row in summary["rows"]]
+    assert names[-2:] == [
+        "fusion, altereva 50% GFLOPs, fine-tuned 2 steps, INT8",
+        "fusion, altereva 50% GFLOPs, fine-tuned 2 steps, INT8 (ONNX Runtime CPU form)",
+    ]
+    int8 = summary["int8"]
+    assert [r["model"].split(", ")[-1] for r in int8["rows"]] == [
+        "FP32",
+        "FP32",
+        "INT8",
+        "INT8 (ONNX Runtime CPU form)",
+    ]
+    assert int8["rows"][0]["speedup_vs_unpruned_fp32"] == 1.0 and all(
+        r["latency"]["median_ms"] > 0 for r in int8["rows"]
+    )
+    assert summary["rows"][-2]["mAP"] == int8["accuracy"]["int8"]["mAP"]
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert "INT8 (`--int8`)" in report and "speed-up vs unpruned FP32" in report
+    assert (tmp_path / "p" / "int8" / "quantized.json").is_file()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
