@@ -408,6 +408,7 @@ def test_qat_trains_weights_keeps_scales(quantized_tiny, tmp_path):
         (["--calib-scenes", "0"], "error: argument --calib-scenes: must be >= 1"),
         (["--reference", str(SHIPPED / "tiny-camera")], "error: --reference"),
         (["--val-scenes", "4"], "error: --val-scenes measures mAP through ONNX Runtime"),
+        (["--ort-cpu"], "error: --ort-cpu converts the exported Q/DQ graph: add --onnx"),
     ],
 )
 def test_cli_quantize_bad_input(tmp_path, capsys, args, message):
