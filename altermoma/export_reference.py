@@ -237,6 +237,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def _data_name(report: Mapping[str, Any]) -> str:
+    data = report.get("data", {})
+    if data.get("data") == "nuscenes":
+        return f"nuScenes {data.get('version')}, camera geometry of {data.get('camera_calibration_of')};"
+    return "synthetic"
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable export report."""
     lines = [
@@ -271,7 +278,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     parity = report["parity"]
     lines += [
         "",
-        f"## Parity (fp32, atol {parity['atol']:.0e}, {parity['samples']} synthetic val scenes): "
+        f"## Parity (fp32, atol {parity['atol']:.0e}, {parity['samples']} {_data_name(report)} val samples): "
         + ("OK" if parity["ok"] else "FAILED"),
         "",
         f"Largest error: {', '.join(f'{k} {v:.2e}' for k, v in parity['max_abs'].items())}; the fp32 target "
