@@ -15,8 +15,10 @@ Runtime can fuse, keeping the scales:
   activation above the calibrated range is clipped later than in the TensorRT graph (measured and
   reported by the caller: `max_abs_vs` in benchmarks/quant.py); this is what lets ONNX Runtime remove the
   Relu and fuse DQ -> Conv -> Q into QLinearConv;
-- several Q nodes that read the same tensor with the same scale and zero-point become one (the same
-  computation once; ONNX Runtime's Relu removal wants the Relu to feed a single Q).
+- Cast nodes from float to float (ModelOpt's exporter leaves them where a quantizer input is also read
+  elsewhere) are removed, and several Q nodes that then read the same tensor with the same scale and
+  zero-point become one (the same computation once; ONNX Runtime's Relu removal wants the Relu to feed a
+  single Q).
 
 Weights stay as they are (int8, per channel, zero-point 0: ONNX Runtime's U8S8 kernels take them). This
 form is for ONNX Runtime only; TensorRT's parser rejects uint8 Q/DQ (`export.trt_check`, rule qdq-int8).
@@ -64,11 +66,38 @@ def _is_activation_pair(q: onnx.NodeProto, constants: Mapping[str, np.ndarray]) 
     )
 
 
+def _drop_identity_casts(model: onnx.ModelProto) -> int:
+    """Remove Cast nodes that cast a float tensor to float (ModelOpt's exporter leaves one per quantizer input
+    it routes around), rewiring their readers to the Cast's input: the same values, and a tensor read by two
+    quantizers through such Casts becomes one tensor read by two Q nodes, which step 1 then merges."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+    types.update({i.name: i.data_type for i in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    for node in list(graph.node):
+        if node.op_type != "Cast" or node.output[0] in outputs:
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if to is None or types.get(node.input[0]) != to:
+            continue
+        for reader in graph.node:
+            for i, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[i] = node.input[0]
+        graph.node.remove(node)
+        removed += 1
+    return removed
+
+
 def to_ort_cpu_form(model: onnx.ModelProto, relu_uint8: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of the Q/DQ `model` in ONNX Runtime's CPU deployment form (module docstring), and what changed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    identity_casts = _drop_identity_casts(out)
     constants = _constants(graph)
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -128,6 +157,7 @@ def to_ort_cpu_form(model: onnx.ModelProto, relu_uint8: bool = True) -> tuple[on
             shifted += 1
     onnx.checker.check_model(out)
     return out, {
+        "identity_casts_removed": identity_casts,
         "relu_uint8": relu_uint8,
         "merged_duplicate_q": merged,
         "uint8_zero_point_128": shifted,

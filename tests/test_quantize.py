@@ -472,6 +472,13 @@ def test_ort_cpu_form_is_exact_and_fuses_integer_convs(tmp_path):
     relu, relu_info = to_ort_cpu_form(source)
     assert exact_info["uint8_zero_point_128"] == 3 and exact_info["uint8_zero_point_0_after_relu"] == 0
     assert relu_info["uint8_zero_point_128"] == 1 and relu_info["uint8_zero_point_0_after_relu"] == 2
+    cast = helper.make_node("Cast", [source.graph.input[0].name], ["recast"], to=TensorProto.FLOAT)
+    twice = onnx.ModelProto()
+    twice.CopyFrom(source)
+    twice.graph.node.insert(0, cast)  # a float -> float Cast in front of the first Q: removed, values unchanged
+    for node in twice.graph.node[1:]:
+        node.input[:] = ["recast" if name == source.graph.input[0].name else name for name in node.input]
+    assert to_ort_cpu_form(twice)[1]["identity_casts_removed"] == 1
     onnx.save(exact, tmp_path / "exact.onnx")
     onnx.save(relu, tmp_path / "relu.onnx")
     assert "qdq-int8" in _errors(relu)  # an ONNX Runtime form: TensorRT's rules refuse uint8 Q/DQ
