@@ -30,7 +30,7 @@ import numpy as np
 from fusion.config import Config
 
 CACHE_ENV = "ALTERMOMA_CACHE"
-FORMAT = 1  # bump when the file layout changes
+FORMAT = 2  # bump when the file layout changes
 _RENDER_MODULES = ("dataset", "scenes", "render", "pillars", "targets")
 
 Sample = dict[str, np.ndarray]
@@ -111,17 +111,45 @@ def _load(path: Path) -> Sample | None:
     """A stored scene, or None if the file is unreadable (it is then rendered and stored again)."""
     try:
         with np.load(path, allow_pickle=False) as stored:
-            return {key: stored[key] for key in stored.files}
+            arrays = {key: stored[key] for key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+    sample = {}
+    for key, value in arrays.items():
+        if key.startswith(_AXES):
+            continue
+        axes = arrays.get(_AXES + key)
+        sample[key] = value.transpose(np.argsort(axes)) if axes is not None else value
+    return sample
+
+
+# The renderer's images are channel-last in memory behind a (N, 3, H, W) view, and that layout reaches
+# the network (torch keeps the strides: a channels-last batch runs other conv kernels, with other float
+# rounding). A stored array is therefore saved in its memory order with the axis permutation beside it,
+# and loaded as the same view, so a cached scene is the rendered one, strides included.
+_AXES = "__axes__"
+
+
+def _memory_order(value: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(array to save, axes to restore) so that loading gives back `value`'s strides; None: C order."""
+    if value.ndim < 2 or value.flags.c_contiguous:
+        return value, None
+    axes = np.argsort([-s for s in value.strides], kind="stable")
+    permuted = value.transpose(axes)
+    return (permuted, axes) if permuted.flags.c_contiguous else (value, None)
 
 
 def _store(path: Path, sample: Sample) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in sample.items():
+        arrays[key], axes = _memory_order(np.asarray(value))
+        if axes is not None:
+            arrays[_AXES + key] = axes
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            np.savez_compressed(out, **sample)
+            np.savez_compressed(out, **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
