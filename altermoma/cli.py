@@ -446,8 +446,14 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         sync_bn=args.sync_bn,
         preset=args.preset,
         source=source_from_args(args),
-        int8=args.int8,
+        int8=_pipeline_int8() if args.int8 else None,
     )
+
+
+def _pipeline_int8():
+    from altermoma.cli_quant import pipeline_int8
+
+    return pipeline_int8
 
 
 def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = None) -> None:

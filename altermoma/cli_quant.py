@@ -580,3 +580,82 @@ def cmd_finetune_qat(args: argparse.Namespace) -> None:
             f" ({acc['mAP_change']:+.4f})"
         )
     print(f"saved {args.out}")
+
+
+INT8_CALIB_SCENES = 64
+
+
+def pipeline_int8(
+    out: Path, unpruned, finetuned: Path, name: str, val_scenes: int, threads: int, runs: int = 50
+) -> tuple[dict, str]:
+    """`--int8`: INT8 PTQ of the fine-tuned pruned model (`altermoma quantize --onnx --ort-cpu`, calibration on
+    training scenes), mAP/NDS through ONNX Runtime on the val scenes, and ONNX Runtime CPU latency of the
+    unpruned FP32 graph, the pruned FP32 graph and the pruned INT8 graphs with the `bench` harness."""
+    import os
+
+    from benchmarks.latency import measure
+    from export.onnx import OrtPipeline, export_onnx, torch_threads
+    from export.qdq_ort import ORT_CPU_FILE
+    from fusion.models.bevfusion import example_inputs
+
+    quantized = quantize_checkpoint(
+        finetuned, out / "int8", INT8_CALIB_SCENES, onnx=True, ort_cpu=True, val_scenes=val_scenes,
+        threads=threads, overwrite=True,
+    )  # fmt: skip
+    acc = quantized["accuracy"]
+    with torch_threads(threads):
+        inputs = example_inputs(unpruned.config, 1, unpruned.modality)
+        export_onnx(unpruned, inputs, out / "int8" / "unpruned_fp32.onnx", check=False, threads=threads)
+    graphs = {
+        "fusion unpruned, FP32": out / "int8" / "unpruned_fp32.onnx",
+        f"{name}, FP32": out / "int8" / "model_fp32.onnx",
+        f"{name}, INT8": out / "int8" / "model.onnx",
+        f"{name}, INT8 (ONNX Runtime CPU form)": out / "int8" / ORT_CPU_FILE,
+    }
+    unpruned_map = ort_map(graphs["fusion unpruned, FP32"], unpruned.config, val_scenes, threads)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    rows = []
+    for label, path in graphs.items():
+        pipeline = OrtPipeline(path, threads)
+        timed = measure(lambda pipeline=pipeline: pipeline({k: feeds[k] for k in pipeline.input_names}), 10, runs)
+        rows.append({"model": label, "onnx": str(path), "latency": timed})
+    metrics = [unpruned_map, acc["fp32"], acc["int8"], acc["int8_ort_cpu"]]
+    base_ms = rows[0]["latency"]["median_ms"]
+    for row, m in zip(rows, metrics):
+        row.update(mAP=m["mAP"], NDS=m["NDS"], mIoU=m.get("mIoU", float("nan")))
+        row["speedup_vs_unpruned_fp32"] = base_ms / row["latency"]["median_ms"]
+        row["mAP_change_vs_unpruned_fp32"] = m["mAP"] - unpruned_map["mAP"]
+    lines = [
+        "## INT8 (`--int8`): the fine-tuned pruned model quantized, next to FP32",
+        "",
+        f"INT8 PTQ (ModelOpt, max calibration on {INT8_CALIB_SCENES} training scenes, CUDA-BEVFusion placement; "
+        f"`altermoma quantize --checkpoint {finetuned} --onnx --ort-cpu`). mAP/NDS through ONNX Runtime on the "
+        f"same {val_scenes} val scenes; latency: ONNX Runtime CPU, {threads} thread(s), batch 1, median of {runs} "
+        f"runs after 10 warm-up, load average {[round(x, 2) for x in os.getloadavg()]}.",
+        "",
+        "| model | mAP | NDS | mAP vs unpruned FP32 (points) | ORT CPU median ms | speed-up vs unpruned FP32 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['mAP']:.4f} | {row['NDS']:.4f} | {100 * row['mAP_change_vs_unpruned_fp32']:+.2f} "
+            f"| {row['latency']['median_ms']:.2f} | {row['speedup_vs_unpruned_fp32']:.2f}x |"
+        )
+    parity = quantized["parity"]
+    lines += [
+        "",
+        f"INT8 vs FP32 of the same pruned model: {100 * acc['mAP_change']:+.2f} mAP points (Q/DQ graph), "
+        f"{100 * acc['mAP_change_ort_cpu']:+.2f} (ONNX Runtime CPU form). Parity, Q/DQ graph vs PyTorch fake "
+        f"quant on {parity['scenes']} val scenes: max abs "
+        + ", ".join(f"{k} {o['max_abs']:.3g}" for k, o in parity["outputs"].items())
+        + f"; detections at score >= {parity['confident_threshold']} "
+        f"{'identical' if parity['confident_detections_equal'] else 'DIFFER'} in count.",
+    ]
+    summary = {
+        "quantized": str(out / "int8"),
+        "calibration_scenes": INT8_CALIB_SCENES,
+        "accuracy": acc,
+        "parity": parity,
+        "rows": rows,
+    }
+    return summary, "\n".join(lines) + "\n"

@@ -225,11 +225,11 @@ def parity_layers(directory: Path, scenes: int, threads: int) -> dict[str, Any]:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from altermoma.cli_quant import load_quantized_checkpoint
-    from export.quantize import ORT_INEXACT_OPTIMIZERS, onnx_qdq_semantics, quantizers
+    from export.quantize import ORT_INEXACT_OPTIMIZERS, load_quantized, onnx_qdq_semantics, quantizers
+    from fusion.checkpoint import load_checkpoint
     from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 
-    model, _ = load_quantized_checkpoint(directory)
+    model = load_quantized(load_checkpoint(directory / "base")[0], directory)  # as `altermoma quantize` wrote it
     graph = onnx.load(str(directory / "model.onnx"))
     constants = {
         n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node if n.op_type == "Constant"
