@@ -2,6 +2,7 @@
 
     altermoma quantize --checkpoint C --out D [--calib-scenes 64] [--method max|mse|histogram]
                        [--skip NAME ...] [--no-default-skip] [--no-fuse-bn] [--no-share]
+                       [--no-quantize-residual-adds]
                        [--reference F] [--onnx] [--val-scenes 0] [--threads 1] [--overwrite]
 
 Calibration scenes are rendered from the TRAINING split (never val). The output folder holds the
@@ -186,6 +187,7 @@ def quantize_checkpoint(
     skip: tuple[str, ...] | None = None,
     fuse_conv_bn: bool = True,
     share_quantizers: bool = True,
+    quantize_residual_adds: bool = True,
     reference: str | None = None,
     onnx: bool = False,
     parity_scenes: int = 8,
@@ -228,6 +230,7 @@ def quantize_checkpoint(
     config = QuantizeConfig(
         fuse_conv_bn=fuse_conv_bn,
         share_quantizers=share_quantizers,
+        quantize_residual_adds=quantize_residual_adds,
         skip=reference_skip(model) if skip is None else tuple(skip),
         method=method,
     ).validate()
@@ -410,6 +413,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         skip=skip,
         fuse_conv_bn=not args.no_fuse_bn,
         share_quantizers=not args.no_share,
+        quantize_residual_adds=args.quantize_residual_adds,
         reference=args.reference,
         onnx=args.onnx,
         parity_scenes=args.parity_scenes,
@@ -423,6 +427,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f" training scenes ({report['config']['method']}); fused {len(report['fused_conv_bn'])} Conv+BN; "
         f"left in floating point: {', '.join(report['skipped']) or 'nothing'}"
     )
+    if report["config"].get("quantize_residual_adds"):
+        not_done = report.get("residual_adds_not_quantized", {})
+        print(
+            f"residual Adds with one shared quantizer on both inputs: {len(report['residual_adds'])} modules"
+            + (f"; not rewritten (torch.fx cannot trace them): {', '.join(not_done)}" if not_done else "")
+        )
     if "parity" in report:
         parity = report["parity"]
         print(
@@ -469,6 +479,13 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--no-default-skip", action="store_true", help="quantize the default skipped layers too")
     p.add_argument("--no-fuse-bn", action="store_true", help="do not fold BatchNorm into the convs first")
     p.add_argument("--no-share", action="store_true", help="no shared scale for quantizers reading one tensor")
+    p.add_argument(
+        "--quantize-residual-adds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one shared quantizer on both inputs of each residual Add (default; CUDA-BEVFusion's rule; lets ONNX "
+        "Runtime CPU run the block's second conv and downsample conv as QLinearConv)",
+    )
     p.add_argument("--reference", help="the floating-point checkpoint to compare with (default: --checkpoint)")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx (Q/DQ) + model_fp32.onnx, parity")
     p.add_argument(
@@ -521,6 +538,7 @@ def qat_checkpoint(
         result = finetune(model, reference_task(model), batches, steps=steps, lr=lr, progress=progress)
         model.eval()
         report = {k: meta[k] for k in ("config", "fused_conv_bn", "calibration_batches", "shared_groups")}
+        report["residual_adds"] = meta.get("residual_adds", [])  # the rewritten modules travel with the weights
         report.update(
             qat={"steps": steps, "lr": lr, "scenes": scenes, "batch_size": batch_size, "split": "train", **result},
             checkpoint=str(checkpoint),

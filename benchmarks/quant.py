@@ -54,8 +54,11 @@ def ort_cpu_forms(path: Path, kind: str, work: Path) -> dict[str, Path]:
     return forms
 
 
-def latency_models(preset: str, target: float, method: str, calib_scenes: int, threads: int, work: Path):
-    """(label, onnx path) for FP32/INT8 x unpruned/pruned, plus the pruning and quantization details."""
+def latency_models(
+    preset: str, target: float, method: str, calib_scenes: int, threads: int, work: Path, residual_adds: bool = True
+):
+    """(label, onnx path) for FP32/INT8 x unpruned/pruned, plus the pruning and quantization details;
+    `residual_adds`: quantize with `QuantizeConfig.quantize_residual_adds`."""
     from benchmarks.speedup import prepare
     from export.quantize import QuantizeConfig, quantize
     from fusion.checkpoint import load_checkpoint
@@ -74,7 +77,8 @@ def latency_models(preset: str, target: float, method: str, calib_scenes: int, t
         scenes = SyntheticScenes(model.config, "train", num_scenes=calib_scenes, progress=False)
         batches = [collate([scenes[i]]) for i in range(len(scenes))]
         skip = tuple(n for n in ("lidar.pfn.conv", "decoder.neck.lateral.0") if n in dict(model.named_modules()))
-        report = quantize(model, reference_task(model), batches, QuantizeConfig(skip=skip), progress=False)
+        config = QuantizeConfig(skip=skip, quantize_residual_adds=residual_adds)
+        report = quantize(model, reference_task(model), batches, config, progress=False)
         path = work / f"{kind}-int8.onnx"
         export_onnx(model, inputs, path, check=True, threads=threads)
         graphs[f"INT8 {kind}"] = path
@@ -84,6 +88,7 @@ def latency_models(preset: str, target: float, method: str, calib_scenes: int, t
             "gflops_reduction": meta.get("pruning", {}).get("gflops_reduction", 0.0),
             "quantizers_enabled": report["quantizers_enabled"],
             "skipped": report["skipped"],
+            "residual_adds": report["residual_adds"],
             "calibration_scenes": calib_scenes,
         }
     return graphs, details
@@ -172,7 +177,15 @@ def bench_latency(graphs: Mapping[str, Path], threads: int, warmup: int, runs: i
     return results
 
 
-def accuracy(label: str, checkpoint: str, work: Path, calib_scenes: int, val_scenes: int, threads: int) -> dict:
+def accuracy(
+    label: str,
+    checkpoint: str,
+    work: Path,
+    calib_scenes: int,
+    val_scenes: int,
+    threads: int,
+    residual_adds: bool = True,
+) -> dict:
     """`altermoma quantize --onnx --val-scenes` on one checkpoint (the exact user command), its report."""
     out = work / f"int8-{label}"
     command = [
@@ -193,6 +206,7 @@ def accuracy(label: str, checkpoint: str, work: Path, calib_scenes: int, val_sce
         "--threads",
         str(threads),
         "--overwrite",
+        "--quantize-residual-adds" if residual_adds else "--no-quantize-residual-adds",
     ]
     subprocess.run(command, check=True)
     report = json.loads((out / "quantize_report.json").read_text())
@@ -242,8 +256,10 @@ def parity_layers(directory: Path, scenes: int, threads: int) -> dict[str, Any]:
         return ".".join(keep)
 
     q_nodes = {module_path(n.name): n for n in graph.graph.node if n.op_type == "QuantizeLinear"}
-    table = {
-        n: q for n, q in quantizers(model).items() if q.is_enabled and n.endswith("input_quantizer") and n in q_nodes
+    table = {  # a residual Add's quantizer runs twice (one Q per Add input): only single-call quantizers here
+        n: q
+        for n, q in quantizers(model).items()
+        if q.is_enabled and n.endswith("input_quantizer") and n in q_nodes and ".residual_add" not in n
     }
     graph.graph.output.extend(
         helper.make_tensor_value_info(q_nodes[n].input[0], TensorProto.FLOAT, None) for n in table
@@ -350,7 +366,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             "",
             f"Pruned: {report['method']} to {report['pruning']['pruned']['gflops_reduction']:.1%} fewer GFLOPs. INT8: "
             f"ModelOpt PTQ (max calibration, {report['pruning']['unpruned']['calibration_scenes']} training scenes), "
-            "Conv+BN fused, first LiDAR layer and first decoder deblock in FP32.",
+            "Conv+BN fused, first LiDAR layer and first decoder deblock in FP32"
+            + (
+                f"; residual Adds with one shared quantizer on both inputs ({len(report['pruning']['pruned']['residual_adds'])}"
+                " modules, `--quantize-residual-adds`)."
+                if report.get("quantize_residual_adds")
+                else "; residual Adds not quantized (`--no-quantize-residual-adds`)."
+            ),
             "",
             "| model | median ms | p90 ms | p99 ms | speed-up vs FP32 unpruned |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -472,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-scenes", type=int, default=200)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument(
+        "--quantize-residual-adds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one shared quantizer on both inputs of each residual Add (QuantizeConfig.quantize_residual_adds; "
+        "default, as `altermoma quantize`)",
+    )
+    parser.add_argument(
         "--parity-layers",
         metavar="QUANTIZED_DIR",
         help="only: where a `quantize --onnx` folder's graph and its fake quant part, per quantizer "
@@ -505,18 +534,24 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method,
         "runs": args.runs,
         "warmup": args.warmup,
+        "quantize_residual_adds": args.quantize_residual_adds,
     }
     if not args.no_latency:
         with torch_threads(args.threads):
             graphs, details = latency_models(
-                args.preset, args.target_gflops, args.method, args.calib_scenes, args.threads, work
-            )
+                args.preset, args.target_gflops, args.method, args.calib_scenes, args.threads, work,
+                args.quantize_residual_adds,
+            )  # fmt: skip
             report["pruning"] = details
             report["latency"] = bench_latency(graphs, args.threads, args.warmup, args.runs, work)
     report["accuracy"] = []
     for spec in args.accuracy:
         label, _, checkpoint = spec.partition("=")
-        report["accuracy"].append(accuracy(label, checkpoint, work, args.calib_scenes, args.val_scenes, args.threads))
+        report["accuracy"].append(
+            accuracy(
+                label, checkpoint, work, args.calib_scenes, args.val_scenes, args.threads, args.quantize_residual_adds
+            )
+        )
     report["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_text(out / "quant.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(out / "quant.md", markdown(report))

@@ -17,6 +17,17 @@ Placement rules (`QuantizeConfig`, each an option; CUDA-BEVFusion's choices are 
   convs, an FPN level read by two convs) get one scale, the largest, so the graph has one Q per tensor.
   The inputs of a Concat or a residual Add already share one quantizer by placement: ModelOpt quantizes
   the input of the consuming conv, after the Concat/Add, and TensorRT propagates that scale backwards.
+- `quantize_residual_adds` (default on): CUDA-BEVFusion's rule "inputs of an Add share one quantizer" applied to
+  residual Adds. Without it the Add reads the unquantized identity and the unquantized conv output, so
+  ONNX Runtime CPU cannot run the conv before the Add (a residual block's second conv, a downsample conv)
+  as an integer kernel. With it each module whose own forward adds two float tensors of one shape (found
+  generically: one forward run under a `TorchFunctionMode` that records the adds per innermost module,
+  `find_residual_adds`) is rewritten with torch.fx so the Add becomes `ResidualAdd`: one quantizer called on
+  both inputs (calibrated over both, so one scale), exported as a Q/DQ pair on each Add input with the same
+  scale. A module torch.fx cannot trace (a list input, data-dependent control flow) is left as it is and
+  reported. TensorRT's own placement guide recommends Q/DQ on the identity (residual) input only, so the
+  conv output can fuse with the Add; Q/DQ on both inputs is what CUDA-BEVFusion exported and what ONNX
+  Runtime's QLinearConv/QLinearAdd fusions need.
 - `skip`: module names (or prefixes) left in floating point. The reference model's defaults (its first
   LiDAR layer and first decoder deblock, CUDA-BEVFusion issue #8) come from the caller: `export` knows
   no model.
@@ -39,6 +50,7 @@ insert quantizers with the same config (no calibration), then load the tensors s
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -96,6 +108,7 @@ class QuantizeConfig:
     method: str = "max"
     per_channel_weights: bool = True
     num_bits: int = 8
+    quantize_residual_adds: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):
@@ -120,7 +133,8 @@ class QuantizeConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise QuantizeError(f"unknown quantize option(s): {', '.join(unknown)}")
-        return cls(**{**data, "skip": tuple(data.get("skip", ()))}).validate()
+        # Checkpoints written before the residual-Add option existed had none (their `residual_adds` list is empty).
+        return cls(**{"quantize_residual_adds": False, **data, "skip": tuple(data.get("skip", ()))}).validate()
 
     def modelopt_config(self) -> dict[str, Any]:
         """The ModelOpt config: INT8, symmetric; weights per output channel; activations per tensor."""
@@ -221,6 +235,158 @@ def apply_conv_bn_fusion(model: nn.Module, pairs: Iterable[Sequence[str]]) -> No
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Residual Adds: one shared quantizer on both inputs
+
+_ADD_FUNCTIONS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
+                  torch.Tensor.add_)  # fmt: skip
+_FX_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def find_residual_adds(model: nn.Module, run: Callable[[nn.Module], Any]) -> dict[str, int]:
+    """{module name: adds} for every module whose OWN forward (not a child's) adds two computed float tensors
+    of the same shape (a residual Add) in one forward `run`.
+
+    Generic: module hooks keep the stack of running modules and a `TorchFunctionMode` sees every `a + b`,
+    `torch.add`, `a += b`; broadcasting adds (a bias, a parameter) and the root module are not counted."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[str] = []
+    found: dict[str, int] = {}
+
+    class _Adds(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (
+                func in _ADD_FUNCTIONS
+                and stack
+                and stack[-1]
+                and len(args) == 2
+                and "alpha" not in kwargs
+                and all(isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) for a in args)
+                and all(a.is_floating_point() for a in args)
+                and args[0].shape == args[1].shape
+            ):
+                found[stack[-1]] = found.get(stack[-1], 0) + 1
+            return func(*args, **kwargs)
+
+    def enter(name: str):
+        def hook(_module, _inputs) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(_module, _inputs, _output) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), _Adds():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+class ResidualAdd(nn.Module):
+    """`a + b` as a module, so ModelOpt can give it a quantizer: converted by ModelOpt (registered in
+    `_register_residual_add`) it quantizes both inputs with ONE quantizer (`input_quantizer`, calibrated over
+    both: one scale, as CUDA-BEVFusion's QuantAdd), configured by the config's `*input_quantizer` entry."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def _register_residual_add() -> None:
+    """Teach ModelOpt's module registry to convert `ResidualAdd` (once per process)."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
+    from modelopt.torch.quantization.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR
+
+    if ResidualAdd in QuantModuleRegistry:
+        return
+
+    class QuantResidualAdd(QuantModule):
+        def _setup(self) -> None:
+            self._register_temp_attribute("input_quantizer", TensorQuantizer(QUANT_DESC_8BIT_PER_TENSOR))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.input_quantizer(a), self.input_quantizer(b))
+
+    QuantModuleRegistry.register({ResidualAdd: "ResidualAdd"})(QuantResidualAdd)
+
+
+def _fx_adds(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [
+        node
+        for node in graph.nodes
+        if len(node.args) == 2
+        and not node.kwargs
+        and all(isinstance(a, torch.fx.Node) for a in node.args)
+        and (
+            (node.op == "call_function" and node.target in _FX_ADDS)
+            or (node.op == "call_method" and node.target in ("add", "add_", "__add__"))
+        )
+    ]
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with `ResidualAdd` (and ModelOpt's modules) kept as calls, not inlined."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (
+            isinstance(m, ResidualAdd)
+            or type(m).__module__.startswith("modelopt")
+            or super().is_leaf_module(m, qualname)
+        )
+
+
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    graph = _Tracer().trace(module)
+    return torch.fx.GraphModule(module, graph, type(module).__name__)
+
+
+def residual_add_graph(module: nn.Module, adds: int) -> torch.fx.GraphModule:
+    """`module` traced by torch.fx with each of its `adds` tensor-tensor Adds replaced by a `ResidualAdd`
+    (`residual_add`, `residual_add_1`, ...). Raises QuantizeError where tracing fails or finds another count."""
+    try:
+        traced = _trace(module)
+    except Exception as error:  # fx raises many types for untraceable code
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        raise QuantizeError(f"torch.fx cannot trace it ({reason})") from None
+    nodes = _fx_adds(traced.graph)
+    if len(nodes) != adds:
+        raise QuantizeError(f"torch.fx found {len(nodes)} tensor Adds, the forward run {adds}")
+    for index, node in enumerate(nodes):
+        name = "residual_add" if index == 0 else f"residual_add_{index}"
+        traced.add_module(name, ResidualAdd())
+        with traced.graph.inserting_after(node):
+            new = traced.graph.call_module(name, tuple(node.args))
+        node.replace_all_uses_with(new)
+        traced.graph.erase_node(node)
+    traced.graph.lint()
+    traced.recompile()
+    return traced
+
+
+def apply_residual_add_quantizers(model: nn.Module, found: Mapping[str, int]) -> tuple[list[str], dict[str, str]]:
+    """Rewrite every module in `found` ({name: adds}) with `residual_add_graph`, in place. Returns the names
+    rewritten and {name: why not} for those left as they are. Deterministic given `found`, so a saved
+    model reloads; run before ModelOpt's insertion so the new quantizers are configured and calibrated."""
+    done, skipped = [], {}
+    for name in sorted(found, key=lambda n: -n.count(".")):  # innermost first: a parent traces its new children
+        try:
+            _set_module(model, name, residual_add_graph(model.get_submodule(name), found[name]))
+            done.append(name)
+        except QuantizeError as error:
+            skipped[name] = str(error)
+    return sorted(done), skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Quantizers
 
 
@@ -288,7 +454,11 @@ def share_input_quantizers(model: nn.Module, run: Callable[[nn.Module], Any]) ->
         for handle in handles:
             handle.remove()
     table = quantizers(model)
-    groups = [g for g in seen.values() if len(g) > 1]
+    groups: list[list[str]] = []
+    for group in (g for g in seen.values() if len(g) > 1):  # one quantizer reading two tensors joins their groups
+        overlapping = [g for g in groups if set(g) & set(group)]
+        merged = [n for g in overlapping for n in g] + [n for n in group if not any(n in g for g in overlapping)]
+        groups = [g for g in groups if g not in overlapping] + [merged]
     for group in groups:
         amax = torch.stack([table[n].amax.detach().reshape(()) for n in group]).max()
         for name in group:
@@ -306,6 +476,7 @@ def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
 def insert_quantizers(model: nn.Module, config: QuantizeConfig, forward_loop: Callable[[nn.Module], Any] | None):
     """ModelOpt's quantizer insertion (and calibration when `forward_loop` is given), in place."""
     mtq = _mtq()
+    _register_residual_add()
     modelopt_config = config.modelopt_config()
     if forward_loop is None:  # rebuilding a saved model: its amax values are loaded afterwards
         modelopt_config["algorithm"] = None
@@ -375,6 +546,11 @@ def quantize(
                 "feeds something besides its BatchNorm; quantize with fuse_conv_bn=False"
             )
 
+    residual_adds: list[str] = []
+    residual_skipped: dict[str, str] = {}
+    if config.quantize_residual_adds:
+        residual_adds, residual_skipped = apply_residual_add_quantizers(model, find_residual_adds(model, run_first))
+
     def forward_loop(m: nn.Module) -> None:
         for batch in progress_bar(batches, desc="calibrate", enabled=progress, leave=False):
             task.forward(m, batch)
@@ -392,6 +568,8 @@ def quantize(
         "calibration_batches": len(batches),
         "fused_conv_bn": [list(p) for p in pairs],
         "fusion_max_scaled_error": fuse_error,
+        "residual_adds": residual_adds,
+        "residual_adds_not_quantized": residual_skipped,
         "quantizers": len(table),
         "quantizers_enabled": sum(r["enabled"] for r in table),
         "quantizer_table": table,
@@ -500,6 +678,7 @@ def write_quantized(
         "version": QUANT_VERSION,
         "config": report["config"],
         "fused_conv_bn": report["fused_conv_bn"],
+        "residual_adds": report.get("residual_adds", []),
         "calibration_batches": report["calibration_batches"],
         "shared_groups": report.get("shared_groups", []),
         **dict(metadata or {}),
@@ -531,6 +710,14 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise QuantizeError(f"corrupt quantized weights in {directory}: {error}") from None
     model.eval()
     apply_conv_bn_fusion(model, meta["fused_conv_bn"])
+    if meta.get("residual_adds"):
+        found = {name: 0 for name in meta["residual_adds"]}
+        for name in found:  # the same rewrite as at quantization: count the module's Adds again
+            found[name] = len(_fx_adds(_trace(model.get_submodule(name)).graph))
+        done, skipped = apply_residual_add_quantizers(model, found)
+        if skipped:
+            name, why = next(iter(skipped.items()))
+            raise QuantizeError(f"{directory}: residual Add of {name} cannot be rebuilt: {why}")
     insert_quantizers(model, config, None)
     # Quantizers get their `_amax` buffer at calibration; create them so the strict load has a place to put them.
     table = quantizers(model)
@@ -560,6 +747,9 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "quantizer_table",
+    "find_residual_adds",
+    "apply_residual_add_quantizers",
+    "ResidualAdd",
     "is_quantized",
     "is_quantized_checkpoint",
     "modelopt_missing",

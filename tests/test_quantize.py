@@ -524,3 +524,102 @@ def test_calibration_methods_set_other_scales(method):
     base, tuned = quantizers(model), quantizers(other)
     assert tuned["2.input_quantizer"].amax is not None
     assert any(not torch.allclose(base[n].amax, q.amax) for n, q in tuned.items() if n.endswith(kind) and q.is_enabled)
+
+
+class _Block(nn.Module):
+    """A ResNet BasicBlock: its own forward adds the conv branch and the identity (or a downsample conv)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out))
+        self.downsample = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.conv2(self.conv1(x)) + identity)
+
+
+class _ResidualToy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(_Block(8, 8), _Block(8, 12))
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"map": self.head(self.blocks(self.stem(image)) + 0.5)}  # a broadcast add: not a residual Add
+
+
+def _residual_toy(seed: int = 0):
+    torch.manual_seed(seed)
+    model = _ResidualToy().eval()
+    task = Task(partition={"camera": ("stem", "blocks", "head")}, loss=lambda o, b: o["map"].sum())
+    return model, task, [torch.rand(2, 3, 12, 12) for _ in range(3)]
+
+
+@needs_modelopt
+def test_residual_adds_share_one_quantizer_on_both_inputs(tmp_path):
+    from export.onnx import export_onnx
+    from export.quantize import (
+        load_quantized,
+        onnx_qdq_semantics,
+        ort_qdq_session,
+        quantize,
+        quantizers,
+        save_quantized,
+    )
+
+    model, task, batches = _residual_toy()
+    plain, _, _ = _residual_toy()
+    off = QuantizeConfig(quantize_residual_adds=False)
+    assert quantize(plain, task, batches, off, progress=False)["residual_adds"] == []
+    report = quantize(model, task, batches, progress=False)  # the default
+    assert report["residual_adds"] == ["blocks.0", "blocks.1"] and report["residual_adds_not_quantized"] == {}
+    table = quantizers(model)
+    # One quantizer per Add, called on both of its inputs (the conv branch and the identity / downsample output).
+    for block in ("blocks.0", "blocks.1"):
+        quantizer = table[f"{block}.residual_add.input_quantizer"]
+        assert quantizer.is_enabled and quantizer.axis is None and quantizer.amax.numel() == 1
+        calls = []
+        handle = quantizer.register_forward_pre_hook(lambda _m, args, calls=calls: calls.append(args[0].shape))
+        with torch.no_grad():
+            model(batches[0])
+        handle.remove()
+        assert len(calls) == 2 and calls[0] == calls[1]
+    # blocks.0's identity is its input, read by conv1 too: the two quantizers of that tensor share a scale.
+    assert torch.equal(
+        table["blocks.0.residual_add.input_quantizer"].amax, table["blocks.0.conv1.0.input_quantizer"].amax
+    )
+
+    # Exported: every residual Add reads two DequantizeLinear nodes with the same scale; TensorRT-ready, parity.
+    export = export_onnx(model, batches[1][:1], tmp_path / "toy.onnx")
+    assert export["readiness_errors"] == 0 and export["max_abs_error"] < 1e-2
+    with torch.no_grad(), onnx_qdq_semantics():  # exact parity: both sides compute the graph's Q/DQ arithmetic
+        reference = model(batches[1][:1])["map"].numpy()
+    session = ort_qdq_session(tmp_path / "toy.onnx", threads=1)
+    ours = session.run(None, {session.get_inputs()[0].name: batches[1][:1].numpy()})[0]
+    assert np.abs(ours - reference).max() < 1e-5
+    graph = onnx.load(tmp_path / "toy.onnx").graph
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    )
+    quantized_adds = 0
+    for node in (n for n in graph.node if n.op_type == "Add"):
+        sources = [producers.get(name) for name in node.input]
+        if all(s is not None and s.op_type == "DequantizeLinear" for s in sources):
+            scales = [constants[s.input[1]] for s in sources]
+            assert scales[0].size == 1 and np.array_equal(scales[0], scales[1])
+            quantized_adds += 1
+    assert quantized_adds == 2
+    plain_export = export_onnx(plain, batches[1][:1], tmp_path / "plain.onnx")
+    assert export["ops"]["QuantizeLinear"] > plain_export["ops"]["QuantizeLinear"]
+
+    # The rewrite is stored by name and rebuilt on load, bit for bit.
+    save_quantized(model, tmp_path / "q", report)
+    fresh, _, _ = _residual_toy(seed=1)
+    load_quantized(fresh, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(model(batches[2])["map"], fresh(batches[2])["map"])
