@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.data.nuscenes_tables import DETECTION_CLASSES
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid run."""
@@ -294,20 +296,7 @@ def _r50() -> Config:
     )
 
 
-# The 10 classes of the nuScenes detection challenge in the devkit's order
-# (fusion.data.nuscenes_tables.DETECTION_CLASSES; a test checks the two agree).
-NUSCENES_CLASSES = (
-    "car",
-    "truck",
-    "bus",
-    "trailer",
-    "construction_vehicle",
-    "pedestrian",
-    "motorcycle",
-    "bicycle",
-    "traffic_cone",
-    "barrier",
-)
+NUSCENES_CLASSES = DETECTION_CLASSES  # the 10 classes of the detection challenge, in the devkit's order
 # Camera channels in ring order (yaw 0, +60, +120, 180, -120, -60 degrees), where nuScenes mounts them.
 NUSCENES_CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT", "CAM_FRONT_RIGHT")
 

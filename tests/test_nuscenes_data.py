@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion.config import NUSCENES_CLASSES, get_config
+from fusion.config import get_config
 from fusion.data.camera_geometry import (
     CameraCalibration,
     FrustumCache,
@@ -70,7 +70,6 @@ def calibration_with_random_extrinsics(config, seed: int) -> CameraCalibration:
 
 
 def test_nuscenes_presets():
-    assert NUSCENES_CLASSES == DETECTION_CLASSES
     full = get_config("nuscenes")
     assert (full.rig.num_cameras, full.rig.image_height, full.rig.image_width) == (6, 256, 704)
     assert (full.grid.x_range, full.grid.size_x, full.lidar.sweeps, full.lidar.point_features) == (
