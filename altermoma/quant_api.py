@@ -31,6 +31,7 @@ def quantize(
     method: str = "max",
     fuse_conv_bn: bool = True,
     share_quantizers: bool = True,
+    quantize_residual_adds: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """INT8 PTQ of `model` in place (ModelOpt fake-quant; exports as QuantizeLinear/DequantizeLinear).
@@ -38,9 +39,14 @@ def quantize(
     `batches` (from the training split) run through `task.forward`; `config` overrides the keyword options:
     `skip` module names stay floating point, `method` is the calibration ("max", "mse", "histogram"),
     `fuse_conv_bn` folds BatchNorm into the preceding conv first, `share_quantizers` gives quantizers
-    reading one tensor one scale. Returns the report (fused pairs, quantizer table, errors vs FP)."""
+    reading one tensor one scale, `quantize_residual_adds` puts one quantizer on both inputs of every residual
+    Add (found from a forward pass). Returns the report (fused pairs, quantizer table, errors vs FP)."""
     if config is None:
         config = QuantizeConfig(
-            fuse_conv_bn=fuse_conv_bn, share_quantizers=share_quantizers, skip=tuple(skip), method=method
+            fuse_conv_bn=fuse_conv_bn,
+            share_quantizers=share_quantizers,
+            quantize_residual_adds=quantize_residual_adds,
+            skip=tuple(skip),
+            method=method,
         )
     return _quantize(model, task, batches, config, progress=progress)
