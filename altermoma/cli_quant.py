@@ -199,7 +199,7 @@ def quantize_checkpoint(
 ) -> dict[str, Any]:
     """Quantize a reference checkpoint into `out` (see the module docstring); returns the report."""
     from common.io import check_replaceable, staged_directory
-    from export.onnx import export_onnx, torch_threads
+    from export.onnx import torch_threads
     from export.quantize import (
         QUANT_KIND,
         QuantizeConfig,
@@ -209,7 +209,6 @@ def quantize_checkpoint(
         write_quantized,
     )
     from fusion.checkpoint import load_checkpoint, save_checkpoint
-    from fusion.models.bevfusion import example_inputs
     from fusion.task import reference_task
 
     if calib_scenes < 1:
@@ -269,9 +268,6 @@ def quantize_checkpoint(
                         threads,
                         parity_scenes,
                         val_scenes,
-                        example_inputs,
-                        export_onnx,
-                        load_checkpoint,
                         ort_cpu=ort_cpu,
                     )
                 )
@@ -340,14 +336,14 @@ def _export_both(
     threads,
     parity_scenes,
     val_scenes,
-    example_inputs,
-    export_onnx,
-    load_checkpoint,
     ort_cpu: bool = False,
 ) -> dict[str, Any]:
     """model.onnx (Q/DQ) and model_fp32.onnx of the FP reference, parity and (optionally) ORT mAP of both;
     with `ort_cpu` also model_ort_cpu.onnx (`ort_cpu_export`) and its mAP."""
-    from export.onnx import ExportError, export_split_details
+    from export.onnx import ExportError, export_onnx, export_split_details
+    from export.qdq_ort import ORT_CPU_FILE
+    from fusion.checkpoint import load_checkpoint
+    from fusion.models.bevfusion import example_inputs
     from fusion.models.stages import split_stages
 
     fp = base if reference is None else load_checkpoint(reference)[0]
@@ -374,8 +370,6 @@ def _export_both(
         "parity": qdq_parity(model, staging / "model.onnx", model.config, parity_scenes, threads),
     }
     if ort_cpu:
-        from export.qdq_ort import ORT_CPU_FILE
-
         result["ort_cpu"] = {
             "path": str(Path(out) / ORT_CPU_FILE),
             **ort_cpu_export(staging / "model.onnx", staging / ORT_CPU_FILE, model.config, parity_scenes, threads),
@@ -392,8 +386,6 @@ def _export_both(
             "mAP_change": int8_map["mAP"] - fp_map["mAP"],
         }
         if ort_cpu:
-            from export.qdq_ort import ORT_CPU_FILE
-
             ort_cpu_map = ort_map(staging / ORT_CPU_FILE, model.config, val_scenes, threads)
             result["accuracy"]["int8_ort_cpu"] = ort_cpu_map
             result["accuracy"]["mAP_change_ort_cpu"] = ort_cpu_map["mAP"] - fp_map["mAP"]
