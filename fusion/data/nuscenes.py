@@ -72,16 +72,21 @@ class SamplePlan:
     velocities: np.ndarray  # (K, 2) float32 LiDAR-frame m/s; NaN where the devkit cannot estimate one
 
 
-def read_points(path: str | Path) -> np.ndarray:
-    """A `.pcd.bin` as float32 (P, 5); a missing or truncated file is a NuScenesFormatError naming it."""
+def check_lidar_file(path: str | Path, where: str = "") -> None:
+    """A `.pcd.bin` must exist and hold whole points (one stat); `where` says whose file it is."""
     try:
         size = os.path.getsize(path)
     except OSError:
-        raise NuScenesFormatError(f"missing LiDAR file {path}") from None
+        raise NuScenesFormatError(f"missing LiDAR file {path}{where}") from None
     if size % (4 * POINT_COLUMNS):
         raise NuScenesFormatError(
             f"truncated LiDAR file {path}: {size} bytes is not a whole number of points (20 bytes each)"
         )
+
+
+def read_points(path: str | Path) -> np.ndarray:
+    """A `.pcd.bin` as float32 (P, 5); a missing or truncated file is a NuScenesFormatError naming it."""
+    check_lidar_file(path)
     return np.fromfile(path, dtype=np.float32).reshape(-1, POINT_COLUMNS)
 
 
@@ -152,14 +157,7 @@ class NuScenesDataset(Dataset):
                 if not os.path.isfile(path):
                     raise NuScenesFormatError(f"missing camera image {path} (sample {plan.token})")
             for path in plan.lidar_paths:
-                try:
-                    size = os.path.getsize(path)
-                except OSError:
-                    raise NuScenesFormatError(f"missing LiDAR file {path} (sample {plan.token})") from None
-                if size % (4 * POINT_COLUMNS):
-                    raise NuScenesFormatError(
-                        f"truncated LiDAR file {path}: {size} bytes is not a whole number of points (20 bytes each)"
-                    )
+                check_lidar_file(path, f" (sample {plan.token})")
 
     def _plan(self) -> list[SamplePlan]:
         tables = load_tables(self.dataroot, self.version)
