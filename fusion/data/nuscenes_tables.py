@@ -285,14 +285,8 @@ class NuScenesTables:
 
     def scene_samples(self, scene: dict) -> list[dict]:
         """The samples of a scene in time order, following first_sample_token and the next chain."""
-        out, token = [], self.field(scene, "first_sample_token", "scene")
-        while token:
-            sample = self.get("sample", token)
-            out.append(sample)
-            token = sample.get("next", "")
-            if len(out) > len(self.tables["sample"]):
-                raise NuScenesFormatError(f"scene {scene['token']!r}: the sample next-chain loops")
-        return out
+        first = self.field(scene, "first_sample_token", "scene")
+        return self._chain("sample", first, f"scene {scene['token']!r}: the sample next-chain loops")
 
     def split_sample_tokens(self, split: str) -> list[str]:
         """Sample tokens of an official split's scenes, scene by scene in split order, time order within."""
@@ -358,13 +352,18 @@ class NuScenesTables:
 
     def instance_annotations(self, instance_token: str) -> list[dict]:
         """The annotations of one instance in time order (first_annotation_token and the next chain)."""
-        out, token = [], self.get("instance", instance_token)["first_annotation_token"]
+        first = self.get("instance", instance_token)["first_annotation_token"]
+        return self._chain("sample_annotation", first, f"instance {instance_token!r}: the annotation next-chain loops")
+
+    def _chain(self, table: str, token: str, loop_error: str) -> list[dict]:
+        """Records of `table` from `token` along the next links; a chain longer than the table loops."""
+        out = []
         while token:
-            record = self.get("sample_annotation", token)
+            record = self.get(table, token)
             out.append(record)
             token = record.get("next", "")
-            if len(out) > len(self.tables["sample_annotation"]):
-                raise NuScenesFormatError(f"instance {instance_token!r}: the annotation next-chain loops")
+            if len(out) > len(self.tables[table]):
+                raise NuScenesFormatError(loop_error)
         return out
 
     def category_name(self, annotation: dict) -> str:
