@@ -256,6 +256,7 @@ def prune_request(args: argparse.Namespace):
             beta=args.beta,
             mask_mode=args.mask_mode,
             floor=None if args.eq13 else args.floor,
+            normalise=args.normalise,
         ),
     ).validate()
 
@@ -503,6 +504,12 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
         "--floor", type=float, default=1e-3, help="ReRI lowers a score to no less than floor x DeCI (default 1e-3)"
     )
     p.add_argument("--eq13", action="store_true", help="AlterEva scores exactly as the paper's Eq. 13 (no floor)")
+    p.add_argument(
+        "--normalise",
+        default="partition",
+        choices=("partition", "model"),
+        help="AlterEva shares: per partition (Eq. 11-13) or over the whole model (default partition)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

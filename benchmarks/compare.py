@@ -42,12 +42,26 @@ SPARSITIES = (0.8, 0.85, 0.9)
 BETAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # AlterEva beta/alpha, alpha = 1
 SWEEP_TARGET = 0.5
 EQ13 = "altereva-eq13"  # AlterEva with printed Eq. 13 scores; run at SWEEP_TARGET only
-# ReRI estimator variants (see compress.altereva), run when named in --methods: name -> AlterEvaConfig options
-ALTEREVA_VARIANTS = {
-    "altereva-same": {"reri_data": "same"},
-    "altereva-adamw": {"reactivation_optimizer": "adamw"},
-    "altereva-same-adamw": {"reri_data": "same", "reactivation_optimizer": "adamw"},
-}
+
+
+def _altereva_variants() -> dict[str, dict]:
+    """AlterEva estimator variants, run when named in --methods: "altereva[-same][-adamw][-model]" ->
+    AlterEvaConfig options (same: ReRI on D at both points; adamw: the reactivation optimiser; model:
+    shares normalised over the whole model instead of per partition). Plain "altereva" is the default config."""
+    variants = {}
+    for same in (False, True):
+        for adamw in (False, True):
+            for model in (False, True):
+                options = {"reri_data": "same"} if same else {}
+                options.update({"reactivation_optimizer": "adamw"} if adamw else {})
+                options.update({"normalise": "model"} if model else {})
+                name = "altereva" + "-same" * same + "-adamw" * adamw + "-model" * model
+                if options:
+                    variants[name] = options
+    return variants
+
+
+ALTEREVA_VARIANTS = _altereva_variants()
 METRICS = ("mAP", "NDS", "mIoU", "mATE", "mASE", "mAOE")
 PARTS = ("camera", "lidar", "fusion")
 
@@ -95,18 +109,28 @@ class RunSpec:
         return f"{self.kind}-{self.target:g}-{self.method}{beta}-seed{self.seed}"
 
 
-def plan(methods: tuple[str, ...], seeds: int, quick: bool) -> list[RunSpec]:
-    """The runs of a comparison, deduplicated (the beta = 1 sweep point is the main AlterEva run)."""
+def plan(
+    methods: tuple[str, ...],
+    seeds: int | list[int],
+    quick: bool,
+    structured_targets: tuple[float, ...] = STRUCTURED_TARGETS,
+    sparsities: tuple[float, ...] = SPARSITIES,
+    sweep: bool = True,
+) -> list[RunSpec]:
+    """The runs of a comparison, deduplicated (the beta = 1 sweep point is the main AlterEva run).
+
+    `seeds` is a count (seeds 0..n-1) or the seeds themselves (a protocol's development or confirmation
+    seeds); `sweep` adds AlterEva's beta sweep and the printed Eq. 13 at SWEEP_TARGET."""
     runs = []
-    for seed in range(seeds):
-        for target in (SWEEP_TARGET,) if quick else STRUCTURED_TARGETS:
+    for seed in range(seeds) if isinstance(seeds, int) else seeds:
+        for target in (SWEEP_TARGET,) if quick else structured_targets:
             runs += [RunSpec(m, "structured", target, seed) for m in methods]
         if quick:
             continue
-        if "altereva" in methods:  # the sweep before the long unstructured grid: it answers more per run
+        if sweep and "altereva" in methods:  # the sweep before the long unstructured grid: it answers more per run
             runs += [RunSpec("altereva", "structured", SWEEP_TARGET, seed, beta) for beta in BETAS]
             runs.append(RunSpec(EQ13, "structured", SWEEP_TARGET, seed))
-        for sparsity in SPARSITIES:
+        for sparsity in sparsities:
             runs += [RunSpec(m, "unstructured", sparsity, seed) for m in methods]
     return list(dict.fromkeys(runs))
 
@@ -235,7 +259,13 @@ def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
 
 
 def compare(
-    out: Path, settings: Settings, methods: tuple[str, ...], seeds: int, quick: bool, progress: bool = True
+    out: Path,
+    settings: Settings,
+    methods: tuple[str, ...],
+    seeds: int | list[int],
+    quick: bool,
+    progress: bool = True,
+    **grid,
 ) -> dict:
     """Run (or resume) every planned run, then write compare.md, compare.json and the plots."""
     import torch
@@ -251,7 +281,7 @@ def compare(
     base, _ = load_checkpoint(settings.checkpoint)
     source = settings.source()
     check_config_fits(base.config, source)
-    specs = plan(methods, seeds, quick)
+    specs = plan(methods, seeds, quick, **grid)
     stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
     todo = [spec for spec in specs if stored[spec.key] is None]
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done", flush=True)
@@ -277,7 +307,8 @@ def compare(
     elapsed = time.perf_counter() - start
     summary = {
         "settings": dataclasses.asdict(settings),
-        "seeds": seeds,
+        "seeds": len(seeds) if isinstance(seeds, list) else seeds,
+        "seed_list": list(seeds) if isinstance(seeds, list) else list(range(seeds)),
         "quick": quick,
         "unpruned": reference,
         "runs": runs,
@@ -352,7 +383,7 @@ def markdown(summary: dict) -> str:
         "# Pruning methods compared on the tiny fusion model",
         "",
         f"Checkpoint `{settings['checkpoint']}`; synthetic val split, {settings['val_scenes']} scenes; "
-        f"{summary['seeds']} seed(s) (mean ± std over seeds); fine-tune {settings['finetune_steps']} steps for every "
+        f"seeds {', '.join(map(str, summary.get('seed_list', range(summary['seeds']))))} (mean ± std over seeds); fine-tune {settings['finetune_steps']} steps for every "
         f"method (IMP: split over {settings['imp_levels']} levels), {settings['train_scenes']} training scenes; "
         f"SynFlow {settings['synflow_iterations']} iterations; {settings['threads']} thread(s). "
         f"The runs took {run_seconds(summary['runs']) / 60:.0f} min (prune + fine-tune + evaluate, summed); "
@@ -528,6 +559,30 @@ def scoring_cost(out: Path, threads: int, synflow_iterations: int) -> list[dict]
 
 
 # ---- command line -------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    """`3,4,5` -> [3, 4, 5]: distinct whole numbers >= 0."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct whole numbers >= 0, got {text!r}")
+    return values
+
+
+def _fraction_list(text: str) -> tuple[float, ...]:
+    """`0.5,0.9` -> (0.5, 0.9); `none` -> () to skip that kind of pruning."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions or 'none', got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions strictly between 0 and 1, got {text!r}")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
@@ -536,7 +591,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=str(SHIPPED), help="unpruned fusion checkpoint (default: shipped tiny)")
     p.add_argument("--quick", action="store_true", help="1 seed, 50%% GFLOPs only, 50 fine-tune steps")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
-    p.add_argument("--seeds", type=positive_int, help="number of seeds (default 3; --quick: 1)")
+    p.add_argument("--seeds", type=positive_int, help="number of seeds, 0..n-1 (default 3; --quick: 1)")
+    p.add_argument(
+        "--seed-list", type=_int_list, help="the seeds themselves, e.g. 3,4,5 (a protocol's confirmation seeds)"
+    )
+    p.add_argument("--structured-targets", type=_fraction_list, help="GFLOPs reductions (default 0.3,0.5,0.7)")
+    p.add_argument("--sparsities", type=_fraction_list, help="unstructured sparsities (default 0.8,0.85,0.9)")
+    p.add_argument("--no-sweep", action="store_true", help="skip AlterEva's beta sweep and the Eq. 13 row")
     p.add_argument(
         "--finetune-steps", type=non_negative_int, help="fine-tune budget per method (default 100; --quick: 50)"
     )
@@ -591,7 +652,15 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
     stored = out / "compare.json"
     if stored.is_file() and json.loads(stored.read_text()).get("quick", quick) != quick:
         raise ValueError(f"{out} holds a {'full' if quick else '--quick'} comparison; give --out another folder")
-    return compare(out, settings, methods, pick(args.seeds, 3, 1), quick)
+    if args.seed_list is not None and args.seeds is not None:
+        raise ValueError("give --seeds (a count) or --seed-list, not both")
+    seeds = args.seed_list if args.seed_list is not None else pick(args.seeds, 3, 1)
+    grid = {
+        "structured_targets": args.structured_targets if args.structured_targets is not None else STRUCTURED_TARGETS,
+        "sparsities": args.sparsities if args.sparsities is not None else SPARSITIES,
+        "sweep": not args.no_sweep,
+    }
+    return compare(out, settings, methods, seeds, quick, **grid)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

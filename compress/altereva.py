@@ -40,6 +40,7 @@ from common import dist
 from common.progress import progress_bar
 from common.task import Task
 from compress.partition import Partition, PartitionError, masked_modality
+from compress.scores import NORMALISE
 
 Batch = object  # whatever the task's `inputs` and `loss` take
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter
@@ -68,6 +69,7 @@ class AlterEvaConfig:
     beta: float = 1.0
     mask_mode: str = "parameters"  # or "feature" (ablation)
     floor: float | None = 1e-3  # ReRI discounts DeCI to no less than floor x DeCI; None: Eq. 13 as printed
+    normalise: str = "partition"  # Eq. 11-13's shares per partition, or "model": one total over every unit
 
     def validate(self) -> AlterEvaConfig:
         """One clear ValueError per bad option, before any gradient is taken."""
@@ -76,6 +78,8 @@ class AlterEvaConfig:
         if self.reactivation_optimizer not in REACTIVATION_OPTIMIZERS:
             choices = ", ".join(REACTIVATION_OPTIMIZERS)
             raise ValueError(f"unknown reactivation_optimizer {self.reactivation_optimizer!r} (choose from {choices})")
+        if self.normalise not in NORMALISE:
+            raise ValueError(f"unknown normalise {self.normalise!r} (choose from {', '.join(NORMALISE)})")
         steps = self.reactivation_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"reactivation_steps must be a whole number >= 0, got {steps!r}")

@@ -87,7 +87,7 @@ def channel_scores(
                 saliency, reri, lambda sal: [s.abs() for s in graph.channel_saliency(sal)], parts, request, "channels"
             )
         a = request.altereva
-        return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)
+        return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
         return [s.abs() for s in graph.channel_saliency(signed_saliency(model, task, batches))]
     if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
@@ -375,7 +375,7 @@ def weight_scores(
                 saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights"
             )
         a = request.altereva
-        return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor)))
+        return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)))
     if request.method == "snip":
         saliency = signed_saliency(model, task, batches)
         return {n: saliency[n].abs() for n in weights}

@@ -12,6 +12,11 @@ ReRI = 0 gives S = 0), so live channels were pruned before dead ones. The floor 
 and orders the heavily reactivated ones by their contribution. Measured on the tiny fusion model at
 50% GFLOPs, 100 fine-tune steps: mAP 0.735 (printed), 0.783 (floor 0, ties by magnitude), 0.811
 (floor 1e-3); `altermoma compare` keeps the printed form as the `altereva-eq13` row.
+
+`normalise="model"` (an option, not the paper) divides every saliency by its total over the whole model
+instead of per partition. Eq. 11-13 give every partition shares summing to alpha whatever its size or its
+gradient scale, which decides how much of each backbone survives before ReRI says anything; over the whole
+model the partitions compete in the loss's own units, as SNIP's do.
 """
 
 from __future__ import annotations
@@ -29,15 +34,28 @@ def normalise_within_partitions(values: Units, parts: list[str]) -> Units:
     return [v / totals[part] if totals[part] > 0 else torch.zeros_like(v) for v, part in zip(values, parts)]
 
 
+NORMALISE = ("partition", "model")
+
+
 def altereva_scores(
-    deci: Units, reri: dict[str, Units], parts: list[str], alpha: float, beta: float, floor: float | None = 1e-3
+    deci: Units,
+    reri: dict[str, Units],
+    parts: list[str],
+    alpha: float,
+    beta: float,
+    floor: float | None = 1e-3,
+    normalise: str = "partition",
 ) -> Units:
     """Combine |DeCI| and |ReRI| (per masked modality) into AlterEva scores; higher means keep.
 
     `floor=None` is Eq. 13 as printed; a number bounds every score below by `floor * alpha * DeCI share`.
+    `normalise`: "partition" (Eq. 11-13) or "model" (one total per saliency over every unit).
     """
-    deci_n = normalise_within_partitions(deci, parts)
-    reri_n = {masked: normalise_within_partitions(v, parts) for masked, v in reri.items()}
+    if normalise not in NORMALISE:
+        raise ValueError(f"unknown normalise {normalise!r} (choose from {', '.join(NORMALISE)})")
+    groups = parts if normalise == "partition" else ["model"] * len(parts)
+    deci_n = normalise_within_partitions(deci, groups)
+    reri_n = {masked: normalise_within_partitions(v, groups) for masked, v in reri.items()}
     scores = []
     for i, part in enumerate(parts):
         if part == "camera":

@@ -358,8 +358,10 @@ def _tiny_balanced() -> Config:
         camera_noise=0.05,
         camera_blur=1.0,
         camera_haze_range=45.0,
-        lidar_material_contrast=0.9,
+        lidar_material_contrast=0.4,
+        lidar_point_dropout=0.25,
     )
+    config.lidar.num_beams = 16
     return config
 
 

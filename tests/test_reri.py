@@ -240,6 +240,7 @@ def test_rank_correlation_matches_spearman_with_ties():
         ({"reactivation_steps": -1}, "reactivation_steps must be a whole number >= 0, got -1"),
         ({"reactivation_steps": 2.5}, "reactivation_steps must be a whole number >= 0, got 2.5"),
         ({"reactivation_lr": 0.0}, "reactivation_lr must be > 0, got 0.0"),
+        ({"normalise": "global"}, "unknown normalise 'global' (choose from partition, model)"),
     ],
 )
 def test_bad_options_fail_in_one_clear_line(options, message):
@@ -251,6 +252,38 @@ def test_bad_options_fail_in_one_clear_line(options, message):
     model, task = toy()
     with pytest.raises(ValueError, match="^unknown|^reactivation"):  # before any gradient is taken
         altereva_saliency(model, task, toy_batches(1, 4), AlterEvaConfig(**options))
+
+
+def test_model_normalisation_compares_partitions_in_the_loss_units():
+    from compress.scores import altereva_scores
+
+    # camera: two channels with 10x the gradient scale of the LiDAR's two; no reactivation
+    deci = [torch.tensor([8.0, 2.0]), torch.tensor([0.6, 0.4])]
+    zero = [torch.zeros(2), torch.zeros(2)]
+    reri = {"lidar": zero, "camera": zero}
+    parts = ["camera", "lidar"]
+    per_part = altereva_scores(deci, reri, parts, 1.0, 1.0)
+    assert torch.allclose(torch.cat(per_part), torch.tensor([0.8, 0.2, 0.6, 0.4]))  # each partition sums to alpha
+    whole = altereva_scores(deci, reri, parts, 1.0, 1.0, normalise="model")
+    assert torch.allclose(torch.cat(whole), torch.tensor([8.0, 2.0, 0.6, 0.4]) / 11.0)  # SNIP's order
+    # ReRI is normalised over the model too: the camera's penalty share is 3 / (3 + 1 + 0 + 0)
+    reri = {"lidar": [torch.tensor([3.0, 1.0]), torch.zeros(2)], "camera": [torch.zeros(2), torch.tensor([1.0, 1.0])]}
+    scores = altereva_scores(deci, reri, parts, 1.0, 0.5, floor=None, normalise="model")
+    expected = torch.tensor([8 / 11 - 0.5 * 3 / 4, 2 / 11 - 0.5 * 1 / 4, 0.6 / 11 - 0.5 / 2, 0.4 / 11 - 0.5 / 2])
+    assert torch.allclose(torch.cat(scores), expected)
+    with pytest.raises(ValueError, match="unknown normalise 'all'"):
+        altereva_scores(deci, reri, parts, 1.0, 1.0, normalise="all")
+
+
+def test_compare_plans_development_and_confirmation_seeds():
+    from benchmarks.compare import plan
+
+    dev = plan(("altereva", "snip"), [0, 1, 2], False, structured_targets=(0.5,), sparsities=(0.9,), sweep=False)
+    assert {(s.kind, s.target) for s in dev} == {("structured", 0.5), ("unstructured", 0.9)}
+    assert sorted({s.seed for s in dev}) == [0, 1, 2] and len(dev) == 2 * 2 * 3
+    confirm = plan(("snip",), [3, 4, 5], False, sparsities=())
+    assert {s.seed for s in confirm} == {3, 4, 5} and {s.kind for s in confirm} == {"structured"}
+    assert [s.key for s in plan(("snip",), 2, False)] == [s.key for s in plan(("snip",), [0, 1], False)]
 
 
 def test_the_cli_refuses_an_unknown_estimator_in_one_line(capsys):
@@ -339,4 +372,9 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         assert request.method == "altereva"
         assert all(getattr(request.altereva, k) == v for k, v in options.items())
     plain = prune_request(RunSpec("altereva", "structured", 0.5, 0), settings).altereva
-    assert (plain.reri_data, plain.reactivation_optimizer) == ("paper", "sgd")
+    assert (plain.reri_data, plain.reactivation_optimizer, plain.normalise) == ("paper", "sgd", "partition")
+    assert len(ALTEREVA_VARIANTS) == 7 and ALTEREVA_VARIANTS["altereva-same-adamw-model"] == {
+        "reri_data": "same",
+        "reactivation_optimizer": "adamw",
+        "normalise": "model",
+    }
