@@ -45,19 +45,20 @@ EQ13 = "altereva-eq13"  # AlterEva with printed Eq. 13 scores; run at SWEEP_TARG
 
 
 def _altereva_variants() -> dict[str, dict]:
-    """AlterEva estimator variants, run when named in --methods: "altereva[-same][-adamw][-model]" ->
-    AlterEvaConfig options (same: ReRI on D at both points; adamw: the reactivation optimiser; model:
-    shares normalised over the whole model instead of per partition). Plain "altereva" is the default config."""
+    """AlterEva estimator variants, run when named in --methods. Each names its departures from the paper
+    ("altereva-paper" has none: Eq. 10 as printed, SGD, Eq. 11-13) and sets all three options, so a name
+    means the same runs whatever AlterEvaConfig's defaults are; plain "altereva" is the toolkit default.
+    same: ReRI on D at both points; adamw: the reactivation optimiser; model: shares over the whole model."""
     variants = {}
     for same in (False, True):
         for adamw in (False, True):
             for model in (False, True):
-                options = {"reri_data": "same"} if same else {}
-                options.update({"reactivation_optimizer": "adamw"} if adamw else {})
-                options.update({"normalise": "model"} if model else {})
                 name = "altereva" + "-same" * same + "-adamw" * adamw + "-model" * model
-                if options:
-                    variants[name] = options
+                variants[name if name != "altereva" else "altereva-paper"] = {
+                    "reri_data": "same" if same else "paper",
+                    "reactivation_optimizer": "adamw" if adamw else "sgd",
+                    "normalise": "model" if model else "partition",
+                }
     return variants
 
 

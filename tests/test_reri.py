@@ -373,7 +373,12 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         assert all(getattr(request.altereva, k) == v for k, v in options.items())
     plain = prune_request(RunSpec("altereva", "structured", 0.5, 0), settings).altereva
     assert (plain.reri_data, plain.reactivation_optimizer, plain.normalise) == ("paper", "sgd", "partition")
-    assert len(ALTEREVA_VARIANTS) == 7 and ALTEREVA_VARIANTS["altereva-same-adamw-model"] == {
+    assert ALTEREVA_VARIANTS["altereva-paper"] == {
+        "reri_data": "paper",
+        "reactivation_optimizer": "sgd",
+        "normalise": "partition",
+    }
+    assert len(ALTEREVA_VARIANTS) == 8 and ALTEREVA_VARIANTS["altereva-same-adamw-model"] == {
         "reri_data": "same",
         "reactivation_optimizer": "adamw",
         "normalise": "model",
