@@ -355,7 +355,7 @@ def _tiny_balanced() -> Config:
     config.data = DataConfig(
         distractors_per_scene=(1, 3),
         camera_brightness=0.7,
-        camera_noise=0.05,
+        camera_noise=0.08,
         camera_blur=1.0,
         camera_haze_range=45.0,
         lidar_material_contrast=0.4,

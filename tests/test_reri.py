@@ -314,8 +314,21 @@ def test_the_tiny_benchmark_renders_the_same_scenes_bit_for_bit():
 
 def test_the_balanced_preset_differs_only_in_its_data():
     tiny, balanced = get_config("tiny").to_dict(), get_config("tiny-balanced").to_dict()
-    assert {k for k in tiny if tiny[k] != balanced[k]} == {"preset", "data"}
+    assert {k for k in tiny if tiny[k] != balanced[k]} == {"preset", "data", "lidar"}
+    assert {k for k in tiny["lidar"] if tiny["lidar"][k] != balanced["lidar"][k]} == {"num_beams"}  # sensor, not model
     assert _sample_digest(get_config("tiny-balanced"), 1) != _sample_digest(get_config("tiny"), 1)
+
+
+def test_camera_knobs_leave_the_lidar_data_alone_and_lidar_knobs_the_images():
+    """Why single-modal checkpoints carry over between balance rounds: each sensor's knobs change its own
+    inputs only (the cameras draw the same count of random numbers whatever their noise level)."""
+    base = get_config("tiny-balanced")
+    camera = get_config("tiny-balanced", {"data.camera_noise": 0.02, "data.camera_haze_range": 30.0})
+    lidar = get_config("tiny-balanced", {"lidar.num_beams": 32, "data.lidar_material_contrast": 0.9})
+    for index in range(2):
+        a, c, li = (make_sample(config, 1, index) for config in (base, camera, lidar))
+        assert [k for k in a if not np.array_equal(a[k], c[k])] == ["images"]
+        assert sorted(k for k in a if not np.array_equal(a[k], li[k])) == ["pillar_map", "pillars"]
 
 
 def test_material_contrast_lets_the_lidar_read_what_a_look_alike_is_made_of():
