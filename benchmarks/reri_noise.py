@@ -66,19 +66,22 @@ def markdown(result: dict, command: str) -> str:
         "Channel level, as AlterEva scores structured pruning. Round = the masked modality; signal = sum |ReRI|",
         "over the partition's channels; noise = the same estimator with zero reactivation steps (paper form:",
         "theta_0 (g(D) - g(D_B)) at theta_0; same-data form: 0 by construction); rho = Spearman between the",
-        "signal and noise rankings. Floor cost = the extra backward passes on D_B at theta_0 plus the summary.",
+        "signal and noise rankings; rho DeCI = Spearman between ReRI and DeCI over the partition's channels (near 1:",
+        "the penalty takes most from the channels that contribute most). Floor cost = the extra backward passes on",
+        "D_B at theta_0 plus the summary.",
         "",
-        "| ReRI data | optimiser | round | partition | signal | noise | SNR | rho | floor cost (s) | scoring (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ReRI data | optimiser | round | partition | signal | noise | SNR | rho | rho DeCI | floor cost (s) | scoring (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["rows"]:
         for masked, per_part in row["rounds"].items():
             for part, r in per_part.items():
                 snr = "n/a (floor 0)" if r["snr"] is None else f"{r['snr']:.2f}"
                 rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.2f}"
+                rho_deci = "n/a" if r.get("deci_spearman") is None else f"{r['deci_spearman']:.2f}"
                 lines.append(
                     f"| {row['reri_data']} | {row['optimizer']} | {masked} masked | {part} | {r['signal']:.1f} | "
-                    f"{r['noise']:.1f} | {snr} | {rho} | {row['seconds']:.2f} | {row['scoring_seconds']:.1f} |"
+                    f"{r['noise']:.1f} | {snr} | {rho} | {rho_deci} | {row['seconds']:.2f} | {row['scoring_seconds']:.1f} |"
                 )
     lines += ["", f"Measured with `{command}`."]
     return "\n".join(lines) + "\n"

@@ -201,13 +201,20 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def reri_summary(
-    reri: dict[str, Units], noise: dict[str, Units | None], parts: list[str], config: AlterEvaConfig, units: str
+    reri: dict[str, Units],
+    noise: dict[str, Units | None],
+    parts: list[str],
+    config: AlterEvaConfig,
+    units: str,
+    deci: Units | None = None,
 ) -> dict:
     """Signal (sum |ReRI|), zero-step noise floor (sum |floor|), their ratio and their rank agreement,
     per round (the masked modality) and per partition that round scores.
 
     `reri` and `noise` hold per-unit magnitudes (`units`: "channels" or "weights") in the layout of
     `parts`. An SNR near 1 or a Spearman rho near 1 says the ranking is mostly batch-to-batch noise.
+    With `deci`, "deci_spearman" is the rank agreement of ReRI with DeCI: near 1, the penalty mostly takes
+    from the units that contribute most, whatever reactivation says about redundancy.
     """
     rounds = {}
     for masked, signal_units in reri.items():
@@ -218,8 +225,12 @@ def reri_summary(
                 continue
             signal_flat = torch.cat([signal_units[i].double().flatten() for i in chosen])
             signal = float(signal_flat.sum())
+            against_deci = {}
+            if deci is not None:
+                deci_flat = torch.cat([deci[i].double().flatten() for i in chosen])
+                against_deci["deci_spearman"] = rank_correlation(signal_flat, deci_flat)
             if noise.get(masked) is None:
-                per_part[part] = {"signal": signal, "noise": 0.0, "snr": None, "spearman": None}
+                per_part[part] = {"signal": signal, "noise": 0.0, "snr": None, "spearman": None, **against_deci}
                 continue
             noise_flat = torch.cat([noise[masked][i].double().flatten() for i in chosen])
             floor = float(noise_flat.sum())
@@ -229,6 +240,7 @@ def reri_summary(
                 "noise": floor,
                 "snr": snr,
                 "spearman": rank_correlation(signal_flat, noise_flat),
+                **against_deci,
             }
         rounds[masked] = per_part
     summary = {
@@ -236,6 +248,7 @@ def reri_summary(
         "optimizer": config.reactivation_optimizer,
         "steps": config.reactivation_steps,
         "lr": config.reactivation_lr,
+        "normalise": config.normalise,
         "units": units,
         "rounds": rounds,
     }

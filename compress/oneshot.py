@@ -84,7 +84,13 @@ def channel_scores(
         reri = {masked: [s.abs() for s in graph.channel_saliency(sal)] for masked, sal in saliency.reri.items()}
         if diagnostics is not None:
             diagnostics["reri_noise"] = _reri_noise(
-                saliency, reri, lambda sal: [s.abs() for s in graph.channel_saliency(sal)], parts, request, "channels"
+                saliency,
+                reri,
+                lambda sal: [s.abs() for s in graph.channel_saliency(sal)],
+                parts,
+                request,
+                "channels",
+                deci,
             )
         a = request.altereva
         return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
@@ -220,12 +226,14 @@ def prune_structured(
     return report
 
 
-def _reri_noise(saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str):
+def _reri_noise(
+    saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str, deci=None
+):
     """The scoring report's ReRI signal-to-noise block; `seconds` is what the zero-step floor cost (its
     extra backward passes plus this summary)."""
     start = time.perf_counter()
     noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
-    summary = reri_summary(reri, noise, parts, request.altereva, kind)
+    summary = reri_summary(reri, noise, parts, request.altereva, kind, deci)
     summary["seconds"] = saliency.noise_seconds + time.perf_counter() - start
     return summary
 
@@ -372,7 +380,7 @@ def weight_scores(
         reri = {masked: [s[n].abs() for n in names] for masked, s in saliency.reri.items()}
         if diagnostics is not None:
             diagnostics["reri_noise"] = _reri_noise(
-                saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights"
+                saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights", deci
             )
         a = request.altereva
         return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)))

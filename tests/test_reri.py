@@ -396,3 +396,24 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         "reactivation_optimizer": "adamw",
         "normalise": "model",
     }
+
+
+def test_the_summary_says_how_much_reri_ranks_like_deci():
+    from compress.altereva import reri_summary
+
+    parts = ["camera", "camera", "fusion"]
+    reri = {"lidar": [torch.tensor([1.0, 2.0]), torch.tensor([3.0]), torch.tensor([5.0, 4.0, 6.0])]}
+    same_order = [torch.tensor([10.0, 20.0]), torch.tensor([30.0]), torch.tensor([0.5, 0.4, 0.6])]
+    reversed_order = [torch.tensor([3.0, 2.0]), torch.tensor([1.0]), torch.tensor([1.0, 2.0, 3.0])]
+    config = AlterEvaConfig(reri_data="same")
+    agree = reri_summary(reri, {"lidar": None}, parts, config, "channels", same_order)["rounds"]["lidar"]
+    assert agree["camera"]["deci_spearman"] == pytest.approx(1.0) and agree["fusion"]["deci_spearman"] == pytest.approx(
+        1.0
+    )
+    opposed = reri_summary(reri, {"lidar": None}, parts, config, "channels", reversed_order)["rounds"]["lidar"]
+    assert opposed["camera"]["deci_spearman"] == pytest.approx(-1.0)
+    assert opposed["fusion"]["deci_spearman"] == pytest.approx(0.5)  # ranks 2,1,3 against 1,2,3
+    assert (
+        "deci_spearman"
+        not in reri_summary(reri, {"lidar": None}, parts, config, "channels")["rounds"]["lidar"]["camera"]
+    )
