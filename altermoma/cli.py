@@ -489,7 +489,10 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8; 0: the noise control)")
     p.add_argument("--reactivation-lr", type=float, default=1e-3, help="AlterEva's reactivation lr (default 1e-3)")
     p.add_argument(
-        "--reactivation-optimizer", default="sgd", choices=("sgd", "adamw"), help="AlterEva's reactivation optimiser"
+        "--reactivation-optimizer",
+        default="adamw",
+        choices=("sgd", "adamw"),
+        help="AlterEva's reactivation optimiser (default adamw, chosen by reports/protocol/PROTOCOL.md; sgd: plain SGD)",
     )
     p.add_argument(
         "--reri-data",

@@ -6,7 +6,7 @@ summing must happen before the absolute value. This module produces those signed
 turns them into per-weight or per-channel importance.
 
     DeCI  = theta_0 * g(theta_0)                        on the unmasked model
-    round "lidar masked":  s0 = theta_0 * g0,  then B reactivation SGD steps,  sB = theta_0 * gB
+    round "lidar masked":  s0 = theta_0 * g0,  then B reactivation steps,  sB = theta_0 * gB
     ReRI  = s0 - sB          (reload theta_0 bit for bit, then the same with the camera masked)
 
 Two estimators of gB (`reri_data`). "paper" (Eq. 10 as printed): g0 on the scoring set D at theta_0,
@@ -55,15 +55,16 @@ class AlterEvaConfig:
     """AlterEva's options; the defaults are the shipped behaviour.
 
     reri_data: "paper" (g0 on D at theta_0, gB on D_B at theta_B: Eq. 10 as printed) or "same" (g0
-    and gB both on D: only the parameter change remains). reactivation_optimizer: "sgd" (plain SGD)
-    or "adamw" (the reference training optimiser; torch's default weight decay 0.01, the training
-    recipe's), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step control: "paper" then
+    and gB both on D: only the parameter change remains). reactivation_optimizer: "adamw" (the
+    reference training optimiser; torch's default weight decay 0.01, the training recipe's; the default
+    since issue 13's pre-registered protocol chose it, reports/protocol/) or "sgd" (plain SGD, what the
+    paper's description suggests), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step control: "paper" then
     scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
     """
 
     reactivation_steps: int = 8  # B
     reactivation_lr: float = 1e-3  # shared by both optimisers
-    reactivation_optimizer: str = "sgd"  # or "adamw"
+    reactivation_optimizer: str = "adamw"  # or "sgd" (chosen by reports/protocol/PROTOCOL.md)
     reri_data: str = "paper"  # or "same"
     alpha: float = 1.0
     beta: float = 1.0
