@@ -5,7 +5,8 @@ Every run prunes the same checkpoint with the same scoring set (drawn per seed),
 (IMP spreads it over its levels; see `compress.baselines`), then is evaluated on the same synthetic
 val split. The seed changes the scoring set, random scores and the fine-tune data order. Each
 finished run is written to `--out/runs/<key>.json` and skipped when present with the same settings,
-so an interrupted comparison resumes where it stopped.
+so an interrupted comparison resumes where it stopped, and two invocations may share a folder (each
+skips what the other has finished; give them different seeds or targets to split the work).
 
     python -m benchmarks.compare --quick                # 1 seed, 50% GFLOPs, 50 fine-tune steps (~3 min)
     python -m benchmarks.compare                        # the full grid, 3 seeds (about an hour on 2 cores)
@@ -295,6 +296,11 @@ def compare(
         open_split(base.config, source, "train", num_scenes=settings.train_scenes, progress=progress) if todo else None
     )
     for i, spec in enumerate(todo, 1):
+        finished = load_run(runs_dir / f"{spec.key}.json", settings)  # by another invocation sharing the folder
+        if finished is not None:
+            stored[spec.key] = finished
+            print(f"[{i}/{len(todo)}] {spec.key}: done meanwhile by another invocation", flush=True)
+            continue
         run = run_one(spec, settings, base, train_set, val_set)
         atomic_write_text(runs_dir / f"{spec.key}.json", json.dumps(run, indent=2))
         stored[spec.key] = run

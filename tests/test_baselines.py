@@ -378,3 +378,33 @@ def test_compare_runs_printed_eq13_as_altereva_without_floor():
     assert eq13.method == "altereva" and eq13.altereva.floor is None
     main = prune_request(RunSpec("altereva", "structured", 0.5, 0), Settings("x"))
     assert main.altereva.floor == 1e-3
+
+
+def test_two_compare_invocations_can_share_a_folder(tmp_path, monkeypatch):
+    """A run another invocation finished while this one was busy is loaded, not run again."""
+    import json
+    import random
+
+    import benchmarks.compare as compare_module
+    from benchmarks.compare import RunSpec, Settings, compare
+
+    shipped = compare_module.SHIPPED
+    settings = Settings(checkpoint=str(shipped), val_scenes=1, train_scenes=1, threads=1)
+    rng = random.Random(0)
+    calls = []
+
+    def fake_run_one(spec, settings_, base, train_set, val_set):
+        calls.append(spec.key)
+        if len(calls) == 1:  # meanwhile, "another invocation" finishes the next run
+            other = RunSpec("magnitude", "structured", 0.5, 0)
+            done = {**_fake_run(other, rng), "settings": settings_.stored(), "seconds": {"prune": 1.0}}
+            (tmp_path / "runs" / f"{other.key}.json").write_text(json.dumps(done))
+        return {**_fake_run(spec, rng), "settings": settings_.stored(), "seconds": {"prune": 1.0}}
+
+    monkeypatch.setattr(compare_module, "run_one", fake_run_one)
+    summary = compare(
+        tmp_path, settings, ("snip", "magnitude"), [0], False, False, structured_targets=(0.5,), sparsities=()
+    )
+    assert calls == ["structured-0.5-snip-seed0"]
+    assert [r["key"] for r in summary["runs"]] == ["structured-0.5-snip-seed0", "structured-0.5-magnitude-seed0"]
+    assert summary["seed_list"] == [0] and (tmp_path / "compare.md").is_file()
