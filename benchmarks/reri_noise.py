@@ -83,6 +83,18 @@ def markdown(result: dict, command: str) -> str:
                     f"| {row['reri_data']} | {row['optimizer']} | {masked} masked | {part} | {r['signal']:.1f} | "
                     f"{r['noise']:.1f} | {snr} | {rho} | {rho_deci} | {row['seconds']:.2f} | {row['scoring_seconds']:.1f} |"
                 )
+    lines += [
+        "",
+        "Floored: the fraction of each partition's channels whose ReRI penalty takes the score to the floor",
+        "(alpha = beta = 1, floor 1e-3, per-partition shares), where the ranking stops following the contribution.",
+        "",
+        "| ReRI data | optimiser | floored camera | floored lidar | floored fusion |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in result["rows"]:
+        floored = row.get("floored", {})
+        cells = " | ".join(f"{floored[p]:.0%}" if p in floored else "n/a" for p in ("camera", "lidar", "fusion"))
+        lines.append(f"| {row['reri_data']} | {row['optimizer']} | {cells} |")
     lines += ["", f"Measured with `{command}`."]
     return "\n".join(lines) + "\n"
 

@@ -39,7 +39,7 @@ from compress.latency import LatencyPredictor, load_table
 from compress.latency_select import select_for_latency
 from compress.partition import Partition
 from compress.request import PruneRequest, request_dict
-from compress.scores import altereva_scores
+from compress.scores import altereva_scores, floored_fraction
 from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
 
@@ -234,6 +234,9 @@ def _reri_noise(
     start = time.perf_counter()
     noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
     summary = reri_summary(reri, noise, parts, request.altereva, kind, deci)
+    if deci is not None:
+        a = request.altereva
+        summary["floored"] = floored_fraction(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
     summary["seconds"] = saliency.noise_seconds + time.perf_counter() - start
     return summary
 

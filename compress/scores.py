@@ -67,3 +67,27 @@ def altereva_scores(
         score = alpha * deci_n[i] - beta * penalty
         scores.append(score if floor is None else torch.maximum(score, floor * alpha * deci_n[i]))
     return scores
+
+
+def floored_fraction(
+    deci: Units,
+    reri: dict[str, Units],
+    parts: list[str],
+    alpha: float,
+    beta: float,
+    floor: float | None,
+    normalise: str = "partition",
+) -> dict[str, float]:
+    """Per partition, the fraction of units whose ReRI penalty reaches the floor (printed Eq. 13: goes
+    below it), so that their rank no longer follows their contribution. A high fraction in a partition
+    that holds most of the FLOPs decides where a GFLOPs target is met."""
+    printed = altereva_scores(deci, reri, parts, alpha, beta, None, normalise)
+    groups = parts if normalise == "partition" else ["model"] * len(parts)
+    shares = normalise_within_partitions(deci, groups)
+    bound = floor if floor is not None else 0.0
+    hit: dict[str, list[int]] = {}
+    for score, share, part in zip(printed, shares, parts):
+        counts = hit.setdefault(part, [0, 0])
+        counts[0] += int(((score <= bound * alpha * share) & (share > 0)).sum())  # dead units are not overridden
+        counts[1] += score.numel()
+    return {part: n / total for part, (n, total) in hit.items() if total}

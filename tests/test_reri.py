@@ -431,3 +431,23 @@ def test_the_summary_says_how_much_reri_ranks_like_deci():
         "deci_spearman"
         not in reri_summary(reri, {"lidar": None}, parts, config, "channels")["rounds"]["lidar"]["camera"]
     )
+
+
+def test_floored_fraction_counts_the_units_whose_penalty_overrides_their_contribution():
+    from compress.scores import floored_fraction
+
+    deci = [torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([1.0, 1.0])]
+    # camera shares 0.4 0.3 0.2 0.1 against penalties 0.1 0.1 0.4 0.4: the last two are floored
+    reri = {"lidar": [torch.tensor([1.0, 1.0, 4.0, 4.0]), torch.zeros(2)], "camera": [torch.zeros(4), torch.zeros(2)]}
+    got = floored_fraction(deci, reri, ["camera", "lidar"], 1.0, 1.0, 1e-3)
+    assert got == {"camera": 0.5, "lidar": 0.0}
+    assert floored_fraction(deci, reri, ["camera", "lidar"], 1.0, 0.0, 1e-3) == {"camera": 0.0, "lidar": 0.0}
+    assert floored_fraction(deci, reri, ["camera", "lidar"], 1.0, 1.0, None)["camera"] == 0.5  # printed: below 0
+
+
+def test_prune_reports_the_floored_fraction_per_partition():
+    model, task = toy()
+    request = PruneRequest(channel_ratio=0.25, round_to=1, altereva=AlterEvaConfig(reactivation_steps=2))
+    floored = prune(model, task, toy_batches(), request, progress=False)["reri_noise"]["floored"]
+    assert set(floored) <= {"camera", "lidar", "fusion"} and floored
+    assert all(0.0 <= v <= 1.0 for v in floored.values())
