@@ -26,7 +26,9 @@ from benchmarks.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
 from common.io import check_replaceable
+from compress.altereva import REACTIVATION_OPTIMIZERS, RERI_DATA, AlterEvaConfig
 from compress.partition import PartitionError
+from compress.scores import NORMALISE
 from compress.structured import PruningError
 from export.runtime import TensorRTUnavailable
 from fusion.checkpoint import CheckpointError
@@ -488,17 +490,20 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--scoring-batches", type=int, default=4, help="batches (of 2 scenes) in the scoring set")
     p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8; 0: the noise control)")
     p.add_argument("--reactivation-lr", type=float, default=1e-3, help="AlterEva's reactivation lr (default 1e-3)")
+    defaults = AlterEvaConfig()
     p.add_argument(
         "--reactivation-optimizer",
-        default="adamw",
-        choices=("sgd", "adamw"),
-        help="AlterEva's reactivation optimiser (default adamw, chosen by reports/protocol/PROTOCOL.md; sgd: plain SGD)",
+        default=defaults.reactivation_optimizer,
+        choices=REACTIVATION_OPTIMIZERS,
+        help=f"AlterEva's reactivation optimiser (default {defaults.reactivation_optimizer}, chosen by "
+        "reports/protocol/PROTOCOL.md; sgd: plain SGD)",
     )
     p.add_argument(
         "--reri-data",
-        default="paper",
-        choices=("paper", "same"),
-        help="ReRI gradients: paper = D at theta_0 vs D_B at theta_B (Eq. 10); same = D at both (default paper)",
+        default=defaults.reri_data,
+        choices=RERI_DATA,
+        help="ReRI gradients: paper = D at theta_0 vs D_B at theta_B (Eq. 10); same = D at both "
+        f"(default {defaults.reri_data})",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="DeCI weight")
     p.add_argument("--beta", type=float, default=1.0, help="ReRI weight")
@@ -509,9 +514,9 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--eq13", action="store_true", help="AlterEva scores exactly as the paper's Eq. 13 (no floor)")
     p.add_argument(
         "--normalise",
-        default="partition",
-        choices=("partition", "model"),
-        help="AlterEva shares: per partition (Eq. 11-13) or over the whole model (default partition)",
+        default=defaults.normalise,
+        choices=NORMALISE,
+        help=f"AlterEva shares: per partition (Eq. 11-13) or over the whole model (default {defaults.normalise})",
     )
     p.add_argument("--seed", type=int, default=0)
 

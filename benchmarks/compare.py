@@ -269,7 +269,9 @@ def compare(
     progress: bool = True,
     **grid,
 ) -> dict:
-    """Run (or resume) every planned run, then write compare.md, compare.json and the plots."""
+    """Run (or resume) every planned run, then write compare.md, compare.json and the plots.
+
+    `seeds`: a count (seeds 0..n-1) or the seeds themselves; `grid`: `plan`'s targets and sweep options."""
     import torch
 
     from common.io import atomic_write_text
@@ -283,7 +285,8 @@ def compare(
     base, _ = load_checkpoint(settings.checkpoint)
     source = settings.source()
     check_config_fits(base.config, source)
-    specs = plan(methods, seeds, quick, **grid)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    specs = plan(methods, seed_list, quick, **grid)
     stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
     todo = [spec for spec in specs if stored[spec.key] is None]
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done", flush=True)
@@ -314,8 +317,8 @@ def compare(
     elapsed = time.perf_counter() - start
     summary = {
         "settings": dataclasses.asdict(settings),
-        "seeds": len(seeds) if isinstance(seeds, list) else seeds,
-        "seed_list": list(seeds) if isinstance(seeds, list) else list(range(seeds)),
+        "seeds": len(seed_list),
+        "seed_list": seed_list,
         "quick": quick,
         "unpruned": reference,
         "runs": runs,
@@ -602,8 +605,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed-list", type=_int_list, help="the seeds themselves, e.g. 3,4,5 (a protocol's confirmation seeds)"
     )
-    p.add_argument("--structured-targets", type=_fraction_list, help="GFLOPs reductions (default 0.3,0.5,0.7)")
-    p.add_argument("--sparsities", type=_fraction_list, help="unstructured sparsities (default 0.8,0.85,0.9)")
+    p.add_argument(
+        "--structured-targets",
+        type=_fraction_list,
+        default=STRUCTURED_TARGETS,
+        help="GFLOPs reductions (default 0.3,0.5,0.7; none: skip)",
+    )
+    p.add_argument(
+        "--sparsities", type=_fraction_list, default=SPARSITIES, help="unstructured sparsities (default 0.8,0.85,0.9)"
+    )
     p.add_argument("--no-sweep", action="store_true", help="skip AlterEva's beta sweep and the Eq. 13 row")
     p.add_argument(
         "--finetune-steps", type=non_negative_int, help="fine-tune budget per method (default 100; --quick: 50)"
@@ -662,11 +672,7 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
     if args.seed_list is not None and args.seeds is not None:
         raise ValueError("give --seeds (a count) or --seed-list, not both")
     seeds = args.seed_list if args.seed_list is not None else pick(args.seeds, 3, 1)
-    grid = {
-        "structured_targets": args.structured_targets if args.structured_targets is not None else STRUCTURED_TARGETS,
-        "sparsities": args.sparsities if args.sparsities is not None else SPARSITIES,
-        "sweep": not args.no_sweep,
-    }
+    grid = {"structured_targets": args.structured_targets, "sparsities": args.sparsities, "sweep": not args.no_sweep}
     return compare(out, settings, methods, seeds, quick, **grid)
 
 

@@ -45,9 +45,8 @@ def card_path(weights: Path, prefix: str) -> Path:
 
 def measure(weights: Path, val_scenes: int, prefix: str = DEFAULT_PREFIX) -> dict[str, dict]:
     results = {}
-    vals: dict[
-        str, SyntheticScenes
-    ] = {}  # each model on the val split of its own data config, rendered once per config
+    # each model on the val split of its own data config, rendered once per config
+    vals: dict[str, SyntheticScenes] = {}
     for modality in MODALITIES:
         model, meta = load_checkpoint(weights / f"{prefix}-{modality}")
         key = json.dumps({k: v for k, v in model.config.to_dict().items() if k != "train"}, sort_keys=True)

@@ -58,8 +58,8 @@ class AlterEvaConfig:
     and gB both on D: only the parameter change remains). reactivation_optimizer: "adamw" (the
     reference training optimiser; torch's default weight decay 0.01, the training recipe's; the default
     since issue 13's pre-registered protocol chose it, reports/protocol/) or "sgd" (plain SGD, what the
-    paper's description suggests), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step control: "paper" then
-    scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
+    paper's description suggests), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step
+    control: "paper" then scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
     """
 
     reactivation_steps: int = 8  # B

@@ -227,16 +227,15 @@ def prune_structured(
 
 
 def _reri_noise(
-    saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str, deci=None
+    saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str, deci: list
 ):
     """The scoring report's ReRI signal-to-noise block; `seconds` is what the zero-step floor cost (its
     extra backward passes plus this summary)."""
     start = time.perf_counter()
     noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
-    summary = reri_summary(reri, noise, parts, request.altereva, kind, deci)
-    if deci is not None:
-        a = request.altereva
-        summary["floored"] = floored_fraction(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
+    a = request.altereva
+    summary = reri_summary(reri, noise, parts, a, kind, deci)
+    summary["floored"] = floored_fraction(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
     summary["seconds"] = saliency.noise_seconds + time.perf_counter() - start
     return summary
 

@@ -37,6 +37,13 @@ def normalise_within_partitions(values: Units, parts: list[str]) -> Units:
 NORMALISE = ("partition", "model")
 
 
+def _share_groups(parts: list[str], normalise: str) -> list[str]:
+    """The group whose total each unit is divided by: its partition, or one group for the whole model."""
+    if normalise not in NORMALISE:
+        raise ValueError(f"unknown normalise {normalise!r} (choose from {', '.join(NORMALISE)})")
+    return parts if normalise == "partition" else ["model"] * len(parts)
+
+
 def altereva_scores(
     deci: Units,
     reri: dict[str, Units],
@@ -51,9 +58,7 @@ def altereva_scores(
     `floor=None` is Eq. 13 as printed; a number bounds every score below by `floor * alpha * DeCI share`.
     `normalise`: "partition" (Eq. 11-13) or "model" (one total per saliency over every unit).
     """
-    if normalise not in NORMALISE:
-        raise ValueError(f"unknown normalise {normalise!r} (choose from {', '.join(NORMALISE)})")
-    groups = parts if normalise == "partition" else ["model"] * len(parts)
+    groups = _share_groups(parts, normalise)
     deci_n = normalise_within_partitions(deci, groups)
     reri_n = {masked: normalise_within_partitions(v, groups) for masked, v in reri.items()}
     scores = []
@@ -82,8 +87,7 @@ def floored_fraction(
     below it), so that their rank no longer follows their contribution. A high fraction in a partition
     that holds most of the FLOPs decides where a GFLOPs target is met."""
     printed = altereva_scores(deci, reri, parts, alpha, beta, None, normalise)
-    groups = parts if normalise == "partition" else ["model"] * len(parts)
-    shares = normalise_within_partitions(deci, groups)
+    shares = normalise_within_partitions(deci, _share_groups(parts, normalise))
     bound = floor if floor is not None else 0.0
     hit: dict[str, list[int]] = {}
     for score, share, part in zip(printed, shares, parts):
