@@ -364,7 +364,7 @@ def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch):
     """`--task`: a user's model (depthwise and grouped convs, squeeze-excite) gets a table and a latency prune."""
     monkeypatch.chdir(ROOT)
     spec, table = "examples/pku_fusion.py:setup", tmp_path / "pku.json"
-    argv = ["latency-table", "--task", spec, "--out", str(table), "--grid-points", "2", "--runs", "2", "--warmup", "0"]
+    argv = ["latency-table", "--task", spec, "--out", str(table), "--grid-points", "2", "--runs", "3", "--warmup", "1"]
     assert main([*argv, "--no-rest-terms", "--quiet"]) == 0
     out = tmp_path / "pruned"
     prune = ["prune", "--task", spec, "--method", "snip", "--target-latency", "0.6", "--latency-table", str(table)]
