@@ -22,7 +22,7 @@ from altermoma.cli_data import add_data_parsers
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_latency import add_latency_table_parser
 from altermoma.cli_quant import add_quantize_parser
-from benchmarks.compare import add_parser as add_compare_parser
+from altermoma.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
 from common.io import check_replaceable
@@ -437,7 +437,7 @@ def finetune_user(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from benchmarks.pipeline import run_pipeline
+    from altermoma.pipeline import run_pipeline
 
     run_pipeline(
         out=Path(args.out),

@@ -1,6 +1,6 @@
 """Deployment subcommands of `altermoma`: `export onnx`, `export trt` and `bench`.
 
-Wired into the main parser by `add_parsers(sub)`; `bench` is defined next to its code in `benchmarks.latency`
+Wired into the main parser by `add_parsers(sub)`; `bench` is defined next to its code in `altermoma.bench`
 (which never imports this package) and only registered here. Handlers raise ValueError / FileNotFoundError /
 CheckpointError for user errors, which the main CLI prints as one line.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.latency import add_parser as add_bench_parser
+from altermoma.bench import add_parser as add_bench_parser
 from common.argtypes import positive_int
 from fusion.data.source import add_data_args, source_from_args
 
@@ -136,13 +136,13 @@ def check_comparable(checkpoints: list[str], allow_mixed: bool) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from benchmarks.latency import run_from_args
+    from altermoma.bench import run_from_args
 
     check_writable_folder(args.out)
     if args.task is None:
         check_comparable(args.checkpoint, args.allow_mixed)
         return run_from_args(args)
-    from benchmarks.user_bench import bench_models
+    from altermoma.user_bench import bench_models
 
     if args.batch_size != 1 or args.pool_method is not None or args.preset is not None:
         raise ValueError("--batch-size, --pool-method and --preset are for reference checkpoints, not --task")

@@ -1,5 +1,5 @@
 """`altermoma latency-table`: build a per-layer latency table on this machine, write a trtexec folder for a
-device, or parse that folder's logs into a table (see `benchmarks.latency_table`)."""
+device, or parse that folder's logs into a table (see `altermoma.latency_table`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ BACKEND_CHOICES = ("ort-cpu", "torch-cpu", "torch-cuda", "trtexec-script")
 
 def load_subject(args: argparse.Namespace):
     """The unpruned model to time: a reference checkpoint, or the user's `--task` setup."""
-    from benchmarks.latency_table import Subject
+    from altermoma.latency_table import Subject
 
     if (args.task is None) == (args.checkpoint is None):
         raise ValueError("give --checkpoint (a reference checkpoint) or --task (your own model), not both")
@@ -35,7 +35,7 @@ def load_subject(args: argparse.Namespace):
 
 
 def cmd_latency_table(args: argparse.Namespace) -> None:
-    from benchmarks import latency_table as lt
+    from altermoma import latency_table as lt
     from compress.latency import save_table
 
     if args.parse_trtexec is not None:

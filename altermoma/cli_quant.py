@@ -603,7 +603,7 @@ def pipeline_int8(
     unpruned FP32 graph, the pruned FP32 graph and the pruned INT8 graphs with the `bench` harness."""
     import os
 
-    from benchmarks.latency import measure
+    from altermoma.bench import measure
     from export.onnx import OrtPipeline, export_onnx, torch_threads
     from export.qdq_ort import ORT_CPU_FILE
     from fusion.models.bevfusion import example_inputs

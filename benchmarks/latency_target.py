@@ -6,7 +6,7 @@ Three reports under `--out` (JSON + Markdown each, with the command that wrote t
         A seeded random-init model of the preset (latency depends on widths, not weights, as in
         `benchmarks.speedup`) pruned by AlterEva to 50% of its predicted latency and, for comparison,
         to 50% of its GFLOPs; both and the unpruned model measured end to end and per CUDA-BEVFusion
-        stage on ONNX Runtime CPU (`benchmarks.latency.bench_model`), next to the table's prediction.
+        stage on ONNX Runtime CPU (`altermoma.bench.bench_model`), next to the table's prediction.
     python -m benchmarks.latency_target accuracy --preset tiny --threads 1 --out reports/latency-target
         The shipped checkpoint pruned by AlterEva to 50% of its predicted latency, and by AlterEva to the
         GFLOPs reduction whose MEASURED latency matches it (bisection on measured latency); both
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.latency import BACKENDS, bench_model, compare, environment, measure
-from benchmarks.latency_table import Subject, build_table, model_runner
+from altermoma.bench import BACKENDS, bench_model, compare, environment, measure
+from altermoma.latency_table import Subject, build_table, model_runner
 from common.io import atomic_write_text
 from common.task import Task
 from compress.latency import LatencyPredictor, LatencyTable, load_table, save_table, table_from_costs

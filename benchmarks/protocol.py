@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import ALTEREVA_VARIANTS
+from altermoma.compare import ALTEREVA_VARIANTS
 
 TIE = 0.005  # mAP: what three seeds resolve
 DEV_CELLS = (("structured", 0.5), ("unstructured", 0.9))

@@ -3,7 +3,7 @@
 Latency: the `small` preset with seeded random weights (latency depends on shapes, not values), pruned to
 `--target-gflops` with the real pipeline (`benchmarks.speedup.prepare`), each model exported as FP32 and
 as an INT8 Q/DQ graph (ModelOpt PTQ, calibrated on training-split scenes), timed in ONNX Runtime's CPU
-provider with explicit threads (`benchmarks.latency.measure`: warm-up, then >= 50 runs, median/p90/p99).
+provider with explicit threads (`altermoma.bench.measure`: warm-up, then >= 50 runs, median/p90/p99).
 For every INT8 graph the graph ONNX Runtime actually runs (`SessionOptions.optimized_model_filepath`) is
 inspected: QLinearConv / QLinearMatMul / MatMulInteger etc. are Q/DQ fused into integer kernels; a Conv
 left between DequantizeLinear and QuantizeLinear ran as an FP32 kernel on dequantized values.
@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.latency import environment
+from altermoma.bench import environment
 from common.io import atomic_write_text
 from export.onnx import export_onnx, session_options, torch_threads
 from export.qdq_ort import ort_fusion_report, to_ort_cpu_form

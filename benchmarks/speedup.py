@@ -2,7 +2,7 @@
 
 Latency depends on layer widths, not on weight values, so a seeded random-init model of the preset
 is pruned with the real pipeline (same scoring set, GFLOPs bisection, round_to) and both models go
-through `benchmarks.latency.bench`: efficiency = measured speed-up / GFLOPs ratio, per backend and stage.
+through `altermoma.bench.bench`: efficiency = measured speed-up / GFLOPs ratio, per backend and stage.
 
     python -m benchmarks.speedup --preset small --target-gflops 0.5 --threads 1 --out reports/speedup-small
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import bench
+from altermoma.bench import bench
 from compress.prune import prune
 from compress.request import PruneRequest
 from fusion.checkpoint import save_checkpoint

@@ -14,13 +14,13 @@ LSS BEV pooling, whose cost is linear in the context channels: a constant rest o
 models by 18-27% (reports/latency-target/rest-ablation-small.md). So a table may carry per-group rest
 terms ("rest_terms"): the model measured end to end with one group cut to about a quarter of its width
 gives the change of the rest per removed channel of that group; the builder marks which terms to use
-(`used`; those that stand out from the others, see `benchmarks.latency_table.choose_rest_terms`). Then
+(`used`; those that stand out from the others, see `altermoma.latency_table.choose_rest_terms`). Then
 
     predicted latency = sum over layers of table(c_in, c_out) + rest - sum over groups of slope x removed
 
 A table is valid for one model only: its layers, full widths and feature-map sizes are checked against
 the model on load (`check_table`), so a table from another model, preset or backend is a one-line error.
-Building tables needs a runtime and lives in `benchmarks.latency_table`; this module only reads them.
+Building tables needs a runtime and lives in `altermoma.latency_table`; this module only reads them.
 """
 
 from __future__ import annotations

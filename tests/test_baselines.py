@@ -341,7 +341,7 @@ def _fake_run(spec, rng):
 def test_compare_plans_the_grid_and_writes_tables_and_plots(tmp_path):
     import random
 
-    from benchmarks.compare import METHODS, markdown, plan, plot_map_vs_beta, plot_map_vs_gflops
+    from altermoma.compare import METHODS, markdown, plan, plot_map_vs_beta, plot_map_vs_gflops
 
     full = plan(METHODS, 3, quick=False)
     # methods x targets x kinds x seeds, + 4 beta points (beta = 1 is the main run) + Eq. 13, per seed
@@ -372,7 +372,7 @@ def test_compare_plans_the_grid_and_writes_tables_and_plots(tmp_path):
 
 
 def test_compare_runs_printed_eq13_as_altereva_without_floor():
-    from benchmarks.compare import EQ13, RunSpec, Settings, prune_request
+    from altermoma.compare import EQ13, RunSpec, Settings, prune_request
 
     eq13 = prune_request(RunSpec(EQ13, "structured", 0.5, 0), Settings("x"))
     assert eq13.method == "altereva" and eq13.altereva.floor is None
@@ -385,8 +385,8 @@ def test_two_compare_invocations_can_share_a_folder(tmp_path, monkeypatch):
     import json
     import random
 
-    import benchmarks.compare as compare_module
-    from benchmarks.compare import RunSpec, Settings, compare
+    import altermoma.compare as compare_module
+    from altermoma.compare import RunSpec, Settings, compare
 
     shipped = compare_module.SHIPPED
     settings = Settings(checkpoint=str(shipped), val_scenes=1, train_scenes=1, threads=1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flops import main, split_stage_flops, stage_flops
+from altermoma.flops import main, split_stage_flops, stage_flops
 from fusion.config import get_config
 from fusion.models.bevfusion import build_model, example_inputs
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import latency
-from benchmarks.latency import BACKENDS, availability, compare, cpu_model, measure
+from altermoma import bench as latency
+from altermoma.bench import BACKENDS, availability, compare, cpu_model, measure
 from fusion.checkpoint import save_checkpoint
 from fusion.models.bevfusion import build_model
 
@@ -103,14 +100,3 @@ def test_default_model_is_labelled_random_without_shipped_weights(tmp_path, monk
     [(label, model, source)] = latency.resolve_models(None, "tiny")
     assert "random weights" in label and "random weights" in source
     assert model.config.preset == "tiny" and model.modality == "fusion"
-
-
-def test_benchmarks_never_import_altermoma():
-    """`altermoma bench` is registered from benchmarks.latency; the reverse import would be a cycle."""
-    code = (
-        "import sys, benchmarks.latency, benchmarks.flops; "
-        "assert not any(m == 'altermoma' or m.startswith('altermoma.') for m in sys.modules)"
-    )
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -15,7 +15,7 @@ from torch import nn
 
 import altermoma
 from altermoma.cli import build_parser, main, prune_request
-from benchmarks.latency_table import (
+from altermoma.latency_table import (
     Subject,
     build_table,
     parse_trtexec_folder,

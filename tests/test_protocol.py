@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.compare import ALTEREVA_VARIANTS
+from altermoma.compare import ALTEREVA_VARIANTS
 from benchmarks.protocol import candidates, choose, departures, judge, main
 
 

@@ -344,7 +344,7 @@ def test_pipeline_int8_rows(tmp_path):
     """`altermoma pipeline --int8`: the fine-tuned pruned model quantized, its ONNX Runtime mAP rows in the table
     and the INT8-vs-unpruned-FP32 section (latency of the four graphs with one harness) in the report."""
     from altermoma.cli_quant import pipeline_int8
-    from benchmarks.pipeline import run_pipeline
+    from altermoma.pipeline import run_pipeline
     from compress.request import PruneRequest
 
     summary = run_pipeline(tmp_path / "p", False, PruneRequest(target_gflops=0.5), 2, 4, 1, int8=pipeline_int8)

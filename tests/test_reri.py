@@ -290,7 +290,7 @@ def test_model_normalisation_compares_partitions_in_the_loss_units():
 
 
 def test_compare_plans_development_and_confirmation_seeds():
-    from benchmarks.compare import plan
+    from altermoma.compare import plan
 
     dev = plan(("altereva", "snip"), [0, 1, 2], False, structured_targets=(0.5,), sparsities=(0.9,), sweep=False)
     assert {(s.kind, s.target) for s in dev} == {("structured", 0.5), ("unstructured", 0.9)}
@@ -391,7 +391,7 @@ def test_impossible_sensor_knobs_are_refused(key, value):
 
 
 def test_compare_runs_the_estimator_variants_as_altereva():
-    from benchmarks.compare import ALTEREVA_VARIANTS, RunSpec, Settings, prune_request
+    from altermoma.compare import ALTEREVA_VARIANTS, RunSpec, Settings, prune_request
 
     settings = Settings(checkpoint="unused")
     for name, options in ALTEREVA_VARIANTS.items():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.latency import measure
+from altermoma.bench import measure
 from common.io import atomic_write_text
 from common.task import Task, tensor_inputs
 from compress.oneshot import measured_gflops

@@ -5,7 +5,7 @@ the model (found from the order of module calls on the example batch), at the in
 sees in the model (forward hooks), over a grid of input x output widths in `round_to` steps. A dimension no
 group prunes is timed at its full width only. Per point: warm-up calls, then `runs` timed calls, median.
 Backends: `ort-cpu` (each snippet exported to a tiny ONNX graph and run in ONNX Runtime with
-intra_op_num_threads = threads, as `benchmarks.latency` runs whole models), `torch-cpu`, `torch-cuda`.
+intra_op_num_threads = threads, as `altermoma.bench` runs whole models), `torch-cpu`, `torch-cuda`.
 
 Grid: every `round_to` multiple up to `grid_points` per dimension, thinned evenly beyond that (always the
 smallest and the full width), bilinear interpolation in between. Layers with the same op, shapes and
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.latency import environment, measure
+from altermoma.bench import environment, measure
 from common.task import Task
 from compress.latency import LatencyTable, LayerEntry, layer_widths, prunable_dims, width_grid
 from compress.structured import LAYERS, ChannelGraph, is_depthwise, min_kept
