@@ -179,7 +179,7 @@ def load_any_checkpoint(directory: str):
 def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
     """nuScenes: the official results JSON, our detection-challenge metric and, where the devkit is
     installed, its DetectionEval on the same file, side by side (written to --out)."""
-    from common.io import atomic_write_text, staged_directory
+    from common.io import atomic_write_text, check_inputs_not_outputs, staged_directory
     from fusion.data.nuscenes_tables import load_tables
     from fusion.data.source import NUSCENES_SPLITS, open_split
     from fusion.evaluate import nuscenes_detections
@@ -187,6 +187,7 @@ def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
 
     split = NUSCENES_SPLITS[source.version][args.split]
     out = Path(args.out or f"runs/evaluate-nuscenes/{source.version}-{split}")
+    check_inputs_not_outputs({"--out": out}, {"--checkpoint": args.checkpoint, "--dataroot": source.dataroot})
     check_replaceable(out, ("nuscenes-evaluation",), args.overwrite)
     tables = load_tables(source.dataroot, source.version)
     if args.scenes is not None:
@@ -626,6 +627,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_OPTIONS = ("out", "json")
+INPUT_OPTIONS = (
+    "checkpoint", "task", "dataroot", "latency_table", "init_camera", "init_lidar", "reference", "onnx_dir",
+    "parse_trtexec",
+)  # fmt: skip
+
+
+def check_inputs_are_not_outputs(args: argparse.Namespace) -> None:
+    """Every verb: no --out/--json is, contains or lies inside one of its inputs (`common.io`), before any work."""
+    from common.io import check_inputs_not_outputs
+
+    def named(attributes: tuple[str, ...]) -> dict:
+        return {f"--{a.replace('_', '-')}": getattr(args, a) for a in attributes if getattr(args, a, None)}
+
+    inputs = named(INPUT_OPTIONS)
+    if "--task" in inputs:  # FILE.py:FUNCTION names a file; module:function names none
+        where = inputs["--task"].rpartition(":")[0]
+        inputs["--task"] = where if where.endswith(".py") or "/" in where else None
+    check_inputs_not_outputs(named(OUTPUT_OPTIONS), inputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -636,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist.init_from_env()
     try:
+        check_inputs_are_not_outputs(args)
         with _quiet_unless_main():
             args.run(args)
     except USER_ERRORS as error:

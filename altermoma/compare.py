@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common.argtypes import non_negative_int, positive_int
-from common.io import check_writable_folder
+from common.io import check_inputs_not_outputs, check_writable_folder
 from fusion.data.source import add_data_args, source_from_args
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
@@ -280,9 +280,9 @@ def compare(
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
+    base, _ = load_checkpoint(settings.checkpoint)  # a refused checkpoint leaves no output folder behind
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    base, _ = load_checkpoint(settings.checkpoint)
     source = settings.source()
     check_config_fits(base.config, source)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -666,6 +666,7 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
         **_data_settings(args),
     )
     check_writable_folder(out)
+    check_inputs_not_outputs({"--out": out}, {"--checkpoint": args.checkpoint, "--dataroot": args.dataroot})
     stored = out / "compare.json"
     if stored.is_file() and json.loads(stored.read_text()).get("quick", quick) != quick:
         raise ValueError(f"{out} holds a {'full' if quick else '--quick'} comparison; give --out another folder")

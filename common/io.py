@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,6 +88,54 @@ def check_writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {path}: {parent} is not writable")
     return path
+
+
+def check_inputs_not_outputs(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathLike] | None],
+) -> None:
+    """Refuse, before any work, an output path that is, contains or lies inside an input path.
+
+    Outputs are swapped in whole, so `--out` equal to (or holding) `--checkpoint` would replace the
+    checkpoint being read, and `--out` inside it would change the files its manifest lists. Both maps
+    go from the option's name (for the message) to a path, a list of paths or None (not given); paths
+    are compared resolved (symlinks, `..`, relative to the working directory).
+    """
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        target = _resolved(out)
+        for in_name, given in inputs.items():
+            for source in _paths(given):
+                relation = _relation(target, _resolved(source))
+                if relation:
+                    raise OutputError(
+                        f"{out_name} {out} {relation} {in_name} {source}: an output must never replace "
+                        f"or change its input; choose another {out_name}"
+                    )
+
+
+def _paths(given: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[str | os.PathLike]:
+    if given is None:
+        return []
+    if isinstance(given, str | os.PathLike):
+        return [given]
+    return [p for p in given if p is not None]
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(os.fspath(path))).resolve()
+
+
+def _relation(out: Path, source: Path) -> str | None:
+    """How `out` overlaps `source` (for the message), or None when they are apart."""
+    if out == source:
+        return "is the same path as"
+    if out in source.parents:
+        return "contains"
+    if source in out.parents:
+        return "lies inside"
+    return None
 
 
 def check_replaceable(path: str | os.PathLike, kinds: tuple[str, ...], overwrite: bool = False) -> None:

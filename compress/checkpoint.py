@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.finite import NonFiniteError, check_finite
 from common.io import OutputError, staged_directory, verify_manifest
 from common.resize import ResizeError, resize_to_state_dict
 
@@ -29,6 +30,10 @@ META = "pruned.json"
 
 class PrunedCheckpointError(ValueError):
     """A pruned checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class NonFinitePrunedError(PrunedCheckpointError, NonFiniteError):
+    """A pruned checkpoint whose weights hold NaN or Inf (a diverged fine-tune): refused on load."""
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, report: dict | None = None) -> Path:
@@ -79,6 +84,7 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
         raise PrunedCheckpointError(f"corrupt pruned checkpoint weights {weights}: {error}") from None
+    check_finite(state, f"pruned checkpoint {directory}", NonFinitePrunedError)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

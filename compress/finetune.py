@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from common import ddp, dist
+from common.finite import NonFiniteLossError, describe, non_finite_tensors
 from common.progress import progress_bar
 from common.task import Task
 from compress.unstructured import apply_masks, masks_from_zeros
@@ -52,6 +53,9 @@ def finetune(
     `split_batches` True cuts every batch into this rank's slice (dim 0 of every tensor), a callable
     `split(batch, rank, world)` does it your way, False means `batches` already yields this rank's
     share (a DistributedSampler). Losses are logged as their mean over the ranks.
+
+    A loss, gradient norm (when clipping) or final weights that become NaN/Inf raise `NonFiniteLossError`
+    with the step (counted from 1); the loop writes nothing, so a caller that saves afterwards saves nothing.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
@@ -83,11 +87,13 @@ def finetune(
             loss = task.loss_of(task.forward(net, batch), batch)
             logged = ddp.mean_over_ranks(loss.detach())  # the same value on every rank: they stop together
             if not torch.isfinite(logged):
-                raise FloatingPointError(f"the loss became {float(logged)} at step {step}: lower the learning rate")
+                raise _stopped(f"the loss became {float(logged)}", step + 1, steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+                if not math.isfinite(norm):
+                    raise _stopped(f"the gradient norm became {norm}", step + 1, steps)
             optimizer.step()
             if masks is not None:
                 apply_masks(model, masks)
@@ -95,6 +101,9 @@ def finetune(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if on_step is not None:
                 on_step(step, losses[-1])
+        found = non_finite_tensors(model.state_dict()) if steps else []
+        if found:
+            raise _stopped(f"the weights became NaN/Inf ({describe(found)})", steps, steps)
         completed = True
     finally:
         bar.close()
@@ -108,6 +117,12 @@ def finetune(
         "kept_zeros": bool(keep_zeros),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _stopped(what: str, step: int, steps: int) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} at fine-tuning step {step} of {steps} (lower the learning rate?); stopped, nothing was saved", step
+    )
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from common.finite import NonFiniteLossError
 from common.task import Task
 from compress.finetune import finetune
 from compress.oneshot import measured_gflops, prune_structured, prune_unstructured
@@ -89,7 +90,7 @@ def iterative_magnitude_prune(
             report = prune_unstructured(model, task, batches, sub, example_batch, progress=False)
         report["level"] = level + 1
         if (level < levels - 1 or finetune_last) and steps[level] > 0:
-            finetune_fn(model, steps[level], level)
+            _finetune_level(finetune_fn, model, steps[level], level, levels)
             report["finetune_steps"] = steps[level]
             used += steps[level]
         reports.append(report)
@@ -101,6 +102,14 @@ def iterative_magnitude_prune(
         combined["target_miss"] = achieved - goal
         warnings.warn(f"IMP reached {achieved:.1%} instead of the requested {goal:.1%}", stacklevel=2)
     return combined
+
+
+def _finetune_level(finetune_fn: FinetuneFn, model: nn.Module, steps: int, level: int, levels: int) -> None:
+    """One level's fine-tune; a loss that becomes NaN/Inf is reported with the level it happened in."""
+    try:
+        finetune_fn(model, steps, level)
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"IMP's fine-tune after level {level + 1} of {levels}: {error}", error.step) from None
 
 
 def _combined_report(request, reports: list[dict], gflops0: float, gflops1: float, used: int, budget: int) -> dict:

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.finite import check_finite
 from common.io import staged_directory
 from common.progress import progress_bar
 from common.task import Task
@@ -708,6 +709,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         state = load_file(str(Path(directory) / QUANT_WEIGHTS))
     except (SafetensorError, OSError, ValueError) as error:
         raise QuantizeError(f"corrupt quantized weights in {directory}: {error}") from None
+    check_finite(state, f"quantized checkpoint {directory}")  # NaN/Inf weights or scales: refused (issue 26)
     model.eval()
     apply_conv_bn_fusion(model, meta["fused_conv_bn"])
     if meta.get("residual_adds"):

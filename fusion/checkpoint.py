@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.finite import NonFiniteError, check_finite
 from common.io import OutputError, fault_point, staged_directory, verify_manifest
 from common.resize import ResizeError
 from common.resize import resize_to_state_dict as resize
@@ -35,6 +36,10 @@ TRAIN_STATE_META = "train_state.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model it describes."""
+
+
+class NonFiniteCheckpointError(CheckpointError, NonFiniteError):
+    """A checkpoint whose weights hold NaN or Inf (a diverged run): refused on load, by the API and the CLI."""
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,14 +101,17 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against its manifest and refused if any holds NaN or Inf."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights {path} are missing")
     verify_files(directory, [WEIGHTS, META])
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"corrupt checkpoint weights {path}: {error}") from None
+    check_finite(state, f"checkpoint {directory}", NonFiniteCheckpointError)
+    return state
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common import ddp, dist
+from common.finite import NonFiniteLossError, check_finite, describe, non_finite_tensors
 from common.progress import progress_bar
 from fusion.checkpoint import (
     META,
@@ -30,6 +31,7 @@ from fusion.checkpoint import (
     TRAIN_STATE_META,
     WEIGHTS,
     CheckpointError,
+    NonFiniteCheckpointError,
     load_into,
     read_metadata,
     read_weights,
@@ -106,6 +108,7 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> int:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except Exception as error:  # noqa: BLE001 - any failure means the state cannot be trusted
         raise CheckpointError(f"cannot resume from {directory}: {str(error).splitlines()[0]}") from None
+    check_finite(tensors, f"the optimizer state in {directory}", NonFiniteCheckpointError)
     return int(meta["step"])
 
 
@@ -125,6 +128,26 @@ def check_resumable(out: Path, train: TrainConfig) -> None:
         raise CheckpointError(f"cannot resume {out}: train.{k} was {saved[k]!r}, now {getattr(train, k)!r}")
 
 
+def stop_message(what: str, step: int, out: Path | None, saved: int | None) -> str:
+    """Why a run stopped at `step` (counted from 1) and what is on disk: the last good checkpoint or nothing."""
+    if out is None:
+        kept = "nothing was saved"
+    elif saved is None:
+        kept = f"nothing was written to {out}"
+    else:
+        kept = f"{out} keeps the last good checkpoint (step {saved})"
+    return f"{what} at step {step} (lower the learning rate?); training stopped, {kept}"
+
+
+def check_weights(model: nn.Module, step: int, out: Path | None, saved: int | None) -> None:
+    """Never save (or hand back) NaN/Inf weights: the check before every checkpoint and at the end."""
+    found = non_finite_tensors(model.state_dict())
+    if found:
+        raise NonFiniteLossError(
+            stop_message(f"the weights became NaN/Inf ({describe(found)})", step, out, saved), step
+        )
+
+
 def fit(
     model: BEVFusion,
     dataset: SyntheticScenes,
@@ -141,6 +164,8 @@ def fit(
 
     `after_step` runs after every optimizer step (fine-tuning uses it to keep pruning masks applied).
     `sync_bn` (distributed runs only) computes BatchNorm statistics over the global batch.
+    A loss, gradient norm or weights that become NaN/Inf raise `NonFiniteLossError` naming the step;
+    the last good checkpoint in `out_dir` (if any) stays, and no checkpoint with NaN/Inf weights is written.
     """
     torch.set_num_threads(train.threads)
     out = Path(out_dir) if out_dir is not None else None
@@ -161,14 +186,17 @@ def fit(
     target = dist.device()
 
     last_loss: list[float] = []
+    saved: list[int | None] = [start if resuming else None]  # the step of the last good checkpoint in `out`
 
     def checkpoint(step: int) -> None:
+        check_weights(model, step, out, saved[0])
         if out is None:
             return
         meta = {**(metadata or {}), "step": step, "train": train.__dict__}
         if last_loss:
             meta["last_loss"] = last_loss[-1]
         dist.on_main(lambda: save_checkpoint(out, model, meta, train_state=train_state(optimizer, step)))
+        saved[0] = step
 
     net.train()
     bar = progress_bar(range(start, train.steps), desc=desc, enabled=progress, initial=start, total=train.steps)
@@ -185,11 +213,17 @@ def fit(
             # Distributed: the global batch's loss, the same on every rank, so that all stop together.
             loss_value = float(ddp.mean_over_ranks(loss.detach()))
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}: lower the learning rate")
+                raise NonFiniteLossError(
+                    stop_message(f"the loss became {loss_value}", step + 1, out, saved[0]), step + 1
+                )
             last_loss[:] = [loss_value]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0))  # all-reduced: same on every rank
+            if not math.isfinite(norm):
+                raise NonFiniteLossError(
+                    stop_message(f"the gradient norm became {norm}", step + 1, out, saved[0]), step + 1
+                )
             optimizer.step()
             if after_step is not None:
                 after_step(model)
