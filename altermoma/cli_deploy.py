@@ -77,7 +77,7 @@ def export_user(args: argparse.Namespace) -> None:
 
     from altermoma.export_reference import EXPORT_KIND
     from common.io import check_replaceable, staged_directory
-    from export.onnx import ExportError, export_onnx
+    from export.onnx import ExportError, export_onnx, left_out_lines
 
     if args.batch_size != 1 or args.pool_method is not None or args.preset is not None:
         raise ValueError("--batch-size, --pool-method and --preset are for reference checkpoints, not --task")
@@ -108,6 +108,8 @@ def export_user(args: argparse.Namespace) -> None:
         f"wrote {out / 'model.onnx'} (inputs {', '.join(report['input_names'])}; outputs "
         f"{', '.join(report['output_names'])}); ONNX Runtime vs PyTorch max abs error {report['max_abs_error']:.2e}"
     )
+    for line in left_out_lines(report):
+        print(line)
     print(f"report: {out / 'export_report.json'}")
 
 

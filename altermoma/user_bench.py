@@ -19,9 +19,9 @@ from torch import nn
 
 from altermoma.bench import measure
 from common.io import atomic_write_text
-from common.task import Task, tensor_inputs
+from common.task import Task
 from compress.oneshot import measured_gflops
-from export.onnx import OrtPipeline, export_onnx, torch_threads
+from export.onnx import OrtPipeline, export_onnx, graph_feeds, torch_threads
 
 
 def bench_models(
@@ -48,7 +48,7 @@ def bench_models(
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, example, Path(tmp) / "model.onnx", threads=threads, check=False)
             pipeline = OrtPipeline(exported["path"], threads)
-            feeds = {name: value.numpy() for name, value in zip(exported["input_names"], tensor_inputs(args, kwargs))}
+            feeds = graph_feeds(example)  # by graph input name, nested arguments included
             row["ort_cpu"] = measure(lambda pipeline=pipeline, feeds=feeds: pipeline(feeds), warmup, runs)
             row["onnx_max_abs_error"] = exported["max_abs_error"]
         rows.append(row)

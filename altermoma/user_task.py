@@ -4,6 +4,10 @@ The function takes no arguments and returns an `altermoma.Setup` (or a dict with
 `model` (freshly built, unpruned, with its trained weights), `task` (an `altermoma.Task`),
 `scoring_batches` (a non-empty list of batches), and optionally `train_batches` (any re-iterable
 of batches, for fine-tuning). `path/to/file.py:function` and `package.module:function` both work.
+
+The model's arguments (`task.inputs(batch)`, default `(batch,)`) may be tensors or dicts, lists and tuples of
+them with constants mixed in: `export onnx --task` names each tensor by its path, `input_0.points` for
+`batch["points"]` (docs/export_nesting.md).
 """
 
 from __future__ import annotations

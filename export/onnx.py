@@ -30,12 +30,46 @@ indices at load).
 reference model's CUDA-BEVFusion split comes from `BEVFusion.export_stages`. `OrtPipeline` runs one graph or
 chains the stage graphs; `parity_report` compares them with PyTorch and, given a metrics callable, compares
 task metrics. Nothing here knows the reference model: `altermoma.export_reference` wires it up for a checkpoint.
+
+Nested inputs and outputs (docs/export_nesting.md has examples). The example call and the model's outputs may
+nest tensors in dicts, lists, tuples and namedtuples (and any container registered with torch's pytree) to any
+depth. `torch.utils._pytree.tree_flatten_with_path` flattens them (its API is the same in torch 2.4 to 2.13);
+each tensor leaf is one graph input or output, and a wrapper module (`_FlatCall`) takes the flat tensors,
+rebuilds the nested arguments, calls the model and flattens its outputs. A leaf's name is its path:
+
+- the root: `input_<i>` for the i-th positional argument, the keyword for a keyword argument; for outputs,
+  `output` for a single tensor, `output_<i>` for the i-th element of a returned tuple/list, the key of a
+  returned dict;
+- then each dict key, list/tuple index or namedtuple field below the root, joined with ".", every part with
+  characters outside [A-Za-z0-9_] replaced by "_" (names stay ONNX- and TensorRT-safe: no spaces, ":" or ",",
+  which trtexec's `--shapes`/`--loadInputs` lists would split);
+- a name equal to an earlier leaf's gets the smallest suffix `_1`, `_2`, ... that no other leaf's name has
+  (flattening order: positional then keyword arguments, dict insertion order, list order).
+
+So `model({"points": p, "cams": [c0, c1]})` has inputs `input_0.points`, `input_0.cams.0`, `input_0.cams.1`;
+`model(batch={...})` has `batch.points`, ...; a model returning `{"heatmap": h, "boxes": (b0, b1)}` has outputs
+`heatmap`, `boxes.0`, `boxes.1`. A top-level tensor keeps its root name unchanged (`input_0`, `image`,
+`output_1`, a dict key as given): plain tensor inputs and outputs are named, and traced, exactly as before
+nesting was supported. `input_names` / `output_names` replace the names, one per tensor leaf, in that order.
+
+Non-tensor leaves: None, bool, int, float, str (and torch dtypes/devices) in the inputs are constants, baked
+into the graph by the tracer, never graph inputs (report: "constant_inputs", and a log line); in the outputs
+they are left out of the graph ("constant_outputs"). Any other leaf type is refused with a ValueError naming
+the leaf. A tensor inside a nested argument that the model never reads (a batch dict's targets, say) is left
+out of the graph by the exporter and listed in "unused_inputs"; a plain tensor argument the model ignores is
+still an error. Consumers feed graphs by name: `graph_feeds(example)` gives every tensor leaf by name.
+
+`nn.MultiheadAttention` and `nn.TransformerEncoderLayer` in eval mode without grad take a fused fast path
+(`torch._native_multi_head_attention`) the legacy exporter cannot express: it is switched off while tracing
+(`mha_fastpath_off`), and the graph is checked against the fast path's own outputs.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -50,6 +84,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from common.io import atomic_write_bytes
@@ -61,8 +96,11 @@ SLIM_FOLD_LIMIT_BYTES = 1 << 20  # onnxslim folds no constant larger than this (
 SLIM_RTOL = 1e-5  # simplified vs unsimplified outputs: max abs error <= SLIM_RTOL * max(1, |reference|max)
 FP32_ATOL = 1e-4  # the fp32 parity target
 
-# What `export_onnx` takes as example inputs: positional tensors, keyword tensors, or one tensor.
-ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
+# What `export_onnx` takes as example inputs: positional arguments (a tuple/list), keyword arguments (a dict), or
+# one tensor; each argument a tensor, a constant or a nest of them (see "Nested inputs and outputs" above).
+ExampleInputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -155,9 +193,12 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Inputs and outputs of any module, by name
+# Inputs and outputs of any nesting, flattened into named tensors (naming scheme: the module docstring)
 
-_OUTPUT_FORMS = "a tensor, a tuple/list of tensors or a flat dict of tensors"
+CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)  # baked into the graph
+_CONSTANTS = "None/bool/int/float/str constants"
+_NESTING = "nested in dicts, lists, tuples or namedtuples"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
 def _names(kind: str, given: Sequence[str] | None, default: list[str]) -> list[str]:
@@ -174,73 +215,222 @@ def _names(kind: str, given: Sequence[str] | None, default: list[str]) -> list[s
     return names
 
 
-def named_inputs(
-    example_inputs: ExampleInputs, input_names: Sequence[str] | None = None
-) -> tuple[dict[str, torch.Tensor], list[int | str]]:
-    """The example inputs as graph-named tensors, and for each how the model takes it: a position or a keyword.
+def _segment(key: Any) -> str:
+    """One step of a pytree key path as a name part: a dict key, a list/tuple index or a namedtuple field."""
+    if isinstance(key, pytree.SequenceKey):
+        text = str(key.idx)
+    elif isinstance(key, pytree.MappingKey):
+        text = str(key.key)
+    elif isinstance(key, pytree.GetAttrKey):
+        text = key.name
+    else:  # a container type registered with torch's pytree by other code
+        text = str(key).strip(".[]'\"")
+    return _UNSAFE.sub("_", text) or "_"
 
-    Names default to the dict keys (keyword inputs) or `input_0, input_1, ...` (positional inputs).
-    """
+
+def _leaf_name(root: str, path: Sequence[Any]) -> str:
+    """`root` itself for a top-level tensor (the names plain inputs and outputs always had), else the root and
+    the path joined by dots, each part reduced to [A-Za-z0-9_]."""
+    if not path:
+        return root
+    return ".".join([_UNSAFE.sub("_", root) or "_", *(_segment(key) for key in path)])
+
+
+def _unique(names: list[str]) -> list[str]:
+    """The first of equal names keeps it; each later one gets the smallest `_<n>` suffix no other name has."""
+    taken = set(names)
+    seen: set[str] = set()
+    result = []
+    for name in names:
+        if name in seen:
+            n = 1
+            while f"{name}_{n}" in taken:
+                n += 1
+            name = f"{name}_{n}"
+            taken.add(name)
+        seen.add(name)
+        result.append(name)
+    return result
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+
+
+@dataclass
+class FlatCall:
+    """One call's arguments flattened: its tensor leaves by graph input name, its constants, and what rebuilds
+    the call (positional and keyword arguments, with the original containers) from tensors in graph order."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    names: list[str]  # graph input name of each tensor leaf, in flattening order
+    tensors: list[torch.Tensor]
+    constants: dict[str, str]  # name -> repr of each non-tensor leaf: baked into the graph, not an input
+    spec: pytree.TreeSpec
+    leaves: list[Any]
+    slots: list[int]  # position of each tensor among `leaves`
+
+    @property
+    def named(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.tensors))
+
+    @property
+    def keys(self) -> list[int | str]:
+        """How the model takes each top-level argument: its position or its keyword."""
+        return [*range(len(self.args)), *self.kwargs]
+
+    @property
+    def plain(self) -> bool:
+        """Whether every argument is a tensor: the form exported as before nesting was supported."""
+        return all(isinstance(v, torch.Tensor) for v in (*self.args, *self.kwargs.values()))
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
+        """The call's (args, kwargs) with `tensors` (graph order) in place of the example tensors."""
+        leaves = list(self.leaves)
+        for slot, tensor in zip(self.slots, tensors, strict=True):
+            leaves[slot] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return tuple(args), dict(kwargs)
+
+
+def _call_arguments(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of an example: a tensor or a tuple/list is positional, a mapping is keywords."""
     if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+        return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):
-        keys: list[int | str] = list(example_inputs)
-        values = list(example_inputs.values())
-        default = [str(k) for k in keys]
-    elif isinstance(example_inputs, (tuple, list)):
-        keys = list(range(len(example_inputs)))
-        values = list(example_inputs)
-        default = [f"input_{i}" for i in keys]
-    else:
-        raise ValueError(
-            f"example inputs must be a tensor, a tuple/list or a dict of tensors, not {type(example_inputs).__name__}"
-        )
-    if not values:
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise ValueError("keyword example inputs need string keys (the forward's parameter names)")
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ValueError(
+        f"example inputs must be a tensor, a tuple/list (positional) or a dict (keywords), "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def _sort_leaves(names: list[str], leaves: list[Any], refusal: Callable[[str, Any], str]) -> tuple[list[int], dict]:
+    """The positions of the tensor leaves, and the constant leaves' reprs by name; any other leaf type is a
+    ValueError saying `refusal(name, leaf)`."""
+    slots, constants = [], {}
+    for index, (name, leaf) in enumerate(zip(names, leaves)):
+        if isinstance(leaf, torch.Tensor):
+            slots.append(index)
+        elif isinstance(leaf, CONSTANT_TYPES):
+            constants[name] = _describe(leaf)
+        else:
+            raise ValueError(refusal(name, leaf))
+    return slots, constants
+
+
+def _input_refusal(name: str, leaf: Any) -> str:
+    return (
+        f"example input {name!r} is a {type(leaf).__name__}, not a tensor; export takes tensors (graph inputs) "
+        f"and {_CONSTANTS} (baked into the graph), {_NESTING}"
+    )
+
+
+def flatten_call(example_inputs: ExampleInputs, input_names: Sequence[str] | None = None) -> FlatCall:
+    """Flatten `model(*example_inputs)` (tuple/list or one tensor) or `model(**example_inputs)` (dict), at any
+    nesting, into named tensor leaves (the scheme in the module docstring; `input_names` replace the names in
+    order). Non-tensor leaves of `CONSTANT_TYPES` become constants; any other leaf type is a ValueError."""
+    args, kwargs = _call_arguments(example_inputs)
+    paths, spec = pytree.tree_flatten_with_path((args, kwargs))
+    leaves = [leaf for _, leaf in paths]
+    roots = [f"input_{p[1].idx}" if isinstance(p[1], pytree.SequenceKey) else str(p[1].key) for p, _ in paths]
+    names = _unique([_leaf_name(root, path[2:]) for root, (path, _) in zip(roots, paths)])
+    slots, constants = _sort_leaves(names, leaves, _input_refusal)
+    if not slots:
         raise ValueError("export needs at least one example input tensor")
-    for key, value in zip(default, values):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"example input {key!r} is a {type(value).__name__}, not a tensor")
-    names = _names("input", input_names, default)
-    return dict(zip(names, values)), keys
+    tensor_names = _names("input", input_names, [names[slot] for slot in slots])
+    return FlatCall(args, kwargs, tensor_names, [leaves[slot] for slot in slots], constants, spec, leaves, slots)
+
+
+def graph_feeds(example_inputs: ExampleInputs, input_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The example's tensors as numpy arrays by graph input name (what ONNX Runtime takes), at any nesting.
+
+    Holds every tensor leaf; an exported graph may not use them all (ones the model ignores are left out of a
+    nested call's graph), so pick the graph's inputs by name."""
+    return {name: t.detach().cpu().numpy() for name, t in flatten_call(example_inputs, input_names).named.items()}
+
+
+@dataclass
+class FlatOutputs:
+    """A model's outputs flattened: tensor leaves by graph output name, and non-tensor leaves left out."""
+
+    tensors: dict[str, torch.Tensor]
+    constants: dict[str, str]  # name -> repr of each None/constant leaf: not a graph output
+    plain: bool  # a tensor, a tuple/list of tensors or a dict of tensors: the forms exported before nesting
+
+
+def _output_tree(outputs: Any) -> tuple[Any, Callable[[Any], str]]:
+    """The outputs as a pytree with a plain top level, and the root name of each top-level key."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, lambda key: "output"
+    if isinstance(outputs, Mapping):
+        return dict(outputs), lambda key: str(key.key)
+    if isinstance(outputs, (tuple, list)):  # a namedtuple too: its fields are numbered like a tuple's
+        return tuple(outputs), lambda key: f"output_{key.idx}"
+    raise ValueError(
+        f"the model returned a {type(outputs).__name__}; export needs tensors, {_NESTING} (not a constant alone)"
+    )
+
+
+def _output_refusal(name: str, leaf: Any) -> str:
+    return (
+        f"model output {name!r} is a {type(leaf).__name__}, not a tensor; export needs tensors "
+        f"({_CONSTANTS} are left out of the graph), {_NESTING}"
+    )
+
+
+def flatten_outputs(outputs: Any, output_names: Sequence[str] | None = None) -> FlatOutputs:
+    """Flatten a model's outputs at any nesting into named tensors (the scheme in the module docstring;
+    `output_names` replace the names in order). None and other constants are left out; other types refused."""
+    tree, root_of = _output_tree(outputs)
+    paths = pytree.tree_flatten_with_path(tree)[0]
+    leaves = [leaf for _, leaf in paths]
+    names = _unique([_leaf_name(root_of(path[0]) if path else root_of(None), path[1:]) for path, _ in paths])
+    slots, constants = _sort_leaves(names, leaves, _output_refusal)
+    if not slots:
+        raise ValueError(f"the model returned no tensors; export needs tensors, {_NESTING}")
+    top = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, tuple) else (tree,)
+    plain = all(isinstance(v, torch.Tensor) for v in top)
+    tensor_names = _names("output", output_names, [names[slot] for slot in slots])
+    return FlatOutputs(dict(zip(tensor_names, [leaves[slot] for slot in slots])), constants, plain)
 
 
 def named_outputs(outputs: Any, output_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """A model's outputs by graph name: the dict keys, else `output` (one tensor) or `output_0, ...`."""
-    if isinstance(outputs, torch.Tensor):
-        values, default = [outputs], ["output"]
-    elif isinstance(outputs, Mapping):
-        values, default = list(outputs.values()), [str(k) for k in outputs]
-    elif isinstance(outputs, (tuple, list)):
-        values, default = list(outputs), [f"output_{i}" for i in range(len(outputs))]
-    else:
-        raise ValueError(f"the model returned a {type(outputs).__name__}; export needs {_OUTPUT_FORMS}")
-    if not values:
-        raise ValueError(f"the model returned no outputs; export needs {_OUTPUT_FORMS}")
-    for key, value in zip(default, values):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"model output {key!r} is a {type(value).__name__}, not a tensor; export needs {_OUTPUT_FORMS}"
-            )
-    return dict(zip(_names("output", output_names, default), values))
+    """A model's tensor outputs by graph name (`flatten_outputs`): a dict's keys, `output` for one tensor,
+    `output_0, ...` for a tuple/list; nested ones by their paths."""
+    return flatten_outputs(outputs, output_names).tensors
 
 
-class _ArgsAdapter(nn.Module):
-    """Takes the graph inputs positionally, in graph order, and calls `model` with its own positions and keywords.
+def output_tensors(outputs: Any) -> tuple[torch.Tensor, ...]:
+    """A model's tensor outputs as a flat tuple, in graph output order."""
+    return tuple(flatten_outputs(outputs).tensors.values())
 
-    Needed because the legacy exporter orders keyword inputs by the forward signature (not by the names
-    given) and drops any that go to `**kwargs`. The graph's node and weight names gain a "model." prefix.
+
+class _FlatCall(nn.Module):
+    """Takes the graph inputs positionally, in graph order, rebuilds the model's (nested) arguments, calls
+    `model`, and with `flat_outputs` returns its tensor outputs as a flat tuple (in graph output order).
+
+    Needed for nested inputs and outputs, and because the legacy exporter orders keyword inputs by the
+    forward signature (not by the names given) and drops any that go to `**kwargs`. The graph's node and
+    weight names gain a "model." prefix.
     """
 
-    def __init__(self, model: nn.Module, keys: Sequence[int | str]):
+    def __init__(self, model: nn.Module, call: FlatCall, flat_outputs: bool = False):
         super().__init__()
         self.model = model
-        self.keys = list(keys)
+        self.call = call
+        self.flat_outputs = flat_outputs
         self.training = model.training  # not recursive: the model's submodules keep their own flags
 
     def forward(self, *tensors: torch.Tensor) -> Any:
-        args = [t for t, key in zip(tensors, self.keys) if isinstance(key, int)]
-        kwargs = {key: t for t, key in zip(tensors, self.keys) if isinstance(key, str)}
-        return self.model(*args, **kwargs)
+        args, kwargs = self.call.rebuild(tensors)
+        outputs = self.model(*args, **kwargs)
+        return output_tensors(outputs) if self.flat_outputs else outputs
 
 
 def _harmless_default(p: inspect.Parameter) -> bool:
@@ -284,24 +474,35 @@ class _Traceable:
     module: nn.Module
     args: tuple[torch.Tensor, ...]
     kwargs: dict[str, torch.Tensor]
-    input_names: list[str]
+    call: FlatCall  # the model's example call, flattened
 
     @classmethod
     def build(cls, model: nn.Module, example_inputs: ExampleInputs, input_names: Sequence[str] | None) -> _Traceable:
-        inputs, keys = named_inputs(example_inputs, input_names)
-        names, values = list(inputs), list(inputs.values())
-        if not _legacy_keeps_order(model, keys):
-            return cls(_ArgsAdapter(model, keys), tuple(values), {}, names)
-        if isinstance(keys[0], int):
-            return cls(model, tuple(values), {}, names)
-        return cls(model, (), dict(zip(keys, values)), names)  # the exporter's keyword path: unprefixed names
+        call = flatten_call(example_inputs, input_names)
+        if not call.plain or not _legacy_keeps_order(model, call.keys):
+            return cls(_FlatCall(model, call), tuple(call.tensors), {}, call)
+        if call.args:
+            return cls(model, tuple(call.tensors), {}, call)
+        return cls(model, (), call.kwargs, call)  # the exporter's keyword path: unprefixed names
 
     def __call__(self) -> Any:
         return self.module(*self.args, **self.kwargs)
 
     @property
+    def input_names(self) -> list[str]:
+        return self.call.names
+
+    @property
     def inputs(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.input_names, [*self.args, *self.kwargs.values()]))
+        return self.call.named
+
+    def with_flat_outputs(self) -> _Traceable:
+        """The same call, returning its tensor outputs as a flat tuple (for outputs the exporter cannot take)."""
+        if isinstance(self.module, _FlatCall):
+            module = _FlatCall(self.module.model, self.call, flat_outputs=True)
+        else:
+            module = _FlatCall(self.module, self.call, flat_outputs=True)
+        return _Traceable(module, tuple(self.call.tensors), {}, self.call)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,6 +608,69 @@ def _simplify(
     return slim, outputs, "simplified with onnxslim"
 
 
+@contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """`nn.MultiheadAttention` / `nn.TransformerEncoderLayer` without their fused eval-mode fast path for the block.
+
+    In eval mode without grad, self-attention with batch_first runs `torch._native_multi_head_attention`, which
+    the legacy exporter cannot express; the regular path it takes instead computes the same function (the
+    export's parity check compares the graph with the fast path's own outputs)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _graph_inputs(raw: onnx.ModelProto, traceable: _Traceable, path: Path) -> dict[str, torch.Tensor]:
+    """The example tensors the graph takes, by name, checked against what was exported.
+
+    With plain tensor arguments every one must be a graph input (an unused one is an error, as it always was).
+    A nested call may carry tensors the model never reads (a batch dict's targets, say): the exporter leaves
+    them out of the graph, and `_left_out` reports them."""
+    given = traceable.inputs
+    graph_inputs = [i.name for i in raw.graph.input]
+    expected = list(given) if traceable.call.plain else [name for name in given if name in set(graph_inputs)]
+    if graph_inputs != expected:
+        raise ExportError(f"{path.name}: graph inputs {graph_inputs} differ from {expected} (an unused input?)")
+    return {name: given[name] for name in graph_inputs}
+
+
+LEFT_OUT = {  # report keys of what a nested export leaves out of the graph, and how to say it
+    "constant_inputs": "constants baked into the graph (not graph inputs)",
+    "unused_inputs": "input tensors the model does not read (not graph inputs)",
+    "constant_outputs": "constant outputs (not graph outputs)",
+}
+
+
+def left_out_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per kind of leaf an export's report says the graph leaves out (none for plain tensors)."""
+    lines = []
+    for key, note in LEFT_OUT.items():
+        value = report.get(key)
+        if value:
+            shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, Mapping) else ", ".join(value)
+            lines.append(f"{note}: {shown}")
+    return lines
+
+
+def _left_out(
+    path: Path, traceable: _Traceable, inputs: Mapping[str, torch.Tensor], outputs: FlatOutputs
+) -> dict[str, Any]:
+    """Report entries (and log lines) for what the graph leaves out: constant inputs baked into it, input
+    tensors the model never reads, constant outputs. Empty for plain tensors in and out."""
+    entries = {
+        "constant_inputs": traceable.call.constants,
+        "unused_inputs": [name for name in traceable.inputs if name not in inputs],
+        "constant_outputs": outputs.constants,
+    }
+    entries = {key: value for key, value in entries.items() if value}
+    for line in left_out_lines(entries):
+        log.info("%s: %s", path.name, line)
+    return entries
+
+
 def _export_graph(
     traceable: _Traceable,
     path: Path,
@@ -426,18 +690,19 @@ def _export_graph(
     path = Path(path)
     _check_destination(path)
     start = time.perf_counter()
-    inputs = traceable.inputs
-    feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
-    with torch.no_grad():
-        reference = _to_numpy(named_outputs(traceable(), output_names))
+    with torch.no_grad():  # eager, so PyTorch's fused attention fast path is what the graph is judged against
+        flat_outputs = flatten_outputs(traceable(), output_names)
+    reference = _to_numpy(flat_outputs.tensors)
     output_names = list(reference)
+    if not flat_outputs.plain:
+        traceable = traceable.with_flat_outputs()
 
     fd, raw_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".raw.tmp", dir=path.parent)
     os.close(fd)
     module = traceable.module
     modes = {m: m.training for m in module.modules()}  # the exporter resets modes recursively: restore each
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), mha_fastpath_off():
             warnings.simplefilter("always")
             try:
                 torch.onnx.export(
@@ -445,7 +710,7 @@ def _export_graph(
                     traceable.args,
                     raw_tmp,
                     kwargs=traceable.kwargs or None,
-                    input_names=list(inputs),
+                    input_names=traceable.input_names,
                     output_names=output_names,
                     opset_version=int(opset),
                     do_constant_folding=True,
@@ -467,9 +732,8 @@ def _export_graph(
         onnx.checker.check_model(raw)
     except onnx.checker.ValidationError as error:
         raise ExportError(f"{path.name}: the exported graph fails onnx.checker: {str(error).splitlines()[0]}") from None
-    graph_inputs = [i.name for i in raw.graph.input]
-    if graph_inputs != list(inputs):
-        raise ExportError(f"{path.name}: graph inputs {graph_inputs} differ from {list(inputs)} (an unused input?)")
+    inputs = _graph_inputs(raw, traceable, path)
+    feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
 
     session = ort_session(raw, threads)
     raw_outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -521,6 +785,7 @@ def _export_graph(
         "max_abs_error": max(out.max_abs for out in parity.outputs.values()),
         "exporter_warnings": exporter_warnings,
         "export_seconds": round(time.perf_counter() - start, 3),
+        **_left_out(path, traceable, inputs, flat_outputs),
     }
 
 
@@ -539,12 +804,17 @@ def export_onnx(
     """Export `model(*example_inputs)` (tuple/list or one tensor) or `model(**example_inputs)` (dict) as one
     ONNX graph with static shapes, in eval mode (the model's modes are restored afterwards).
 
-    Input names default to the dict keys or `input_0, ...`; output names to the output dict's keys, else
-    `output` (one tensor) or `output_0, ...`; given names must match in number (ValueError). Outputs must
-    be a tensor, a tuple/list of tensors or a flat dict of tensors (ValueError otherwise). With `check=True`
-    the export fails (`ExportError`, nothing written) when the TensorRT-readiness check finds an error.
-    Returns the details: path, names, shapes, sizes before/after onnxslim, op histogram, readiness findings,
-    and "parity" / "max_abs_error": ONNX Runtime against PyTorch on the example inputs.
+    Arguments and outputs may nest tensors in dicts, lists, tuples and namedtuples; each tensor leaf is one
+    graph input or output, named by its path (the module docstring, "Nested inputs and outputs"): plain
+    tensors keep the names they always had, the dict keys or `input_0, ...` and the output dict's keys,
+    `output` (one tensor) or `output_0, ...`. Given `input_names` / `output_names` replace those, one per tensor
+    leaf in order (ValueError if the count differs). None, bool, int, float and str leaves are constants baked
+    into the graph (inputs) or left out of it (outputs), listed in the report; other leaf types are refused
+    (ValueError). With `check=True` the export fails (`ExportError`, nothing written) when the
+    TensorRT-readiness check finds an error. Returns the details: path, names, shapes, sizes before/after
+    onnxslim, op histogram, readiness findings, "parity" / "max_abs_error" (ONNX Runtime against PyTorch on the
+    example inputs, per output), and, when there are any, "constant_inputs", "unused_inputs" (tensors of a
+    nested argument the model never reads: not graph inputs) and "constant_outputs".
     """
     path = Path(path)
     _check_destination(path)
@@ -716,6 +986,35 @@ def _stack(runs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([np.asarray(r[name]) for r in runs]) for name in runs[0]}
 
 
+def _torch_samples(
+    model: nn.Module, samples: Sequence[ExampleInputs], input_names: Sequence[str] | None, graph_inputs: list[str]
+) -> tuple[list[dict[str, torch.Tensor]], Callable[[Mapping[str, torch.Tensor]], Any]]:
+    """Each sample's tensors by graph input name, and the model as a function of such a dict.
+
+    Plain samples as always: keywords by their keys, positional tensors named by `input_names` (default: the
+    graph's inputs) in order, and the model gets only the named inputs. A nested sample is flattened like an
+    export's example, and the model gets the first sample's structure and constants back, with the tensors of
+    the dict in place; every sample must share them."""
+    if not flatten_call(samples[0]).plain:
+        template = flatten_call(samples[0], input_names)
+        named = []
+        for index, sample in enumerate(samples):
+            call = flatten_call(sample, input_names)
+            if call.spec != template.spec or call.constants != template.constants:
+                raise ValueError(f"sample {index} is nested differently from sample 0 or has other constants")
+            named.append(call.named)
+
+        def call_nested(inputs: Mapping[str, torch.Tensor]) -> Any:
+            args, kwargs = template.rebuild([inputs[name] for name in template.names])
+            return model(*args, **kwargs)
+
+        return named, call_nested
+    names = list(input_names) if input_names is not None else graph_inputs
+    if isinstance(samples[0], Mapping):
+        return [flatten_call(s).named for s in samples], lambda inputs: model(**{n: inputs[n] for n in names})
+    return [flatten_call(s, names).named for s in samples], lambda inputs: model(*[inputs[n] for n in names])
+
+
 def parity_report(
     model: nn.Module,
     onnx_paths: str | os.PathLike | Mapping[str, str | os.PathLike],
@@ -730,7 +1029,9 @@ def parity_report(
 
     `onnx_paths`: one path, or a mapping with "model" (the single graph) and/or split stages in run order.
     A sample is a dict keyed by graph input name (passed to the model as keywords), or a tuple/list or one
-    tensor (positional, in graph input order). `input_names` default to the graphs' inputs. Per output
+    tensor (positional, in graph input order), or a nested call like `export_onnx`'s example inputs (same
+    structure and constants in every sample; its tensor leaves named by the same scheme, or by `input_names`
+    in order). `input_names` default to the graphs' inputs. Per output
     max/mean abs error over all samples (`export.parity.compare_outputs`, fp32, `atol`) for the single graph
     and the chained split, and the chained split against the single graph; "meets_fp32_target" says
     whether every error is within 1e-4 regardless of `atol`. With `metrics_fn(runner) -> metrics`, the
@@ -748,18 +1049,13 @@ def parity_report(
     if split:
         pipelines["split"] = OrtPipeline(split, threads)
     first = next(iter(pipelines.values()))
-    names = list(input_names) if input_names is not None else first.input_names
-    output_names = first.output_names
-    keyword = isinstance(samples[0], Mapping)
+    named, call_model = _torch_samples(model, samples, input_names, first.input_names)
 
     def run_torch(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if keyword:
-            return named_outputs(model(**{name: inputs[name] for name in names}), output_names)
-        return named_outputs(model(*[inputs[name] for name in names]), output_names)
+        return named_outputs(call_model(inputs), first.output_names)
 
     result: dict[str, Any] = {"threads": int(threads), "samples": len(samples), "precision": "fp32", "atol": atol}
     with eval_mode(model), torch_threads(threads), torch.no_grad():
-        named = [named_inputs(sample, None if keyword else names)[0] for sample in samples]
         reference = [_to_numpy(run_torch(sample)) for sample in named]
         candidates = {}
         for label, pipeline in pipelines.items():

@@ -1,9 +1,10 @@
 """Numerical parity between two runs of the same model (e.g. TensorRT vs ONNX Runtime), numpy only.
 
 Why: an engine that builds is not an engine that is right. Every export is checked against a
-reference run on the same inputs, output by output. The tolerance follows the precision the
-candidate was built for, because FP16 and INT8 engines are expected to differ from an FP32
-reference; what matters is that the error is small and, above all, finite. This module imports
+reference run on the same inputs, output by output, by name (a model's nested outputs arrive here
+flattened by `export.onnx`, one named tensor each, e.g. `boxes.0`). The tolerance follows the
+precision the candidate was built for, because FP16 and INT8 engines are expected to differ from an
+FP32 reference; what matters is that the error is small and, above all, finite. This module imports
 only numpy so it runs both on a workstation and in the Jetson deployment image.
 """
 
@@ -54,9 +55,10 @@ class ParityReport:
 
     def __str__(self) -> str:
         lines = [f"parity ({self.precision}): {'OK' if self.ok else 'FAILED'}"]
+        width = max([24, *(len(name) for name in self.outputs)])  # flattened nested names can be long
         for out in self.outputs.values():
             lines.append(
-                f"  {out.name:<24} max_abs={out.max_abs:.3e} mean_abs={out.mean_abs:.3e} "
+                f"  {out.name:<{width}} max_abs={out.max_abs:.3e} mean_abs={out.mean_abs:.3e} "
                 f"|ref|max={out.max_ref_abs:.3e} nonfinite={out.nonfinite} atol={out.atol:.0e} "
                 f"{'ok' if out.ok else 'FAIL'}"
             )
