@@ -20,6 +20,7 @@ from pathlib import Path
 
 from altermoma.cli_data import add_data_parsers
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
+from altermoma.cli_help import apply_flow
 from altermoma.cli_latency import add_latency_table_parser
 from altermoma.cli_quant import add_quantize_parser
 from altermoma.compare import add_parser as add_compare_parser
@@ -624,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
     add_latency_table_parser(sub)
     add_quantize_parser(sub)
-    return parser
+    return apply_flow(parser, sub)  # --help in the order of a user's flow, an example per verb
 
 
 OUTPUT_OPTIONS = ("out", "json")
