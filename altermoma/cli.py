@@ -371,6 +371,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"note: {achieved:.1%} removed for the requested {wanted:.1%} (widths move in steps of --round-to)")
     if report.get("unpruned_groups"):
         print("left unpruned: " + "; ".join(f"{g['root']} ({g['reason']})" for g in report["unpruned_groups"]))
+    for line in coverage_notes(report):
+        print(line)
     if report.get("zero_then_prune_error", 0.0) > ZERO_THEN_PRUNE_RTOL:
         print(
             f"warning: the pruned model differs from the zeroed one by {report['zero_then_prune_error']:.2e} "
@@ -381,6 +383,24 @@ def cmd_prune(args: argparse.Namespace) -> None:
             f"IMP fine-tuned between its levels: give `altermoma finetune` --steps {report['finetune_steps_remaining']}"
         )
     print(f"saved {args.out}")
+
+
+def coverage_notes(report: dict) -> list[str]:
+    """The `note:` lines naming what the prune left whole (no pruner knows it) and what GFLOPs leave out."""
+    lines = []
+    left = report.get("left_whole") or {}
+    if left.get("modules"):
+        names = "; ".join(f"{m['module']} ({m['reason']}, {m['share']:.1%})" for m in left["modules"][:6])
+        more = f"; and {len(left['modules']) - 6} more" if len(left["modules"]) > 6 else ""
+        lines.append(f"left whole, {left['share']:.1%} of the parameters: {names}{more}")
+    counting = report.get("flop_counting") or {}
+    if counting.get("uncounted"):
+        names = "; ".join(f"{u['module']} ({u['reason']})" for u in counting["uncounted"][:6])
+        lines.append(f"not in the GFLOPs count: {names}")
+    lines = ["note: " + "; ".join(lines)] if lines else []
+    if counting.get("sparse_convolutions"):
+        lines.append(f"note: sparse convolutions counted as {counting['sparse_convolutions']}")
+    return lines
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

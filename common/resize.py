@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.layers import is_sparse_conv
+
 
 class ResizeError(ValueError):
     """A stored tensor that no layer of this model can take."""
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Give every conv/linear/norm layer the channel counts found in `state`; returns the layers resized."""
+    """Give every conv/sparse conv/linear/norm layer the channel counts found in `state`; returns the layers resized."""
     resized = 0
     for name, module in model.named_modules():
         key = f"{name}.weight" if name else "weight"
@@ -41,7 +43,11 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> in
 
 def _resize_layer(name: str, module: nn.Module, shape: tuple[int, ...]) -> None:
     """One small rule per layer kind; anything else cannot change shape."""
-    if isinstance(module, nn.modules.conv._ConvNd) and len(shape) == module.weight.dim():
+    if is_sparse_conv(module) and len(shape) == module.weight.dim():  # (out, *kernel, in)
+        if shape[1:-1] != tuple(module.weight.shape[1:-1]):
+            raise ResizeError(f"layer {name}: kernel {tuple(module.weight.shape[1:-1])} cannot become {shape[1:-1]}")
+        module.out_channels, module.in_channels = shape[0], shape[-1]
+    elif isinstance(module, nn.modules.conv._ConvNd) and len(shape) == module.weight.dim():
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         out_dim, in_dim = (1, 0) if transposed else (0, 1)
         depthwise = module.groups > 1 and module.groups == module.in_channels

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from common.layers import weight_dims
 from common.progress import progress_bar
 from common.task import Task
-from compress.structured import NORMS, TRANSPOSED, ChannelGraph, global_ranks
+from compress.structured import NORMS, ChannelGraph, global_ranks
 from compress.unstructured import global_masks, prunable_weights
 
 Batch = Any  # whatever the task's `inputs` and `loss` take
@@ -235,8 +236,7 @@ def channel_mask_scales(model: nn.Module, graph: ChannelGraph, masks: list[torch
     for group, mask in zip(graph.groups, masks):
         for item in group.items:
             m = modules[item.layer]
-            out_dim = 1 if isinstance(m, TRANSPOSED) else 0
-            weight_dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
+            weight_dim = 0 if isinstance(m, NORMS) else weight_dims(m)[0 if item.kind == "out" else 1]
             targets = [(f"{item.layer}.weight", weight_dim)]
             if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
                 targets.append((f"{item.layer}.bias", 0))

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from common import dist
 from common.task import PARTS, Task
@@ -35,11 +34,13 @@ from compress.baselines import (
     synflow_channel_scores,
     synflow_weight_scores,
 )
+from compress.flops import count_flops
 from compress.latency import LatencyPredictor, load_table
 from compress.latency_select import select_for_latency
 from compress.partition import Partition
 from compress.request import PruneRequest, request_dict
 from compress.scores import altereva_scores, floored_fraction
+from compress.sparse import needs_cuda_backward
 from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
 
@@ -48,12 +49,43 @@ ZERO_THEN_PRUNE_RTOL = 1e-4  # above this, the pruned model differs from the zer
 
 
 def measured_gflops(model: nn.Module, task: Task, example_batch: Any) -> float:
-    """GFLOPs (2 x MACs) counted by torch's FlopCounterMode on one forward pass of the example batch."""
+    """GFLOPs (2 x MACs) of one forward pass of the example batch: torch's FlopCounterMode, with sparse
+    convolutions counted from their rulebook pairs (`compress.flops`)."""
     was_training = model.training
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        task.forward(model.eval(), example_batch)
-    model.train(was_training)
-    return counter.get_total_flops() / 1e9
+    try:
+        model.eval()
+        return count_flops(model, lambda: task.forward(model, example_batch)).total / 1e9
+    finally:
+        model.train(was_training)
+
+
+GRADIENT_METHODS = ("altereva", "snip", "prospr", "synflow", "imp")  # imp fine-tunes between its levels
+
+
+def check_gradients_possible(model: nn.Module, method: str) -> None:
+    """Refuse, before any work, a gradient method on a model whose layers have no backward here."""
+    reason = needs_cuda_backward(model)
+    if reason is not None and method in GRADIENT_METHODS:
+        raise PruningError(f"method {method!r} needs gradients, but {reason}")
+
+
+UNCOUNTED_WARN_SHARE = 0.05  # a GFLOPs count that leaves out more of the parameters than this warns
+
+
+def warn_uncounted(uncounted: dict[str, str], model: nn.Module) -> float:
+    """Warn when layers holding more than 5% of the parameters are missing from the GFLOPs count; returns
+    their parameter share."""
+    modules = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters()) or 1
+    params = sum(p.numel() for name in uncounted for p in modules[name].parameters())
+    if params / total > UNCOUNTED_WARN_SHARE:
+        names = ", ".join(sorted(uncounted)[:5])
+        warnings.warn(
+            f"the GFLOPs count leaves out layers holding {params / total:.1%} of the parameters ({names}): "
+            "a GFLOPs target is met on a count without them",
+            stacklevel=3,
+        )
+    return params / total
 
 
 def parameter_counts(model: nn.Module, partition: Partition) -> dict[str, int]:
@@ -134,6 +166,7 @@ def prune_structured(
     recorded in the report and warned about.
     """
     request.validate()
+    check_gradients_possible(model, request.method)
     example_batch = batches[0] if example_batch is None else example_batch
     graph = ChannelGraph(model, task, example_batch)
     partition = graph.partition
@@ -152,7 +185,9 @@ def prune_structured(
                 f"a {target:.0%} GFLOPs reduction is not reachable: the per-group cap ({request.max_group_ratio:.0%}), "
                 f"round_to={request.round_to}, protected output layers and unprunable groups allow at most {reachable:.1%}"
             )
-    before = {"gflops": measured_gflops(model, task, example_batch), "params": parameter_counts(model, partition)}
+    before = {"gflops": graph.flop_count.total / 1e9, "params": parameter_counts(model, partition)}
+    left_whole = graph.left_whole()
+    warn_uncounted(graph.flop_count.uncounted, model)
     flops_before = _flops_by_part(graph, partition, None)
     diagnostics: dict = {}
     scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress, diagnostics)
@@ -216,6 +251,8 @@ def prune_structured(
         "widths": graph.widths(),
         "protected": sorted(graph.protected),
         "unpruned_groups": graph.unprunable,
+        "left_whole": left_whole,
+        "flop_counting": graph.flop_count.report(),
         "score_summary": _score_summary(scores, graph),
         **diagnostics,
     }
@@ -413,6 +450,7 @@ def prune_unstructured(
     Output layers (found from the graph) and the task's protected modules keep every weight.
     """
     request.validate()
+    check_gradients_possible(model, request.method)
     example_batch = batches[0] if example_batch is None else example_batch
     partition = Partition.of(model, task.partition)
     protected = protected_layers(model, task, example_batch)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +22,13 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from common.layers import is_sparse_conv, layer_channels, weight_dims
 from common.task import Task
+from compress.flops import FlopCount, count_flops
 from compress.partition import Partition
+from compress.sparse import sparse_pruners, sparse_unsupported_reason
+from compress.tracing import sparse_outputs_visible
 
 LAYERS = (
     nn.Conv1d,
@@ -33,9 +38,12 @@ LAYERS = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
     nn.Linear,
-)  # layers that mix channels: the roots of channel groups, and the only layers whose FLOPs we count
+)  # dense layers that mix channels; with sparse convolutions (`is_layer`) the roots of channel groups
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 TRANSPOSED = nn.modules.conv._ConvTransposeNd
+
+
+CUSTOM_FUNCTION = re.compile(r"\w+Backward")  # a Python autograd.Function's node; torch's own end in a digit
 
 
 class PruningError(ValueError):
@@ -58,6 +66,11 @@ class ChannelGroup:
     items: list[GroupItem]
 
 
+def is_layer(module: nn.Module) -> bool:
+    """A layer that mixes channels (dense conv, linear, or spconv-style sparse conv): a group root, counted."""
+    return isinstance(module, LAYERS) or is_sparse_conv(module)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A conv whose every group holds one input channel: it prunes together with its producer."""
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
@@ -69,6 +82,8 @@ def unprunable_reason(module: nn.Module) -> str | None:
         return f"grouped convolution (groups={module.groups})"
     if isinstance(module, nn.GroupNorm) and module.num_groups not in (1, module.num_channels):
         return f"GroupNorm with {module.num_groups} groups"
+    if is_sparse_conv(module):
+        return sparse_unsupported_reason(module)
     return None
 
 
@@ -83,10 +98,9 @@ def _signed_sum(
     if isinstance(module, NORMS):
         total = weight[idxs]
         return total + bias[idxs] if bias is not None else total
-    # Output channels sit on dim 0 of conv/linear weights and on dim 1 of transposed-conv weights. A
-    # depthwise conv's items are all "out" (torch-pruning prunes its in and out channels as one).
-    out_dim = 1 if isinstance(module, TRANSPOSED) else 0
-    dim = out_dim if kind == "out" else 1 - out_dim
+    # Output channels sit on dim 0 of conv/linear weights, on dim 1 of transposed-conv weights; sparse convs
+    # keep inputs last. A depthwise conv's items are all "out" (torch-pruning prunes its in and out as one).
+    dim = weight_dims(module)[0 if kind == "out" else 1]
     per_channel = weight.transpose(0, dim).flatten(1).sum(1) if weight.dim() > 1 else weight
     total = per_channel[idxs]
     if kind == "out" and bias is not None:
@@ -124,9 +138,7 @@ def channel_count(module: nn.Module, kind: str) -> int:
     """How many output ("out") or input ("in") channels a layer has; a norm's features either way."""
     if isinstance(module, NORMS):
         return int(module.weight.shape[0]) if module.weight is not None else 0
-    out_dim = 1 if isinstance(module, TRANSPOSED) else 0
-    dim = out_dim if kind == "out" else 1 - out_dim
-    size = int(module.weight.shape[dim])
+    size = int(module.weight.shape[weight_dims(module)[0 if kind == "out" else 1]])
     return size * module.groups if kind == "in" and isinstance(module, nn.modules.conv._ConvNd) else size
 
 
@@ -141,8 +153,12 @@ def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.Dependen
 
     was_training = model.training
     try:
-        with task.tracing(model), torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=(args, kwargs), forward_fn=forward)
+        with task.tracing(model), sparse_outputs_visible(model), torch.enable_grad(), warnings.catch_warnings():
+            # loose parameters (learned queries) are coupled or reported by `ChannelGraph.left_whole`
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=(args, kwargs), forward_fn=forward, customized_pruners=sparse_pruners(model)
+            )
     except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as error:
         if not outputs:
             raise  # the model itself failed on the example batch: the user's error, with its traceback
@@ -166,7 +182,7 @@ def output_layers(dg: tp.DependencyGraph, outputs: Any, names: dict[nn.Module, s
     terminal = {node for node in nodes if not node.outputs or node.grad_fn in roots}
     protected = set()
     for node in nodes:
-        if not isinstance(node.module, LAYERS) or is_depthwise(node.module):
+        if not is_layer(node.module) or is_depthwise(node.module):
             continue
         stack, seen = [node], {node}
         while stack:
@@ -175,7 +191,7 @@ def output_layers(dg: tp.DependencyGraph, outputs: Any, names: dict[nn.Module, s
                 protected.add(names[node.module])
                 break
             for nxt in current.outputs:
-                mixes = isinstance(nxt.module, LAYERS) and not is_depthwise(nxt.module)
+                mixes = is_layer(nxt.module) and not is_depthwise(nxt.module)
                 if nxt not in seen and not mixes:
                     seen.add(nxt)
                     stack.append(nxt)
@@ -184,7 +200,7 @@ def output_layers(dg: tp.DependencyGraph, outputs: Any, names: dict[nn.Module, s
 
 def named_layers(model: nn.Module, names: Sequence[str]) -> set[str]:
     """The channel-mixing layers a task protects by name (a layer, or every layer under a module prefix)."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS)]
+    layers = [name for name, m in model.named_modules() if is_layer(m)]
     found = set()
     for wanted in names:
         prefix = wanted.rstrip(".")
@@ -200,6 +216,19 @@ def protected_layers(model: nn.Module, task: Task, example_batch: Any) -> set[st
     dg, outputs = trace(model, task, example_batch)
     names = {module: name for name, module in model.named_modules()}
     return output_layers(dg, outputs, names) | named_layers(model, task.protected)
+
+
+def _torch_pruning_kinds() -> tuple[type, ...]:
+    """Module classes torch-pruning has a pruner for (MultiheadAttention, PReLU, Embedding, LSTM, ...)."""
+    kinds = []
+    for optype in tp.dependency.graph.DependencyGraph().REGISTERED_PRUNERS:
+        try:
+            cls = tp.ops.type2class(optype)
+        except (KeyError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            kinds.append(cls)
+    return tuple(kinds)
 
 
 class ChannelGraph:
@@ -220,11 +249,14 @@ class ChannelGraph:
         self.protected = output_layers(self.dg, outputs, self.names) | named_layers(model, task.protected)
         del outputs
         self.groups: list[ChannelGroup] = []
+        self._covered: list[set[str]] = []  # per group, the parameter names its pruning changes
+        self._reported: set[str] = set()  # parameters of groups reported in `unprunable`
         self.unprunable: list[dict[str, str]] = []
         self._handlers = []
         ignored = [m for m in model.modules() if self.names.get(m) in self.protected]
         modules = dict(model.named_modules())
         self.task, self.example_batch = task, example_batch
+        opaque = self._opaque_parameters()
         for group in self._all_groups(ignored):
             root_module = group[0].dep.target.module
             root = self.names[root_module]
@@ -239,7 +271,7 @@ class ChannelGraph:
             items = []
             for item in group:
                 module = item.dep.target.module
-                if isinstance(module, LAYERS + NORMS):
+                if is_layer(module) or isinstance(module, NORMS):
                     kind = "out" if self.dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
                     items.append(
                         GroupItem(self.names[module], kind, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
@@ -253,11 +285,87 @@ class ChannelGraph:
                 )
                 self.unprunable.append({"root": root, "reason": reason})
                 continue
+            touched = self._touched_parameters(group)
+            if opaque_used := sorted(touched & set(opaque)):
+                name = opaque_used[0]
+                reason = f"couples {name}, which feeds {opaque[name]} (an op no pruner knows)"
+                self.unprunable.append({"root": root, "reason": reason})
+                self._reported.update(touched - set(opaque))  # named with their group in `unprunable`
+                continue
             part = self.partition.part_of(root) or "fusion"
             self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
+            self._covered.append(touched)
             self._handlers.append((root_module, group[0].dep.handler))
         self._drop_overlapping_groups()
         self.layer_flops, self.rest_flops = self._measure_flops(*task.arguments(example_batch))
+
+    def _opaque_parameters(self) -> dict[str, str]:
+        """Loose parameters that feed an op torch-pruning cannot read (a custom autograd Function, e.g. a
+        third-party CUDA kernel): parameter name -> op. torch-pruning would cut their last dim as if the op
+        were element-wise; the groups touching them are left whole instead."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        found = {}
+        for key, node in self.dg.module2node.items():
+            if not isinstance(key, nn.Parameter) or key not in names:
+                continue
+            for consumer in node.outputs:
+                op = getattr(consumer.module, "_grad_fn", None)
+                if isinstance(op, str) and CUSTOM_FUNCTION.fullmatch(op):
+                    found[names[key]] = op
+        return found
+
+    def _touched_parameters(self, group) -> set[str]:
+        """Names of every parameter a torch-pruning group changes: its layers' own, and loose parameters
+        (learned queries, embeddings) torch-pruning couples in as unwrapped parameters."""
+        touched = set()
+        for item in group:
+            target = item.dep.target.module
+            if isinstance(target, nn.Parameter):
+                touched.update(n for n, p in self.model.named_parameters() if p is target)
+            elif target in self.names:
+                # torch-pruning's own pruners for composite modules (MultiheadAttention's out_proj) cut children too
+                recurse = not (is_layer(target) or isinstance(target, NORMS))
+                prefix = self.names[target]
+                params = target.named_parameters(recurse=recurse)
+                touched.update(f"{prefix}.{n}" if prefix else n for n, _ in params)
+        return touched
+
+    def left_whole(self) -> dict[str, Any]:
+        """Every parameter no pruning here can change, by module, with the reason and the parameter share.
+
+        Protected layers and unprunable groups are reported on their own; this names the rest: layer kinds
+        no pruner knows (a custom op, a third-party conv), loose parameters coupled to no group, layers that
+        never ran on the example batch. Nothing with parameters is left out of a report silently."""
+        covered = set().union(self._reported, *self._covered)
+        reported = set(self.protected) | {u["root"] for u in self.unprunable}
+        total = sum(p.numel() for p in self.model.parameters())
+        entries, count = [], 0
+        for name, module in self.model.named_modules():
+            own = [(f"{name}.{n}" if name else n, p) for n, p in module.named_parameters(recurse=False)]
+            loose = [(n, p) for n, p in own if n not in covered]
+            if not loose or name in reported:
+                continue
+            known = is_layer(module) or isinstance(module, NORMS)
+            if known and module in self.dg.module2node:
+                continue  # a known layer coupled only to protected or unprunable channels: reported there
+            if known:
+                reason = "never ran on the example batch"
+            elif isinstance(module, _torch_pruning_kinds()):
+                reason = f"{type(module).__name__}: coupled to no prunable group"
+            else:
+                reason = f"{type(module).__name__}: no pruner knows this layer kind (left whole)"
+            params = sum(p.numel() for _, p in loose)
+            count += params
+            entries.append(
+                {
+                    "module": name or "(model)",
+                    "parameters": [n for n, _ in loose],
+                    "params": params,
+                    "share": params / total if total else 0.0,
+                    "reason": reason,
+                }
+            )
+        return {"modules": entries, "params": count, "share": count / total if total else 0.0}
 
     def _all_groups(self, ignored: list[nn.Module]):
         """torch-pruning's `get_all_groups`, one root at a time, so that a root whose group torch-pruning
@@ -266,7 +374,7 @@ class ChannelGraph:
         ignored = ignored + list(self.dg.IGNORED_LAYERS_IN_TRACING)
         visited: set[nn.Module] = set()
         for module in list(self.dg.module2node):
-            if module in ignored or module in visited or not isinstance(module, LAYERS):
+            if module in ignored or module in visited or not is_layer(module):
                 continue
             pruner = self.dg.get_pruner_of_module(module)
             if pruner is None or pruner.get_out_channels(module) is None:
@@ -313,40 +421,26 @@ class ChannelGraph:
             )
         self.groups = [g for i, g in enumerate(self.groups) if i not in clashing]
         self._handlers = [h for i, h in enumerate(self._handlers) if i not in clashing]
+        self._covered = [c for i, c in enumerate(self._covered) if i not in clashing]
 
     def _measure_flops(self, args: tuple, kwargs: dict) -> tuple[dict[str, float], float]:
-        """FLOPs (2 x MACs) of every conv/linear layer at full width, from its observed input/output
-        sizes, and the rest: what FlopCounterMode counts in the same forward beyond those layers
-        (attention matmuls, einsums), so a GFLOPs target is met on the count the report measures.
+        """FLOPs (2 x MACs) of every conv/linear/sparse conv layer at full width, from its observed sizes (a
+        sparse conv's from its active rulebook pairs), and the rest: what the toolkit's counter
+        (`compress.flops`) counts in the same forward beyond those layers (attention matmuls, einsums), so a
+        GFLOPs target is met on the count the report measures. `flop_count` keeps the whole count (sparse
+        FLOPs and uncounted layers, for the report).
 
         Also records each layer's input and output shapes per call (`layer_shapes`): latency tables are
         measured at these real feature-map sizes and checked against them."""
-        flops: dict[str, float] = {}
-        self.layer_shapes: dict[str, list[tuple[list[int], list[int]]]] = {}
-
-        def hook(module, inputs, output):
-            name = self.names[module]
-            self.layer_shapes.setdefault(name, []).append((list(inputs[0].shape), list(output.shape)))
-            if isinstance(module, nn.Linear):
-                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
-            else:
-                # A conv's MACs per output element are in/groups x kernel; a transposed conv's per input element.
-                positions = output.shape[2:] if not isinstance(module, TRANSPOSED) else inputs[0].shape[2:]
-                kernel = math.prod(module.kernel_size)
-                macs = output.shape[0] * module.out_channels * module.in_channels // module.groups * kernel
-                macs *= math.prod(positions)
-            flops[name] = flops.get(name, 0.0) + 2.0 * macs
-
-        handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, LAYERS)]
         was_training = self.model.training
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self.model.eval()(*args, **kwargs)
+            self.model.eval()
+            self.flop_count: FlopCount = count_flops(self.model, lambda: self.model(*args, **kwargs), LAYERS)
         finally:
             self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        return flops, max(0.0, float(counter.get_total_flops()) - sum(flops.values()))
+        self.layer_shapes = self.flop_count.shapes
+        flops = self.flop_count.layers
+        return dict(flops), max(0.0, self.flop_count.total - sum(flops.values()))
 
     # ---- scores -------------------------------------------------------------------------------
     def channel_saliency(self, saliency: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -374,9 +468,7 @@ class ChannelGraph:
         modules = dict(self.model.named_modules())
         result = {}
         for name, base in self.layer_flops.items():
-            m = modules[name]
-            c_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            c_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            c_in, c_out = layer_channels(modules[name])
             result[name] = base * (c_out - removed_out.get(name, 0)) / c_out * (c_in - removed_in.get(name, 0)) / c_in
         return result
 
@@ -508,8 +600,7 @@ class ChannelGraph:
                     if len(idxs) == 0:
                         continue
                     m = modules[item.layer]
-                    out_dim = 1 if isinstance(m, TRANSPOSED) else 0
-                    dim = 0 if isinstance(m, NORMS) else (out_dim if item.kind == "out" else 1 - out_dim)
+                    dim = 0 if isinstance(m, NORMS) else weight_dims(m)[0 if item.kind == "out" else 1]
                     m.weight.index_fill_(dim, idxs, 0.0)
                     if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
                         m.bias.index_fill_(0, idxs, 0.0)
@@ -534,12 +625,12 @@ class ChannelGraph:
                 if idxs and (only is None or i in only):
                     root = modules[group.root]
                     dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self.task.forward(model.eval(), self.example_batch)
+            model.eval()
+            counted = count_flops(model, lambda: self.task.forward(model, self.example_batch))
         except Exception as error:  # noqa: BLE001 - any failure of the pruned copy is the answer
             return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
         if only is None:
-            self.copy_flops = float(counter.get_total_flops())  # measured, for `measured_reduction`
+            self.copy_flops = counted.total  # measured, for `measured_reduction`
         return None
 
     def measured_reduction(self, pruned: list[torch.Tensor]) -> float:
@@ -578,12 +669,12 @@ class ChannelGraph:
             self.unprunable.append({"root": self.groups[i].root, "reason": reason})
         self.groups = [g for i, g in enumerate(self.groups) if i not in indices]
         self._handlers = [h for i, h in enumerate(self._handlers) if i not in indices]
+        self._covered = [c for i, c in enumerate(self._covered) if i not in indices]
 
     def widths(self) -> dict[str, int]:
         """Current output width of every group's root layer."""
         modules = dict(self.model.named_modules())
         result = {}
         for group in self.groups:
-            m = modules[group.root]
-            result[group.root] = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            result[group.root] = layer_channels(modules[group.root])[1]
         return result

@@ -9,16 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.structured import LAYERS
+from compress.structured import is_layer
 
 
 def prunable_weights(model: nn.Module, protected: set[str] | frozenset[str] = frozenset()) -> dict[str, nn.Parameter]:
-    """Conv and linear weights, except the `protected` layers (by module name: output layers, the task's own)."""
-    return {
-        f"{name}.weight": m.weight
-        for name, m in model.named_modules()
-        if isinstance(m, LAYERS) and name not in protected
-    }
+    """Conv, sparse conv and linear weights, except the `protected` layers (by module name: output layers, the
+    task's own)."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules() if is_layer(m) and name not in protected}
 
 
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
