@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # install the torch wheel matching your driver first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-bundle
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
-	$(PY) -m pip install -q -e ".[dev,nuscenes,quant]"
+	$(PY) -m pip install -q -e ".[dev,nuscenes,quant,sparse]"
 	$(PY) -m pip install -q --no-deps nuscenes-devkit==1.2.0  # pins numpy<2; runs on numpy 2 (see pyproject)
 	touch $@
 
@@ -27,6 +27,16 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The pure-Python packages a lent GPU machine lacks (its Python has torch, onnx, onnxruntime, safetensors, tqdm,
+# matplotlib): torch-pruning at pyproject's pin. Run there: PYTHONPATH=gpu-bundle python -m benchmarks.gpu (docs/gpu.md).
+GPU_BUNDLE ?= gpu-bundle
+gpu-bundle:
+	rm -rf $(GPU_BUNDLE)
+	python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --target $(GPU_BUNDLE) \
+		"$$(sed -n 's/^ *"\(torch-pruning==[^"]*\)".*/\1/p' pyproject.toml)"
+	@size=$$(du -sm $(GPU_BUNDLE) | cut -f1); echo "$(GPU_BUNDLE): $$size MiB"; \
+		test "$$size" -lt 64 || { echo "error: $(GPU_BUNDLE) is $$size MiB, over the 64 MiB a GPU run may carry" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
