@@ -68,6 +68,9 @@ def sparse_unsupported_reason(module: nn.Module) -> str | None:
         return "transposed sparse convolution (its geometry is not supported; inverse convs are)"
     if getattr(module, "groups", 1) != 1:
         return f"grouped sparse convolution (groups={module.groups})"
+    if getattr(module, "conv1x1", False) and type(module).__module__.startswith("spconv"):
+        # spconv multiplies `weight.view(in, out)` for 1x1 kernels: not the (out, ..., in) layout sliced here
+        return "spconv 1x1 sparse convolution (its kernel reads the weight's memory as (in, out))"
     return None
 
 

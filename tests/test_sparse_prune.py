@@ -59,7 +59,7 @@ def _sparse_layers(model):
 
 def test_sparse_flops_are_spconvs_own_rulebook_pairs(setup):
     """FLOPs of each sparse conv = 2 x pairs x Cin x Cout, pairs as spconv's rulebook holds them (its native
-    SubM kernel handles the centre offset apart: every active site once more)."""
+    SubM rulebook stores each symmetric pair once and handles the centre offset apart: 2 x stored + sites)."""
     model, batch = copy.deepcopy(setup.model), setup.scoring_batches[0]
     outputs = {}
     layers = _sparse_layers(model)
@@ -73,7 +73,7 @@ def test_sparse_flops_are_spconvs_own_rulebook_pairs(setup):
         rulebook = out.indice_dict[module.indice_key]
         pairs = int(rulebook.indice_pair_num.sum())
         if module.subm:
-            pairs += source.features.shape[0]
+            pairs = 2 * pairs + source.features.shape[0]
         assert counted.sparse_pairs[name] == pairs, name
         assert counted.sparse[name] == 2.0 * pairs * module.in_channels * module.out_channels
     assert counted.uncounted == {}
