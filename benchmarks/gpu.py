@@ -1,6 +1,6 @@
 """First GPU figures in one command, for the few minutes a GPU machine is lent (docs/gpu.md).
 
-    PYTHONPATH=gpu-bundle python -m benchmarks.gpu --out reports/gpu            # on the GPU, <= 8 minutes
+    PYTHONPATH=gpu-bundle python -m benchmarks.gpu --out runs/gpu               # on the GPU, <= 8 minutes
     python -m benchmarks.gpu --device cpu --quick --out /tmp/gpu-check          # the same code paths on CPU
 
 Sections, each independent (a failure is recorded as "failed: <error>" and the others go on), in this order:
