@@ -9,7 +9,7 @@ from torch import nn
 from common import dist
 from common.task import Task
 from compress.imp import FinetuneFn, iterative_magnitude_prune
-from compress.oneshot import prune_structured, prune_unstructured
+from compress.oneshot import check_gradients_possible, prune_structured, prune_unstructured
 from compress.request import PruneRequest
 from compress.structured import PruningError
 
@@ -39,6 +39,7 @@ def prune(
     request.validate()
     if not isinstance(batches, list | tuple) or not batches:
         raise PruningError("the scoring set must be a non-empty list of batches")
+    check_gradients_possible(model, request.method)  # IMP's fine-tunes need a backward too
     if dist.is_distributed():
         dist.check_same(dist.digest(model.state_dict()), "the model's weights")
         dist.check_same(dist.digest(list(batches)), "the scoring set (give every rank the same, global set)")

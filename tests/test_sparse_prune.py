@@ -54,7 +54,7 @@ def _run(model, batch):
 
 
 def _sparse_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, spconv.SparseConvolution)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, spconv.conv.SparseConvolution)}
 
 
 def test_sparse_flops_are_spconvs_own_rulebook_pairs(setup):
