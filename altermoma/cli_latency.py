@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.argtypes import non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from compress.latency import LatencyTable
 
 BACKEND_CHOICES = ("ort-cpu", "torch-cpu", "torch-cuda", "trtexec-script")
 
@@ -36,18 +40,16 @@ def load_subject(args: argparse.Namespace):
 
 def cmd_latency_table(args: argparse.Namespace) -> None:
     from altermoma import latency_table as lt
-    from compress.latency import save_table
 
     if args.parse_trtexec is not None:
         if args.checkpoint or args.task:
             raise ValueError("--parse-trtexec reads a folder; give no --checkpoint or --task with it")
         table = lt.parse_trtexec_folder(args.parse_trtexec)
-        save_table(table, args.out)
         print(
             f"{len(table.layers)} layers from {args.parse_trtexec}: end to end {table.end_to_end_ms:.3f} ms, ", end=""
         )
         print(f"rest {table.rest_ms:.3f} ms ({table.backend}, {table.environment.get('device', 'device unknown')})")
-        print(f"saved {args.out}")
+        save_judged(table, args)
         return
     if args.backend == "torch-cuda":
         lt.require_cuda()  # before loading anything
@@ -78,9 +80,9 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         check_points=args.check_points,
         rest_terms=not args.no_rest_terms,
+        rest_runs=args.rest_runs,
         progress=(lambda text: print(text, file=sys.stderr)) if not args.quiet else None,
     )
-    save_table(table, args.out)
     check = table.checks.get("interpolation", {})
     print(
         f"{len(table.layers)} layers, {table.settings['distinct_points_timed']} points timed in "
@@ -97,11 +99,24 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
     if rest is not None:
         used = ", ".join(f"{r} {table.rest_terms[r]['ms_per_channel']:.3f} ms/channel" for r in rest["used"]) or "none"
         print(f"rest terms above the noise ({rest['threshold_ms']:.2f} ms): {used}")
-        if rest["unpruned_spread"] > 0.03:
-            print(
-                f"warning: the unpruned model's time varied by {rest['unpruned_spread']:.0%} while the table was "
-                "built (another process?): check the load and build it again"
-            )
+    save_judged(table, args)
+
+
+def save_judged(table: LatencyTable, args: argparse.Namespace) -> None:
+    """Print the table's quality verdict; save it unless it is bad (then one `error:` line, exit 2, and the
+    file at --out, if any, is left as it was), or with --keep-bad."""
+    from compress.latency import quality_line, save_table
+
+    print(quality_line(table))
+    if table.verdict == "bad" and not args.keep_bad:
+        reasons = "; ".join(table.quality.get("reasons", []))
+        raise ValueError(
+            f"latency table not saved: judged bad ({reasons}); another process was probably busy: rebuild it on "
+            f"a quieter machine (--keep-bad saves it for inspection; prune refuses it)"
+        )
+    if table.verdict == "noisy":
+        print("warning: the table is noisy (reasons above): predictions may be off by more than usual")
+    save_table(table, args.out)
     print(f"saved {args.out}")
 
 
@@ -120,6 +135,8 @@ def add_latency_table_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--grid-points", type=int, default=16, help="at most this many widths per dimension (default 16)")
     p.add_argument("--runs", type=positive_int, default=20, help="timed runs per point (default 20)")
     p.add_argument("--warmup", type=non_negative_int, default=5, help="warm-up runs per point (default 5)")
+    p.add_argument("--rest-runs", type=positive_int, default=20, help="alternating runs of the model per rest term, "
+                   "against the unpruned one (default 20)")  # fmt: skip
     p.add_argument("--check-points", type=non_negative_int, default=8, help="off-grid widths timed to measure the "
                    "interpolation error (default 8)")  # fmt: skip
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="trtexec-script precision")
@@ -130,5 +147,10 @@ def add_latency_table_parser(sub: argparse._SubParsersAction) -> argparse.Argume
         help="skip timing the model once per group (the rest stays one constant; faster, less accurate)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+    p.add_argument(
+        "--keep-bad",
+        action="store_true",
+        help="save a table judged bad too (for inspection: prune refuses it); by default it is not saved (exit 2)",
+    )
     p.set_defaults(run=cmd_latency_table)
     return p

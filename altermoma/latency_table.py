@@ -38,9 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from altermoma.bench import environment, measure
+from altermoma.bench import environment
 from common.task import Task
-from compress.latency import LatencyTable, LayerEntry, layer_widths, prunable_dims, width_grid
+from compress.latency import (
+    VERDICTS,
+    LatencyTable,
+    LayerEntry,
+    layer_widths,
+    monotone_grid,
+    prunable_dims,
+    width_grid,
+)
 from compress.structured import LAYERS, ChannelGraph, is_depthwise, min_kept
 from export.onnx import eval_mode, export_onnx, session_options, torch_threads
 
@@ -82,6 +90,7 @@ class Snippet:
         hyper = {k: getattr(layer, k) for k in keys if hasattr(layer, k)}
         hyper["bias"] = layer.bias is not None
         hyper["depthwise"] = is_depthwise(layer)
+        hyper["groups"] = getattr(layer, "groups", 1)
         return json.dumps([self.parts, repr(sorted(hyper.items())), self.shapes, layer_widths(layer)])
 
     def build(self, c_in: int, c_out: int) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -90,11 +99,12 @@ class Snippet:
         if isinstance(layer, nn.Linear):
             first = nn.Linear(c_in, c_out, bias=layer.bias is not None)
         else:
+            groups = layer.groups if c_in % layer.groups == 0 and c_out % layer.groups == 0 else 1  # grouped: kept
             kwargs = dict(
                 stride=layer.stride,
                 padding=layer.padding,
                 dilation=layer.dilation,
-                groups=c_out if is_depthwise(layer) else 1,
+                groups=c_out if is_depthwise(layer) else groups,
                 bias=layer.bias is not None,
             )
             if hasattr(layer, "output_padding") and isinstance(layer, nn.modules.conv._ConvTransposeNd):
@@ -175,48 +185,75 @@ def onnx_bytes(module: nn.Module, inputs: list[torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
-def timer(backend: str, threads: int, warmup: int, runs: int) -> Callable[[nn.Module, list[torch.Tensor]], float]:
-    """A function (snippet, inputs per call) -> summed median ms over the calls, on `backend`."""
-    if backend == "ort-cpu":
-        import onnxruntime as ort
+class Timing:
+    """Runs and times things on one backend. The builder asks it for runnables (a layer snippet at some
+    widths, a whole model) and for their samples, interleaved; a test gives the builder a deterministic
+    one instead, so that no test depends on the speed or the load of the machine it runs on."""
 
-        options = session_options(threads)
+    def __init__(self, backend: str, threads: int, workdir: str | os.PathLike):
+        if backend not in TIMED_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(TIMED_BACKENDS)})")
+        if backend == "torch-cuda":
+            require_cuda()
+        self.backend, self.threads, self.workdir = backend, threads, Path(workdir)
 
-        def time_ort(module: nn.Module, inputs: list[torch.Tensor]) -> float:
-            total = 0.0
-            for x in inputs:
-                session = ort.InferenceSession(onnx_bytes(module, [x]), options, providers=["CPUExecutionProvider"])
-                feeds = {"x": x.numpy()}
-                total += measure(lambda s=session, f=feeds: s.run(None, f), warmup, runs)["median_ms"]
-            return total
+    def snippet(self, module: nn.Module, inputs: list[torch.Tensor]) -> Callable[[], Any]:
+        """One call runs the snippet once on each input (one input per call of the layer in a forward)."""
+        if self.backend == "ort-cpu":
+            import onnxruntime as ort
 
-        return time_ort
-    if backend == "torch-cpu":
+            options = session_options(self.threads)
+            sessions = [
+                (ort.InferenceSession(onnx_bytes(module, [x]), options, providers=["CPUExecutionProvider"]),
+                 {"x": x.numpy()})
+                for x in inputs
+            ]  # fmt: skip
 
-        def time_torch(module: nn.Module, inputs: list[torch.Tensor]) -> float:
-            with torch_threads(threads), torch.inference_mode():
-                return sum(measure(lambda x=x: module(x), warmup, runs)["median_ms"] for x in inputs)
+            def run_ort() -> None:
+                for session, feeds in sessions:
+                    session.run(None, feeds)
 
-        return time_torch
-    if backend == "torch-cuda":
-        require_cuda()
+            return run_ort
+        if self.backend == "torch-cuda":
+            gpu, xs = module.cuda(), [x.cuda() for x in inputs]
 
-        def time_cuda(module: nn.Module, inputs: list[torch.Tensor]) -> float:
-            gpu = module.cuda()
-            total = 0.0
+            def run_cuda() -> None:
+                with torch.inference_mode():
+                    for x in xs:
+                        gpu(x)
+                torch.cuda.synchronize()
+
+            return run_cuda
+
+        def run_torch() -> None:
             with torch.inference_mode():
                 for x in inputs:
-                    x = x.cuda()
+                    module(x)
 
-                    def call(x=x) -> None:
-                        gpu(x)
-                        torch.cuda.synchronize()
+        return run_torch
 
-                    total += measure(call, warmup, runs)["median_ms"]
-            return total
+    def model(self, model: nn.Module, task: Task, example_batch: Any) -> Callable[[], Any]:
+        return model_runner(model, task, example_batch, self.backend, self.threads, self.workdir)
 
-        return time_cuda
-    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(TIMED_BACKENDS)} or trtexec-script)")
+    def samples(self, runners: list[Callable[[], Any]], warmup: int, rounds: int) -> list[list[float]]:
+        """ms per call of each runner: `warmup` untimed calls each, then `rounds` rounds of one call of
+        each, in an order rotated every round, so that load from another process falls on all alike."""
+        for run in runners:
+            for _ in range(warmup):
+                run()
+        samples: list[list[float]] = [[] for _ in runners]
+        for r in range(rounds):
+            for k in range(len(runners)):
+                i = (k + r) % len(runners)
+                start = time.perf_counter()
+                runners[i]()
+                samples[i].append((time.perf_counter() - start) * 1e3)
+        return samples
+
+
+def make_timing(backend: str, threads: int, workdir: str | os.PathLike) -> Timing:
+    """The builder's timing when none is given (tests replace it with a deterministic one)."""
+    return Timing(backend, threads, workdir)
 
 
 def require_cuda() -> None:
@@ -260,22 +297,36 @@ def model_runner(
     return call
 
 
-def paired_medians(a: Callable[[], Any], b: Callable[[], Any], warmup: int, runs: int, block: int = 4):
-    """Median ms of `a` and of `b`, timed in alternating blocks of `block` calls, so that a burst of load
-    from another process falls on both alike and cancels in their difference."""
-    for _ in range(warmup):
-        a()
-        b()
-    samples: tuple[list[float], list[float]] = ([], [])
-    while len(samples[0]) < runs:
-        for fn, out in ((a, samples[0]), (b, samples[1])):
-            for _ in range(block):
-                start = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(samples[0])), float(np.median(samples[1]))
+# ---- robust statistics ------------------------------------------------------------------------------
+SAMPLE_SIGMAS = 3.0  # a sample further than this many robust standard deviations from the median is dropped
 
 
+@dataclass
+class Estimate:
+    """A measured quantity: the mean of the samples kept, its standard error, samples kept and dropped."""
+
+    ms: float
+    se: float
+    kept: int
+    dropped: int
+
+    @property
+    def relative_se(self) -> float:
+        return self.se / self.ms if self.ms > 0 else math.inf
+
+
+def robust_estimate(samples: list[float]) -> Estimate:
+    """The mean of the samples within 3 robust standard deviations (1.4826 x MAD) of their median, with its
+    standard error: a burst of load from another process lands in a few samples and is dropped."""
+    x = np.asarray(samples, dtype=float)
+    median = float(np.median(x))
+    sigma = 1.4826 * float(np.median(np.abs(x - median)))
+    kept = x[np.abs(x - median) <= SAMPLE_SIGMAS * sigma] if sigma > 0 else x[x == median]
+    se = float(np.std(kept, ddof=1) / math.sqrt(len(kept))) if len(kept) > 1 else 0.0
+    return Estimate(float(np.mean(kept)), se, int(len(kept)), int(len(x) - len(kept)))
+
+
+# ---- rest terms ---------------------------------------------------------------------------------------
 def calibration_points(graph: ChannelGraph, round_to: int, grid_points: int) -> list[tuple[str, int, int]]:
     """(group root, channels, kept) per group: the grid width nearest a quarter of the group (above the
     default 90% cap), so the layers' part of the change is read off grid points, not interpolated."""
@@ -313,10 +364,24 @@ def rest_term(n: int, kept: int, e2e_ms: float, base_ms: float, table_ms: float,
 
 
 OUTLIER_SIGMAS = 5.0
+SLOWER_TOLERANCE = 0.10  # a narrower model may measure this much slower than the unpruned one (runtime layouts)
+
+
+def term_bound_problem(term: dict, claimable_ms: float) -> str | None:
+    """Why a measured rest term is impossible, or None: it claims to save more rest than was measured, or
+    the narrower model measured clearly slower than the unpruned one (cost does not fall as width grows)."""
+    slack = 3.0 * term.get("change_se_ms", 0.0)
+    saving = -term["rest_change_ms"]
+    if saving > claimable_ms + slack:
+        return f"claims {saving:.2f} ms of rest saved, more than the {claimable_ms:.2f} ms measured outside the layers"
+    slower = term["end_to_end_ms"] - term["unpruned_ms"]
+    if slower > SLOWER_TOLERANCE * term["unpruned_ms"] + slack:
+        return f"the model cut to {term['kept']} channels measured {slower:.2f} ms slower than the unpruned one"
+    return None
 
 
 def choose_rest_terms(terms: dict[str, dict], noise_ms: float, e2e_ms: float, floor: float) -> dict[str, Any]:
-    """Mark the terms to use: those that stand out among all groups.
+    """Mark the terms to use: savings that stand out among all groups, above their own noise, within bounds.
 
     Most groups move the rest by a millisecond or two either way (on small: median |change| 0.4 ms, all
     but one within 2.2 ms): ONNX Runtime picks other layouts and fusions at other widths, shifts that
@@ -324,21 +389,80 @@ def choose_rest_terms(terms: dict[str, dict], noise_ms: float, e2e_ms: float, fl
     pruned models by 7-9%; on the committed one, all terms and the outliers alone predict alike,
     reports/latency-target/rest-ablation-small.md) and that are the most exposed to load from other
     processes. Work that really scales with one group's channels and no conv carries (the LSS pooling
-    over the context channels, -40 ms there) stands far out. A term is used when |change| is at least
-    max(5 x 1.4826 x MAD of all changes, 3 x noise, `floor` x end to end)."""
+    over the context channels, -40 ms there) stands far out. A term is used when it saves (a narrower
+    model's rest does not grow: cost does not fall as width grows), is within its bounds, is at least 3 of
+    its own standard errors, and |change| is at least max(5 x 1.4826 x MAD of all changes, 3 x noise,
+    `floor` x end to end)."""
     changes = np.array([t["rest_change_ms"] for t in terms.values()])
     spread = 1.4826 * float(np.median(np.abs(changes - np.median(changes)))) if len(changes) else 0.0
     threshold = max(OUTLIER_SIGMAS * spread, 3.0 * noise_ms, floor * e2e_ms)
     for t in terms.values():
-        t["used"] = abs(t["rest_change_ms"]) >= threshold
+        change = t["rest_change_ms"]
+        t["used"] = bool(
+            change < 0
+            and -change >= threshold
+            and -change >= 3.0 * t.get("change_se_ms", 0.0)
+            and not t.get("out_of_bounds")
+        )
     return {
         "noise_ms": noise_ms,
         "robust_spread_ms": spread,
         "threshold_ms": threshold,
-        "rule": f"used when |rest change| >= max({OUTLIER_SIGMAS:g} x 1.4826 x MAD of all groups' changes, 3 x noise, "
-        f"{floor:.1%} of end to end); noise: the unpruned model timed against itself the same way",
+        "rule": f"used when the rest falls by at least max({OUTLIER_SIGMAS:g} x 1.4826 x MAD of all groups' changes, "
+        f"3 x noise, {floor:.1%} of end to end) and by 3 of its own standard errors, within the bounds; noise: the "
+        "median standard error of the terms",
         "used": sorted(root for root, t in terms.items() if t["used"]),
     }
+
+
+# ---- the quality verdict --------------------------------------------------------------------------------
+# (noisy above, bad above): what each measurement of the build may reach
+LIMITS = {
+    "reference_spread": (0.05, 0.15),  # (max - min) / median of the unpruned model, measured through the build
+    "layer_noise": (0.02, 0.05),  # standard error of the layers' entries, relative, weighted by their ms
+    "monotone_adjustment": (0.03, 0.10),  # how far the monotone fit moved the entries, weighted by their ms
+    "negative_rest": (0.05, 0.25),  # layers timed alone costing more than the whole model, share of it
+}
+LIMIT_TEXT = {
+    "reference_spread": "the unpruned model varied by {:.1%} while the table was built",
+    "layer_noise": "the layer entries' standard error is {:.1%} (ms-weighted)",
+    "monotone_adjustment": "the monotone fit moved the entries by {:.1%} (ms-weighted): widths disagree with neighbours",
+    "negative_rest": "the layers timed alone cost {:.1%} more than the whole model",
+}
+
+
+def judge(metrics: dict[str, float | None], problems: list[str]) -> dict[str, Any]:
+    """The verdict: "bad" when a measurement passes its bad limit or a rest term is out of bounds, "noisy"
+    when one passes its noisy limit, else "good"; with the reasons (one short clause each)."""
+    verdict, reasons, checks = 0, [], []
+    for key, (noisy, bad) in LIMITS.items():
+        value = metrics.get(key)
+        if value is None:
+            checks.append(f"{key.replace('_', ' ')}: not measured")
+            continue
+        level = 2 if value > bad else 1 if value > noisy else 0
+        text = LIMIT_TEXT[key].format(value)
+        checks.append(text)
+        if level:
+            reasons.append(f"{text} ({'bad' if level == 2 else 'noisy'} above {bad if level == 2 else noisy:.0%})")
+        verdict = max(verdict, level)
+    if problems:
+        verdict = 2
+        reasons += problems
+    return {"verdict": VERDICTS[verdict], "reasons": reasons, "checks": checks, "metrics": metrics,
+            "limits": {k: {"noisy": v[0], "bad": v[1]} for k, v in LIMITS.items()}}  # fmt: skip
+
+
+def reference_spread(values: list[float]) -> float | None:
+    return (max(values) - min(values)) / float(np.median(values)) if len(values) > 1 else None
+
+
+def monotone_fit(raw: list[list[float]]) -> tuple[list[list[float]], float]:
+    """The monotone grid and how far it moved the raw one: sum |fit - raw| / sum raw."""
+    fitted = monotone_grid(raw)
+    moved = sum(abs(f - r) for fr, rr in zip(fitted, raw) for f, r in zip(fr, rr))
+    total = sum(sum(row) for row in raw)
+    return fitted, moved / total if total > 0 else 0.0
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -356,6 +480,93 @@ def plan(subject: Subject, round_to: int, grid_points: int) -> tuple[ChannelGrap
     return graph, snippets, grids
 
 
+NEIGHBOUR_TOLERANCE = 0.10  # an entry this far (relative) from the monotone fit of its layer is timed again
+REMEASURE_PASSES = 2
+REFERENCE_CHECKS = 8  # the unpruned model is timed this many times while the layers are (plus start and end)
+REFERENCE_ROUNDS = 5
+REFERENCE_SECONDS, REFERENCE_MAX_ROUNDS = 0.2, 200
+
+
+class Measurer:
+    """The timing of one build: snippet points (cached by signature and widths), the unpruned model as the
+    reference (its spread through the build is the table's first quality measure), and rest terms."""
+
+    def __init__(self, timing: Timing, subject: Subject, warmup: int, runs: int, rest_runs: int = 20):
+        self.timing, self.subject, self.warmup, self.runs, self.rest_runs = timing, subject, warmup, runs, rest_runs
+        self.points: dict[tuple[str, int, int], Estimate] = {}
+        self.remeasured: list[dict[str, Any]] = []
+        self.reference_runner = timing.model(subject.model, subject.task, subject.example_batch)
+        self.reference: list[dict[str, Any]] = []
+
+    def check_reference(self, when: str, rounds: int = REFERENCE_ROUNDS) -> Estimate:
+        """Time the unpruned model `rounds` times (more for a fast model: a check lasts about 0.2 s)."""
+        if self.reference:
+            rounds = max(
+                rounds, min(REFERENCE_MAX_ROUNDS, math.ceil(REFERENCE_SECONDS * 1e3 / self.reference[0]["ms"]))
+            )
+        [samples] = self.timing.samples([self.reference_runner], 1 if self.reference else self.warmup, rounds)
+        estimate = robust_estimate(samples)
+        self.reference.append({"when": when, "ms": estimate.ms, "se_ms": estimate.se, "runs": rounds})
+        return estimate
+
+    def measure(self, wanted: list[tuple[Snippet, int, int]], again: bool = False) -> list[Estimate]:
+        """Each (snippet, c_in, c_out) measured (or taken from the cache), the new ones interleaved."""
+        keys = [(snippet.signature(), ci, co) for snippet, ci, co in wanted]
+        todo = {k: w for k, w in zip(keys, wanted) if again or k not in self.points}
+        if todo:
+            runners = [self.timing.snippet(*snippet.build(ci, co)) for snippet, ci, co in todo.values()]
+            for key, samples in zip(todo, self.timing.samples(runners, self.warmup, self.runs)):
+                self.points[key] = robust_estimate(samples)
+        return [self.points[k] for k in keys]
+
+    def layer(self, snippet: Snippet, grid: dict[str, list[int]]) -> tuple[list[list[float]], dict[str, Any]]:
+        """The layer's monotone grid, with its quality: entries that disagree with the monotone fit of the
+        others by over 10% (and 3 standard errors) are timed again, twice at most."""
+        depthwise = is_depthwise(snippet.layer)
+        cells = [(i, j) for i in range(len(grid["in"])) for j in range(len(grid["out"]))]
+
+        def wanted(i: int, j: int) -> tuple[Snippet, int, int]:
+            co = grid["out"][j]
+            return snippet, co if depthwise else grid["in"][i], co
+
+        found = dict(zip(cells, self.measure([wanted(*c) for c in cells])))
+        retimed = 0
+        for _ in range(REMEASURE_PASSES):
+            raw = [[found[(i, j)].ms for j in range(len(grid["out"]))] for i in range(len(grid["in"]))]
+            fitted = monotone_grid(raw)
+            suspects = [
+                (i, j) for i, j in cells
+                if abs(raw[i][j] - fitted[i][j]) > max(NEIGHBOUR_TOLERANCE * fitted[i][j], 3.0 * found[(i, j)].se)
+            ]  # fmt: skip
+            if not suspects:
+                break
+            retimed += len(suspects)
+            for (i, j), estimate in zip(suspects, self.measure([wanted(*c) for c in suspects], again=True)):
+                self.remeasured.append({"layer": snippet.name, "c_in": grid["in"][i], "c_out": grid["out"][j],
+                                        "first_ms": found[(i, j)].ms, "again_ms": estimate.ms})  # fmt: skip
+                found[(i, j)] = estimate
+        raw = [[found[(i, j)].ms for j in range(len(grid["out"]))] for i in range(len(grid["in"]))]
+        fitted, moved = monotone_fit(raw)
+        noise = [found[c].relative_se for c in cells if math.isfinite(found[c].relative_se)]
+        quality = {"noise": float(np.median(noise)) if noise else 0.0, "worst_noise": max(noise, default=0.0),
+                   "monotone_adjustment": moved, "retimed": retimed,
+                   "dropped_samples": sum(found[c].dropped for c in cells)}  # fmt: skip
+        return fitted, quality
+
+    def variant(self, model: nn.Module) -> Callable[[], Any]:
+        return self.timing.model(model, self.subject.task, self.subject.example_batch)
+
+    def term(self, runner: Callable[[], Any]) -> tuple[Estimate, Estimate]:
+        """The change of the end-to-end time when the model is the variant `runner` runs instead of the
+        unpruned one: the two timed alternately, the difference taken call by call (load from another
+        process falls on both)."""
+        ref, var = self.timing.samples([self.reference_runner, runner], self.warmup, self.rest_runs)
+        reference = robust_estimate(ref)
+        self.reference.append({"when": "beside a rest term", "ms": reference.ms, "se_ms": reference.se,
+                               "runs": len(ref)})  # fmt: skip
+        return robust_estimate([v - r for v, r in zip(var, ref)]), reference
+
+
 def build_table(
     subject: Subject,
     backend: str = "ort-cpu",
@@ -370,109 +581,76 @@ def build_table(
     rest_threshold: float = 0.01,
     workdir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    timing: Timing | None = None,
+    rest_runs: int = 20,
 ) -> LatencyTable:
     """Time every layer snippet over its grid (and a few off-grid checks) and the model end to end; with
-    `rest_terms`, also the model with each group cut to about a quarter (the rest's per-group slopes)."""
+    `rest_terms`, also the model with each group cut to about a quarter (the rest's per-group slopes).
+    The table carries its quality verdict (`table.quality`); building never refuses, its users do."""
     import tempfile
 
     if backend not in TIMED_BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(TIMED_BACKENDS)})")
     if backend == "torch-cuda":
         require_cuda()
-    if threads < 1 or runs < 1 or warmup < 0 or round_to < 1 or grid_points < 2:
-        raise ValueError("need threads >= 1, runs >= 1, warmup >= 0, round_to >= 1 and grid_points >= 2")
+    if threads < 1 or runs < 1 or rest_runs < 2 or warmup < 0 or round_to < 1 or grid_points < 2:
+        raise ValueError(
+            "need threads >= 1, runs >= 1, rest_runs >= 2, warmup >= 0, round_to >= 1 and grid_points >= 2"
+        )
     say = progress or (lambda _text: None)
     start = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     graph, snippets, grids = plan(subject, round_to, grid_points)
-    time_snippet = timer(backend, threads, warmup, runs)
-    cache: dict[tuple[str, int, int], float] = {}
-    retimed = []
-
-    def timed(snippet: Snippet, c_in: int, c_out: int, again: bool = False) -> float:
-        key = (snippet.signature(), c_in, c_out)
-        if key not in cache or again:
-            value = time_snippet(*snippet.build(c_in, c_out))
-            cache[key] = min(value, cache.get(key, math.inf))
-        return cache[key]
-
-    def recheck(snippet: Snippet, grid: dict[str, list[int]], ms: list[list[float]]) -> None:
-        """A point slower by over 25% than a point with at least as many channels in both dimensions is
-        timed again (twice at most; the smaller median stays): a burst of load from another process,
-        more often than a property of the layer."""
-        depthwise = is_depthwise(snippet.layer)
-        for _ in range(2):
-            suspects = [
-                (i, j)
-                for i in range(len(ms))
-                for j in range(len(ms[i]))
-                if ms[i][j] > 1.25 * min(ms[a][b] for a in range(i, len(ms)) for b in range(j, len(ms[a])))
-            ]
-            for i, j in suspects:
-                co = grid["out"][j]
-                before = ms[i][j]
-                ms[i][j] = timed(snippet, co if depthwise else grid["in"][i], co, again=True)
-                retimed.append({"layer": snippet.name, "c_in": grid["in"][i], "c_out": co, "first_ms": before,
-                                "kept_ms": ms[i][j]})  # fmt: skip
-            if not suspects:
-                return
-
-    layers = {}
-    for k, (name, snippet) in enumerate(snippets.items()):
-        grid = grids[name]
-        rows = grid["in"]
-        depthwise = is_depthwise(snippet.layer)
-        ms = [[timed(snippet, co if depthwise else ci, co) for co in grid["out"]] for ci in rows]
-        recheck(snippet, grid, ms)
-        c_in, c_out = layer_widths(snippet.layer)
-        shapes = [[list(i), list(o)] for i, o in snippet.shapes]
-        layers[name] = LayerEntry(
-            type(snippet.layer).__name__, c_in, c_out, shapes, grid["in"], grid["out"], ms, snippet.parts, depthwise
-        )
-        say(f"[{k + 1}/{len(snippets)}] {name}: {len(rows)}x{len(grid['out'])} widths, full {ms[-1][-1]:.3f} ms")
-    checks = interpolation_check(snippets, layers, timed, round_to, check_points)
-    check = checks["interpolation"]
-    if check.get("linear_ms_weighted_abs_error", math.inf) < check.get("ms_weighted_abs_error", math.inf):
-        for entry in layers.values():  # this backend's costs are smooth rather than stepped: interpolate
-            entry.interpolation = "linear"
-        check["chosen"] = "linear (it measured the smaller ms-weighted error)"
-    elif "points" in check and check["points"]:
-        check["chosen"] = "ceil (it measured the smaller ms-weighted error)"
-    checks["retimed"] = {"rule": "a point over 25% slower than one with more channels in both dimensions is "
-                         "timed again, twice at most; the smaller median stays", "points": retimed}  # fmt: skip
-    full = sum(e.full_ms for e in layers.values())
-    e2e_runs = max(runs, end_to_end_runs)
-    terms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp, torch_threads(threads):
-        workdir = Path(workdir) if workdir is not None else Path(tmp)
-
-        def runner(model: nn.Module) -> Callable[[], Any]:
-            return model_runner(model, subject.task, subject.example_batch, backend, threads, workdir)
-
-        unpruned = runner(subject.model)
-        first = measure(unpruned, warmup, e2e_runs)["median_ms"]
-        say(f"end to end {first:.2f} ms, table at full width {full:.2f} ms, rest {first - full:.2f} ms")
-        base, measured, null = [first], [], []
-        points = calibration_points(graph, round_to, grid_points) if rest_terms else []
-        for k, (root, n, kept) in enumerate(points):
-            if k in (0, len(points) // 2, len(points) - 1):  # the unpruned model against itself: the noise
-                null.append(abs(np.subtract(*paired_medians(unpruned, unpruned, warmup, max(runs, 20)))))
-            model = pruned_copy(subject, root, n - kept)
-            ms, unpruned_ms = paired_medians(runner(model), unpruned, warmup, max(runs, 20))
-            base.append(unpruned_ms)
-            measured.append((root, n, kept, ms, unpruned_ms, table_ms_of(model, layers)))
-            change = (ms - unpruned_ms) - (measured[-1][5] - full)
-            say(f"rest term {root}: {n} -> {kept} channels, rest change {change:+.2f} ms")
-    e2e = float(np.median(base))
-    if measured:
-        noise = float(max(null))
-        spread = (max(base) - min(base)) / e2e
-        terms = {root: rest_term(n, kept, ms, b, t, full) for root, n, kept, ms, b, t in measured}
+        timing = timing or make_timing(backend, threads, Path(workdir) if workdir is not None else Path(tmp))
+        meter = Measurer(timing, subject, warmup, runs, rest_runs)
+        first = meter.check_reference("start")
+        say(f"unpruned model {first.ms:.2f} ms (timed {REFERENCE_CHECKS + 2} times through the build: the reference)")
+        layers, layer_quality = {}, {}
+        every = max(1, math.ceil(len(snippets) / REFERENCE_CHECKS))
+        for k, (name, snippet) in enumerate(snippets.items()):
+            grid = grids[name]
+            ms, layer_quality[name] = meter.layer(snippet, grid)
+            c_in, c_out = layer_widths(snippet.layer)
+            shapes = [[list(i), list(o)] for i, o in snippet.shapes]
+            layers[name] = LayerEntry(
+                type(snippet.layer).__name__, c_in, c_out, shapes, grid["in"], grid["out"], ms, snippet.parts,
+                is_depthwise(snippet.layer),
+            )  # fmt: skip
+            say(f"[{k + 1}/{len(snippets)}] {name}: {len(grid['in'])}x{len(grid['out'])} widths, full {ms[-1][-1]:.3f} "
+                f"ms, noise {layer_quality[name]['noise']:.1%}")  # fmt: skip
+            if (k + 1) % every == 0 and k + 1 < len(snippets):
+                meter.check_reference(f"after {k + 1} layers")
+        checks = interpolation_check(snippets, layers, meter, round_to, check_points)
+        check = checks["interpolation"]
+        if check.get("linear_ms_weighted_abs_error", math.inf) < check.get("ms_weighted_abs_error", math.inf):
+            for entry in layers.values():  # this backend's costs are smooth rather than stepped: interpolate
+                entry.interpolation = "linear"
+            check["chosen"] = "linear (it measured the smaller ms-weighted error)"
+        elif "points" in check and check["points"]:
+            check["chosen"] = "ceil (it measured the smaller ms-weighted error)"
+        checks["retimed"] = {"rule": "an entry over 10% (and 3 standard errors) off the monotone fit of its layer's "
+                             "other entries is timed again, twice at most; the new time replaces it",
+                             "points": meter.remeasured}  # fmt: skip
+        full = sum(e.full_ms for e in layers.values())
+        e2e_runs = max(runs, end_to_end_runs)
+        e2e_first = meter.check_reference("end to end", e2e_runs)
+        say(f"end to end {e2e_first.ms:.2f} ms, table at full width {full:.2f} ms, rest {e2e_first.ms - full:.2f} ms")
+        terms: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+        if rest_terms:
+            e2e_now = float(np.median([r["ms"] for r in meter.reference]))
+            terms, problems = measure_rest_terms(meter, subject, graph, layers, round_to, grid_points, e2e_now, say)
+        meter.check_reference("end")
+    e2e = float(np.median([r["ms"] for r in meter.reference]))
+    if terms:
         checks["rest_terms"] = {
-            "unpruned_ms": base,
-            "unpruned_spread": spread,
-            **choose_rest_terms(terms, noise, e2e, rest_threshold),
-        }
+            "unpruned_ms": [r["ms"] for r in meter.reference if r["when"] == "beside a rest term"],
+            **choose_rest_terms(terms, float(np.median([t["change_se_ms"] for t in terms.values()])), e2e,
+                                rest_threshold),
+        }  # fmt: skip
+        checks["rest_terms"]["unpruned_spread"] = reference_spread(checks["rest_terms"]["unpruned_ms"])
+    quality = build_quality(layers, layer_quality, meter.reference, e2e, problems)
     env = environment(threads, _batch_size(snippets))
     env.update(backend=backend, load_average_at_start=load_at_start)
     return LatencyTable(
@@ -488,18 +666,84 @@ def build_table(
             "runs": runs,
             "warmup": warmup,
             "end_to_end_runs": e2e_runs,
+            "rest_runs": rest_runs,
             "rest_terms": "per group, measured" if rest_terms else "none: the rest is a constant",
-            "statistic": "median",
+            "statistic": f"mean of the samples within {SAMPLE_SIGMAS:g} robust standard deviations of their median; "
+            "the points of a layer timed in interleaved rounds; each layer's grid fitted monotone (isotonic)",
             "interpolation": "between grid widths, the next grid width up (ceil) or bilinear, whichever measured "
             "the smaller error on the off-grid checks (ceil without checks); clamped at the grid's edges",
             "snippet": "the layer + the BatchNorm and activation module that consume its output in the model",
-            "distinct_points_timed": len(cache),
+            "distinct_points_timed": len(meter.points),
             "seconds": round(time.perf_counter() - start, 1),
         },
         model=model_info(subject, graph),
         checks=checks,
         rest_terms=terms,
+        quality=quality,
     )
+
+
+def measure_rest_terms(
+    meter: Measurer,
+    subject: Subject,
+    graph: ChannelGraph,
+    layers: dict[str, LayerEntry],
+    round_to: int,
+    grid_points: int,
+    e2e_ms: float,
+    say: Callable[[str], None],
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each group's rest term, within its bounds: a term that claims the impossible is timed again (twice at
+    most; the first measurement within bounds stays); one still out of bounds is kept unused and named."""
+    full = sum(e.full_ms for e in layers.values())
+    claimable = max(e2e_ms - full, 0.0)
+    terms, problems = {}, []
+    for root, n, kept in calibration_points(graph, round_to, grid_points):
+        model = pruned_copy(subject, root, n - kept)
+        table_ms = table_ms_of(model, layers)
+        runner = meter.variant(model)
+        for attempt in range(1 + REMEASURE_PASSES):
+            change, reference = meter.term(runner)
+            term = rest_term(n, kept, reference.ms + change.ms, reference.ms, table_ms, full)
+            term.update(change_se_ms=change.se, attempts=attempt + 1)
+            problem = term_bound_problem(term, claimable)
+            if problem is None:
+                break
+            say(f"rest term {root}: {problem}; timing it again")
+        if problem is not None:
+            term["out_of_bounds"] = problem
+            problems.append(f"rest term {root} {problem} (3 times)")
+        terms[root] = term
+        say(f"rest term {root}: {n} -> {kept} channels, rest change {term['rest_change_ms']:+.2f} "
+            f"+- {change.se:.2f} ms")  # fmt: skip
+    return terms, problems
+
+
+def build_quality(
+    layers: dict[str, LayerEntry],
+    layer_quality: dict[str, dict[str, Any]],
+    reference: list[dict[str, Any]],
+    e2e_ms: float,
+    problems: list[str],
+) -> dict[str, Any]:
+    """The table's verdict from what the build measured (see `LIMITS`)."""
+    weights = {name: max(entry.full_ms, 0.0) for name, entry in layers.items()}
+    total = sum(weights.values()) or 1.0
+    full = sum(e.full_ms for e in layers.values())
+    metrics = {
+        "reference_spread": reference_spread([r["ms"] for r in reference]),
+        "layer_noise": sum(weights[n] * q["noise"] for n, q in layer_quality.items()) / total,
+        "monotone_adjustment": sum(weights[n] * q["monotone_adjustment"] for n, q in layer_quality.items()) / total,
+        "negative_rest": max(0.0, (full - e2e_ms) / e2e_ms) if e2e_ms > 0 else None,
+    }
+    quality = judge(metrics, problems)
+    worst = sorted(layer_quality, key=lambda n: -weights[n] * layer_quality[n]["noise"])[:5]
+    quality.update(
+        reference=reference,
+        noisiest_layers={n: layer_quality[n] for n in worst},
+        layers=layer_quality,
+    )
+    return quality
 
 
 def _batch_size(snippets: dict[str, Snippet]) -> int:
@@ -519,7 +763,7 @@ def model_info(subject: Subject, graph: ChannelGraph) -> dict[str, Any]:
 
 
 def interpolation_check(
-    snippets: dict[str, Snippet], layers: dict[str, LayerEntry], timed, round_to: int, count: int
+    snippets: dict[str, Snippet], layers: dict[str, LayerEntry], meter: Measurer, round_to: int, count: int
 ) -> dict[str, Any]:
     """Time `count` widths on the round_to lattice that are not grid points (half drawn uniformly, half from
     the five slowest layers with thinned grids, where errors cost most) and compare with the table."""
@@ -543,13 +787,13 @@ def interpolation_check(
     picks = rng.sample(heavy, min(count // 2, len(heavy)))
     rest = [c for c in candidates if c not in picks]
     picks += rng.sample(rest, min(count - len(picks), len(rest)))
+    wanted = [(snippets[n], co if layers[n].depthwise else ci, co) for n, ci, co in picks]
     points = []
-    for name, ci, co in picks:
+    for (name, ci, co), measured in zip(picks, meter.measure(wanted)):
         entry = layers[name]
-        measured = timed(snippets[name], co if entry.depthwise else ci, co)
         linear = replace(entry, interpolation="linear").lookup(ci, co)
         points.append(
-            {"layer": name, "c_in": ci, "c_out": co, "measured_ms": measured, "interpolated_ms": entry.lookup(ci, co),
+            {"layer": name, "c_in": ci, "c_out": co, "measured_ms": measured.ms, "interpolated_ms": entry.lookup(ci, co),
              "linear_ms": linear}
         )  # fmt: skip
     result = {"points": points, "mode": next(iter(layers.values())).interpolation}
@@ -710,28 +954,39 @@ def parse_trtexec_folder(folder: str | os.PathLike) -> LatencyTable:
             raise FileNotFoundError(f"{log} is missing: run {folder / 'run_trtexec.sh'} on the device first")
         return parse_trtexec_log(log.read_text(errors="replace"), str(log))
 
-    layers = {}
+    layers, layer_quality = {}, {}
     for name, spec in manifest["layers"].items():
-        ms = [[sum(median(p) for p in ids) for ids in row] for row in spec.pop("points")]
+        raw = [[sum(median(p) for p in ids) for ids in row] for row in spec.pop("points")]
+        ms, moved = monotone_fit(raw)
         layers[name] = LayerEntry(**spec, ms=ms)
+        layer_quality[name] = {"noise": 0.0, "monotone_adjustment": moved, "note": "trtexec medians: noise not known"}
     model_log = (
         (folder / "logs" / "model.log").read_text(errors="replace") if (folder / "logs/model.log").is_file() else ""
     )
     e2e = median("model")
     full = sum(e.full_ms for e in layers.values())
     settings = manifest["settings"]
-    terms, checks = {}, {}
+    terms, checks, problems = {}, {}, []
+    reference = [{"when": "start", "ms": e2e}]
     if manifest.get("rest_terms"):
         again = median("model-again")
+        reference.append({"when": "end", "ms": again})
         e2e = (e2e + again) / 2
         for root, t in manifest["rest_terms"].items():
             table_ms = sum(e.lookup(*t["widths"][name]) for name, e in layers.items())
             terms[root] = rest_term(t["channels"], t["kept"], median(t["point"]), e2e, table_ms, full)
+            problem = term_bound_problem(terms[root], max(e2e - full, 0.0))
+            if problem is not None:
+                terms[root]["out_of_bounds"] = problem
+                problems.append(f"rest term {root} {problem}")
         noise = abs(again - median("model"))
         checks["rest_terms"] = {
             "unpruned_ms": [median("model"), again],
             **choose_rest_terms(terms, noise, e2e, settings["rest_threshold"]),
         }
+    quality = build_quality(layers, layer_quality, reference, e2e, problems)
+    quality["metrics"]["layer_noise"] = None  # one median per point: not measured
+    quality.update(judge(quality["metrics"], problems))
     env = {**trtexec_environment(model_log), "backend": f"tensorrt-{settings['precision']}", "host": manifest["host"]}
     return LatencyTable(
         backend=f"tensorrt-{settings['precision']}",
@@ -743,4 +998,5 @@ def parse_trtexec_folder(folder: str | os.PathLike) -> LatencyTable:
         model=manifest["model"],
         checks=checks,
         rest_terms=terms,
+        quality=quality,
     )

@@ -41,7 +41,7 @@ from altermoma.bench import BACKENDS, bench_model, compare, environment, measure
 from altermoma.latency_table import Subject, build_table, model_runner
 from common.io import atomic_write_text
 from common.task import Task
-from compress.latency import LatencyPredictor, LatencyTable, load_table, save_table, table_from_costs
+from compress.latency import LatencyPredictor, LatencyTable, load_table, quality_line, save_table, table_from_costs
 from compress.latency_select import exhaustive_selection, select_for_latency
 from compress.prune import prune
 from compress.request import PruneRequest
@@ -67,8 +67,9 @@ def reference_subject(model: nn.Module, source: str) -> Subject:
     return Subject(model.eval(), reference_task(model), example, source, model.config.preset)
 
 
-def table_for(subject: Subject, path: Path, threads: int, log=print) -> LatencyTable:
-    """The table at `path` if it was built for this model and thread count, else a fresh one (saved there)."""
+def table_for(subject: Subject, path: Path, threads: int, log=print, **settings) -> LatencyTable:
+    """The table at `path` if it was built for this model and thread count, else a fresh one (saved there,
+    whatever its verdict: the report says it, and a bad one is refused by the prediction)."""
     if path.is_file():
         table = load_table(path)
         graph = ChannelGraph(subject.model, subject.task, subject.example_batch)
@@ -79,10 +80,16 @@ def table_for(subject: Subject, path: Path, threads: int, log=print) -> LatencyT
                 return table
         except ValueError as error:
             log(f"rebuilding {path}: {error}")
-    log(f"building {path} (ort-cpu, {threads} thread(s)); load average {loadavg()}")
-    table = build_table(subject, "ort-cpu", threads=threads, progress=lambda text: log("  " + text))
+    log(f"building {path} (ort-cpu, {threads} thread(s), {settings}); load average {loadavg()}")
+    table = build_table(subject, "ort-cpu", threads=threads, progress=lambda text: log("  " + text), **settings)
     save_table(table, path)
+    log(quality_line(table))
     return table
+
+
+def table_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"grid_points": args.grid_points, "runs": args.table_runs, "warmup": args.table_warmup,
+            "rest_runs": args.rest_runs}  # fmt: skip
 
 
 def stage_of_layers(model: nn.Module) -> dict[str, str]:
@@ -125,9 +132,13 @@ def predicted_stages(
         rest_change[readers[root]] = rest_change.get(readers[root], 0.0) + change
     result = {}
     for stage, base in measured_base.items():
-        rest = base - table_before.get(stage, 0.0) + rest_change.get(stage, 0.0)
+        rest_before = base - table_before.get(stage, 0.0)
+        # a stage's rest cannot fall by more than there is of it (the rest terms' claim, bounded)
+        change = max(rest_change.get(stage, 0.0), -max(rest_before, 0.0))
+        rest = rest_before + change
         result[stage] = {"table_after_ms": table_after.get(stage, 0.0), "stage_rest_ms": rest,
-                         "predicted_ms": table_after.get(stage, 0.0) + rest}  # fmt: skip
+                         "predicted_ms": table_after.get(stage, 0.0) + rest,
+                         "rest_claim_capped_ms": change - rest_change.get(stage, 0.0)}  # fmt: skip
     return result
 
 
@@ -174,8 +185,17 @@ def run_speedup(args: argparse.Namespace) -> dict:
     config = get_config(args.preset)
     torch.manual_seed(0)
     base = build_model(config).eval()
-    table = table_for(reference_subject(base, f"random weights of {args.preset} (seed 0)"),
-                      out / f"{args.preset}-ort-cpu.json", args.threads)  # fmt: skip
+    table_path = Path(args.table) if args.table else out / f"{args.preset}-ort-cpu.json"
+    load = {"before the table": loadavg()}
+    subject = reference_subject(base, f"random weights of {args.preset} (seed 0)")
+    table = table_for(subject, table_path, args.threads, **table_settings(args))
+    load["after the table"] = loadavg()
+    stem = args.name or f"speedup-{args.preset}"
+    if table.verdict == "bad":  # the prediction refuses it: say why, measure nothing
+        summary = refused_summary(args, table, table_path, load)
+        write(out, stem, summary, refused_markdown(summary))
+        print(f"refused: {quality_line(table)}")
+        return summary
     batches = scoring_set(config, 1, 2)
     pruned = {}
     targets = [(f"latency-{args.target:.2f}", {"target_latency": args.target})]
@@ -190,9 +210,9 @@ def run_speedup(args: argparse.Namespace) -> dict:
               f"{report['latency']['predicted_after_ms']:.1f} ms")  # fmt: skip
         pruned[label] = (model, report)
     stages = stage_of_layers(base)
-    subject = reference_subject(base, "")
     readers = consumer_stages(ChannelGraph(base, subject.task, subject.example_batch), stages)
-    results, load = [], {"before": loadavg()}
+    results = []
+    load["before timing"] = loadavg()
     with tempfile.TemporaryDirectory(prefix="latency-target-") as tmp:
         for i, (label, model) in enumerate([("unpruned", base), *((k, m) for k, (m, _) in pruned.items())]):
             load[f"{label} start"] = loadavg()
@@ -251,24 +271,73 @@ def run_speedup(args: argparse.Namespace) -> dict:
     summary = {
         "command": command_line(),
         "environment": {**environment(args.threads, 1), "load_average": load},
-        "settings": {
-            "preset": args.preset,
-            "method": args.method,
-            "target": args.target,
-            "runs": args.runs,
-            "warmup": args.warmup,
-            "threads": args.threads,
-            "backend": BACKEND,
-        },  # fmt: skip
-        "table": table_summary(table, out / f"{args.preset}-ort-cpu.json"),
+        "settings": speedup_settings(args),
+        "note": args.note,
+        "table": table_summary(table, table_path),
         "rows": rows,
+        "verdict": speedup_verdict(rows, args.target),
         "comparison": compare(results),
     }
-    write(out, f"speedup-{args.preset}", summary, speedup_markdown(summary))
+    write(out, stem, summary, speedup_markdown(summary))
     for row in rows:
         print(f"{row['model']}: measured {row['measured_ms']:.1f} ms ({row['measured_speedup']:.2f}x), predicted "
               f"{row['predicted_ms']:.1f} ms ({row['prediction_error']:+.1%}), GFLOPs {row['gflops']:.2f}")  # fmt: skip
     return summary
+
+
+def speedup_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"preset": args.preset, "method": args.method, "target": args.target, "also": args.also, "runs": args.runs,
+            "warmup": args.warmup, "threads": args.threads, "backend": BACKEND, "table": table_settings(args)}  # fmt: skip
+
+
+def speedup_verdict(rows: list[dict], target: float) -> dict[str, Any]:
+    """The questions the report answers: does the latency-targeted model reach 90% of the speed-up asked
+    for (1.8x for 50%), and is every prediction within 10% of its measurement?"""
+    latency = next(r for r in rows if r["model"] == f"latency-{target:.2f}")
+    wanted = 0.9 / target
+    worst = max(rows, key=lambda r: abs(r["prediction_error"]))
+    return {
+        "speedup_wanted": wanted,
+        "speedup_measured": latency["measured_speedup"],
+        "speedup_reached": latency["measured_speedup"] >= wanted,
+        "worst_prediction_error": worst["prediction_error"],
+        "worst_prediction_model": worst["model"],
+        "predictions_within_10pct": abs(worst["prediction_error"]) <= 0.10,
+    }
+
+
+def refused_summary(args: argparse.Namespace, table: LatencyTable, path: Path, load: dict) -> dict[str, Any]:
+    return {
+        "command": command_line(),
+        "environment": {**environment(args.threads, 1), "load_average": {**load, "end": loadavg()}},
+        "settings": speedup_settings(args),
+        "note": args.note,
+        "table": table_summary(table, path),
+        "refused": quality_line(table),
+    }
+
+
+def refused_markdown(s: dict) -> str:
+    t = s["table"]
+    return "\n".join(
+        [
+            f"# Latency-targeted pruning: predicted vs measured ({s['settings']['preset']}): table refused",
+            "",
+            f"Command: `{s['command']}`",
+            "",
+            *([f"Conditions: {s['note']}", ""] if s.get("note") else []),
+            *([f"Conditions: {s['note']}", ""] if s.get("note") else []),
+            f"- load average (1/5/15 min): {s['environment']['load_average']}",
+            f"- table settings: {json.dumps(s['settings'].get('table'))}",
+            f"- table `{t['path']}`: {t['layers']} layers, {t['settings'].get('distinct_points_timed')} points in "
+            f"{t['settings'].get('seconds')} s; settings {json.dumps(s['settings']['table'])}",
+            "",
+            f"The table was judged bad, so no model was pruned against it: {s['refused']}.",
+            "",
+            f"Reference model through the build (ms): {', '.join(f'{r:.1f}' for r in t['reference_ms'])}",
+            "",
+        ]
+    )
 
 
 def table_summary(table: LatencyTable, path: Path) -> dict[str, Any]:
@@ -298,6 +367,10 @@ def table_summary(table: LatencyTable, path: Path) -> dict[str, Any]:
         "unpruned_spread_while_building": rest.get("unpruned_spread"),
         "load_average_at_start": table.environment.get("load_average_at_start"),
         "built_under_load": table.environment.get("load_average_1_5_15"),
+        "quality": table.verdict,
+        "quality_line": quality_line(table),
+        "quality_metrics": table.quality.get("metrics"),
+        "reference_ms": [r["ms"] for r in table.quality.get("reference", [])],
     }
 
 
@@ -311,7 +384,9 @@ def speedup_markdown(s: dict) -> str:
         f"- {env['cpu']}, {s['settings']['threads']} thread(s) (ORT intra_op_num_threads, sequential), torch "
         f"{env['torch']}, onnxruntime {env['onnxruntime']}; warm-up {s['settings']['warmup']}, {s['settings']['runs']} "
         "timed runs, medians",
+        *([f"Conditions: {s['note']}", ""] if s.get("note") else []),
         f"- load average (1/5/15 min): {s['environment']['load_average']}",
+        f"- table settings: {json.dumps(s['settings'].get('table'))}",
         f"- table `{t['path']}`: {t['layers']} layers, {t['settings'].get('distinct_points_timed')} points in "
         f"{t['settings'].get('seconds')} s; end to end {t['end_to_end_ms']:.2f} ms = layers {t['table_full_ms']:.2f} ms "
         f"+ rest {t['rest_ms']:.2f} ms; {t['retimed_points']} points timed again (slower than wider ones)",
@@ -323,8 +398,9 @@ def speedup_markdown(s: dict) -> str:
         f"- rest terms: {t['rest_terms_measured']} groups measured, used (rest change at about a quarter width): "
         + (", ".join(f"`{r}` {v:+.1f} ms" for r, v in t["rest_terms_used"].items()) or "none")
         + f"; noise {t['rest_noise_ms'] or 0:.2f} ms, threshold {t['rest_threshold_ms'] or 0:.2f} ms; the unpruned model "
-        f"varied by {_pct(t['unpruned_spread_while_building'])} while the table was built (load average at its start "
+        f"varied by {_pct(t['unpruned_spread_while_building'])} beside the rest terms (load average at the table's start "
         f"{t['load_average_at_start']})",
+        f"- table {t['quality_line']}",
         "",
         "Measured: the models timed in alternating blocks of 3 runs (so load from other processes falls "
         "on all alike); in brackets the p90 and the per-model sequential median of the per-stage run.",
@@ -340,13 +416,23 @@ def speedup_markdown(s: dict) -> str:
             f"{r['predicted_ms']:.1f} | {r['prediction_error']:+.1%} | {r['measured_speedup']:.2f}x | "
             f"{r['predicted_speedup']:.2f}x | {r['gflops_ratio']:.2f}x |"
         )
+    v = s.get("verdict")
+    if v:
+        lines += [
+            "",
+            f"Verdict: the latency-targeted model measured {v['speedup_measured']:.2f}x (wanted at least "
+            f"{v['speedup_wanted']:.2f}x: {'reached' if v['speedup_reached'] else 'NOT reached'}); the worst prediction "
+            f"error is {v['worst_prediction_error']:+.1%} ({v['worst_prediction_model']}: "
+            f"{'within' if v['predictions_within_10pct'] else 'NOT within'} 10%).",
+        ]
     for r in s["rows"][1:]:
         lines += [
             "",
             f"## {r['model']}: per stage",
             "",
             "Predicted = the table's layers of the stage at the kept widths + the stage's rest: its unpruned "
-            "measurement minus its layers at full width, plus the rest terms of the groups whose channels it reads.",
+            "measurement minus its layers at full width, plus the rest terms of the groups whose channels it reads "
+            "(a stage's rest falls by at most what it has).",
             "",
             "| stage | measured ms | predicted ms | error | layers ms | stage rest ms |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -410,7 +496,10 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     base, _ = load_checkpoint(checkpoint, expect_preset=args.preset)
     torch.set_num_threads(args.threads)
     table = table_for(
-        reference_subject(base, f"checkpoint {checkpoint}"), out / f"{args.preset}-ort-cpu.json", args.threads
+        reference_subject(base, f"checkpoint {checkpoint}"),
+        Path(args.table) if args.table else out / f"{args.preset}-ort-cpu.json",
+        args.threads,
+        **table_settings(args),
     )
     batches = scoring_set(base.config, 4, 2)
     load = {"start": loadavg()}
@@ -500,7 +589,7 @@ def run_accuracy(args: argparse.Namespace) -> dict:
         "search": [{k: v for k, v in t.items() if k not in ("model", "report")} for t in trials],
         "rows": rows,
     }
-    write(out, f"accuracy-{args.preset}", summary, accuracy_markdown(summary))
+    write(out, args.name or f"accuracy-{args.preset}", summary, accuracy_markdown(summary))
     return summary
 
 
@@ -677,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--runs", type=int, default=50)
         p.add_argument("--warmup", type=int, default=10)
         p.add_argument("--out", default="reports/latency-target")
+        p.add_argument("--table", help="the table's path (default <out>/<preset>-ort-cpu.json; built when missing)")
+        p.add_argument("--grid-points", type=int, default=16, help="table: widths per dimension (default 16)")
+        p.add_argument("--table-runs", type=int, default=20, help="table: timed rounds per point (default 20)")
+        p.add_argument("--table-warmup", type=int, default=5, help="table: warm-up calls per point (default 5)")
+        p.add_argument("--rest-runs", type=int, default=20, help="table: rounds per rest term (default 20)")
+        p.add_argument("--name", help="report file stem (default speedup-<preset> / accuracy-<preset>)")
+        p.add_argument("--note", default="", help="conditions to state in the report (e.g. what else ran)")
         p.set_defaults(run=run)
         if name == "speedup":
             p.add_argument("--also", type=float, nargs="*", default=[0.7], help="more latency targets to check")

@@ -21,6 +21,14 @@ gives the change of the rest per removed channel of that group; the builder mark
 A table is valid for one model only: its layers, full widths and feature-map sizes are checked against
 the model on load (`check_table`), so a table from another model, preset or backend is a one-line error.
 Building tables needs a runtime and lives in `altermoma.latency_table`; this module only reads them.
+
+What a table may claim is bounded, because a timing taken on a busy machine can claim anything: a layer's
+cost never falls as its widths grow (the builder fits every grid monotone, `monotone_grid`), the rest
+saved by pruning never exceeds the measured rest (`LatencyPredictor` caps the claim), and a prediction
+at or below zero is refused. Every table the builder writes carries a quality verdict ("good", "noisy"
+or "bad", with its reasons: the reference model's spread while the table was built, the per-layer
+noise, how far the monotone fit moved the measurements, the rest terms' bounds). A "bad" table is
+refused; a table without a verdict (built before verdicts existed) is read and flagged "unverified".
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ from common.task import PARTS
 from compress.structured import ChannelGraph, PruningError, is_depthwise
 
 FORMAT = "altermoma-latency-table"
-VERSION = 1
+VERSION = 1  # the quality verdict is an optional key: version-1 tables without it still read ("unverified")
+VERDICTS = ("good", "noisy", "bad")  # best first
+UNVERIFIED = "unverified"
 
 
 class LatencyTableError(PruningError):
@@ -107,6 +117,19 @@ class LatencyTable:
     checks: dict[str, Any] = field(default_factory=dict)  # e.g. the measured interpolation error
     # group root -> {"channels", "kept", "ms_per_channel" (rest saved per removed channel), "used", ...}
     rest_terms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # {"verdict": "good" | "noisy" | "bad", "reasons": [...], the measurements behind them}; {} = unverified
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """The builder's quality verdict, or "unverified" for a table written without one."""
+        verdict = self.quality.get("verdict")
+        return verdict if verdict in VERDICTS else UNVERIFIED
+
+    @property
+    def claimable_rest_ms(self) -> float:
+        """The most the rest terms together may claim to save: the measured rest (nothing when it is negative)."""
+        return max(self.rest_ms, 0.0)
 
     def rest_slopes(self) -> dict[str, float]:
         """ms of rest saved per removed root channel, for the terms in use."""
@@ -139,8 +162,9 @@ class LatencyTable:
                 model=dict(data.get("model", {})),
                 checks=dict(data.get("checks", {})),
                 rest_terms=dict(data.get("rest_terms", {})),
+                quality=dict(data.get("quality") or {}),
             )
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise LatencyTableError(f"{source} is malformed: {type(error).__name__}: {error}") from None
         for name, entry in layers.items():
             _check_entry(name, entry, source)
@@ -156,6 +180,31 @@ def _check_entry(name: str, e: LayerEntry, source: str) -> None:
         raise LatencyTableError(f"{source}: layer {name} has a malformed grid (sorted widths, one finite ms per point)")
     if e.grid_out[-1] != e.c_out or e.grid_in[-1] != e.c_in:
         raise LatencyTableError(f"{source}: layer {name}'s grid does not reach its full width {e.c_in}->{e.c_out}")
+
+
+def isotonic(values: list[float], weights: list[float] | None = None) -> list[float]:
+    """The non-decreasing sequence closest to `values` in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [weighted mean, weight, length]
+    for v, w in zip(values, weights or [1.0] * len(values)):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2, n2), (m1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [m for m, _, n in blocks for _ in range(n)]
+
+
+def monotone_grid(ms: list[list[float]]) -> list[list[float]]:
+    """A latency grid fitted so that cost never falls as either width grows: each row, then each column,
+    made non-decreasing by isotonic regression (the column fit keeps the rows non-decreasing, because
+    isotonic regression is order-preserving: row i <= row i' pointwise stays so after the fit)."""
+    rows = [isotonic(row) for row in ms]
+    columns = [isotonic([row[j] for row in rows]) for j in range(len(rows[0]))]
+    return [[columns[j][i] for j in range(len(columns))] for i in range(len(rows))]
+
+
+def is_monotone(ms: list[list[float]], tolerance: float = 1e-9) -> bool:
+    rows_ok = all(a <= b + tolerance for row in ms for a, b in zip(row, row[1:]))
+    return rows_ok and all(a <= b + tolerance for r0, r1 in zip(ms, ms[1:]) for a, b in zip(r0, r1))
 
 
 def save_table(table: LatencyTable, path: str | os.PathLike) -> Path:
@@ -301,6 +350,7 @@ class LatencyPredictor:
 
     def __init__(self, table: LatencyTable, graph: ChannelGraph, backend: str | None = None, source: str = ""):
         check_table(table, graph, backend, source)
+        check_quality(table, source)
         self.table, self.graph = table, graph
         modules = dict(graph.model.named_modules())
         self.full = {name: layer_widths(modules[name]) for name in table.layers}
@@ -331,23 +381,41 @@ class LatencyPredictor:
         return {name: self.cost(name, removed_in.get(name, 0), removed_out.get(name, 0)) for name in self.full}
 
     def rest_changes(self, pruned: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Change of the rest (ms, <= 0 when pruning saves) per group root with a rest term."""
+        """Change of the rest (ms, <= 0 when pruning saves) per group root with a rest term, as its slope
+        claims it (uncapped; `rest_after` applies the bound)."""
         changes = {}
         for group, slope, mask in zip(self.graph.groups, self.group_slopes(), pruned or []):
             if slope:
                 changes[group.root] = -slope * int(mask.sum())
         return changes
 
+    def rest_after(self, claimed_change_ms: float) -> float:
+        """The rest after pruning: the terms' summed change, with savings capped at the measured rest
+        (work outside the table cannot shrink by more than there is)."""
+        return self.table.rest_ms + max(claimed_change_ms, -self.table.claimable_rest_ms)
+
     def total_ms(self, pruned: list[torch.Tensor] | None = None) -> float:
-        return sum(self.layers_ms(pruned).values()) + self.table.rest_ms + sum(self.rest_changes(pruned).values())
+        return sum(self.layers_ms(pruned).values()) + self.rest_after(sum(self.rest_changes(pruned).values()))
+
+    def check_possible(self, total_ms: float, what: str = "the selection") -> None:
+        """Refuse a prediction no model can have: at or below zero (a table whose layers alone cost more
+        than the whole model, or a rest it cannot account for)."""
+        if not (math.isfinite(total_ms) and total_ms > 0):
+            raise LatencyTableError(
+                f"latency table predicts {total_ms:.2f} ms for {what}: impossible (its rest is "
+                f"{self.table.rest_ms:.2f} ms of {self.table.end_to_end_ms:.2f} ms end to end); rebuild the table"
+            )
 
     def report(self, pruned: list[torch.Tensor]) -> dict[str, Any]:
         """Predicted latency before and after: total, per partition (layers and rest terms) and per layer."""
         before, after = self.layers_ms(None), self.layers_ms(pruned)
         removed_in, removed_out = self.removed(pruned)
         rest_changes = self.rest_changes(pruned)
-        rest_before, rest_after = self.table.rest_ms, self.table.rest_ms + sum(rest_changes.values())
+        claimed = sum(rest_changes.values())
+        rest_before, rest_after = self.table.rest_ms, self.rest_after(claimed)
         total_before, total_after = sum(before.values()) + rest_before, sum(after.values()) + rest_after
+        self.check_possible(total_before, "the unpruned model")
+        self.check_possible(total_after, "the pruned model")
         parts = {p: {"before_ms": 0.0, "after_ms": 0.0, "rest_change_ms": 0.0} for p in PARTS}
         for name in before:  # the partition's layers; the rest its groups' pruning saved, apart
             parts[self.part[name]]["before_ms"] += before[name]
@@ -373,7 +441,9 @@ class LatencyPredictor:
             "rest_before_ms": rest_before,
             "rest_after_ms": rest_after,
             "rest_changes_ms": rest_changes,
+            "rest_claim_capped_ms": max(0.0, -claimed - self.table.claimable_rest_ms),
             "table_end_to_end_ms": self.table.end_to_end_ms,
+            "table_quality": self.table.verdict,
             "partitions": {p: v for p, v in parts.items() if v["before_ms"] > 0},
             "layers": layers,
         }
@@ -385,7 +455,28 @@ def summary_line(report: dict[str, Any]) -> str | None:
     if not latency:
         return None
     target = f", target {latency['target']:.0%} of the unpruned prediction" if latency.get("target") else ""
+    verdict = latency.get("table_quality", UNVERIFIED)
+    why = {UNVERIFIED: " (built without a quality verdict)", "noisy": " (see its quality reasons)"}
+    flag = "" if verdict == "good" else f"; table {verdict}{why.get(verdict, '')}"
     return (
         f"predicted latency ({latency['backend']}) {latency['predicted_before_ms']:.2f} -> "
-        f"{latency['predicted_after_ms']:.2f} ms ({latency['predicted_speedup']:.2f}x{target})"
+        f"{latency['predicted_after_ms']:.2f} ms ({latency['predicted_speedup']:.2f}x{target}){flag}"
     )
+
+
+def quality_line(table: LatencyTable) -> str:
+    """The verdict and its reasons in one line."""
+    if table.verdict == UNVERIFIED:
+        return "quality: unverified (the table carries no quality verdict: built before verdicts existed)"
+    said = table.quality.get("reasons") or table.quality.get("checks") or ["every check within its limit"]
+    return f"quality: {table.verdict} ({'; '.join(said)})"
+
+
+def check_quality(table: LatencyTable, source: str = "") -> None:
+    """Refuse a table its builder judged bad (one line, with the builder's reasons)."""
+    if table.verdict == "bad":
+        where = f"latency table {source}".strip()
+        reasons = "; ".join(table.quality.get("reasons") or ["no reason recorded"])
+        raise LatencyTableError(
+            f"{where} was judged bad when it was built ({reasons}): rebuild it on a quieter machine"
+        )

@@ -48,11 +48,11 @@ def _groups(graph: ChannelGraph, predictor: LatencyPredictor, scores, tiebreak, 
     result = []
     for group, score, rank, slope in zip(graph.groups, scores, ranks, predictor.group_slopes()):
         n = group.channels
-        order = torch.argsort(rank, stable=True)
+        order = group.removal_order(rank)  # attention groups: heads take turns, so steps keep heads equal
         values = score.double()[order]
         prefix = [0.0] + torch.cumsum(values, 0).tolist()
-        step = round_to if n >= round_to else 1
-        floor = min_kept(n, round_to, max_group_ratio)
+        step = group.step(round_to)
+        floor = min_kept(n, step, max_group_ratio)
         kept = sorted({n, *(k for k in range(step, n + 1, step) if k >= floor)}, reverse=True)
         items = []
         for item in group.items:
@@ -76,7 +76,8 @@ class _State:
             for layer, kind, cum in g.items:
                 self.removed[layer][kind] += cum[r]
         self.ms = {name: predictor.cost(name, *self.removed[name]) for name in predictor.full}
-        self.rest = predictor.table.rest_ms - sum(g.slope * r for g, r in zip(groups, removed))
+        self.claimed = -sum(g.slope * r for g, r in zip(groups, removed))  # the rest terms' change, uncapped
+        self.rest = predictor.rest_after(self.claimed)  # savings capped at the measured rest
         self.total = sum(self.ms.values()) + self.rest
 
     def delta(self, gi: int, r_new: int) -> tuple[float, dict[str, list[int]]]:
@@ -87,14 +88,16 @@ class _State:
             counts = changed.setdefault(layer, list(self.removed[layer]))
             counts[kind] += cum[r_new] - cum[r_old]
         change = sum(self.predictor.cost(layer, *counts) - self.ms[layer] for layer, counts in changed.items())
-        return change - g.slope * (r_new - r_old), changed
+        rest_new = self.predictor.rest_after(self.claimed - g.slope * (r_new - r_old))
+        return change + rest_new - self.rest, changed
 
     def apply(self, gi: int, r_new: int) -> None:
         change, changed = self.delta(gi, r_new)
         for layer, counts in changed.items():
             self.removed[layer] = counts
             self.ms[layer] = self.predictor.cost(layer, *counts)
-        self.rest -= self.groups[gi].slope * (r_new - self.r[gi])
+        self.claimed -= self.groups[gi].slope * (r_new - self.r[gi])
+        self.rest = self.predictor.rest_after(self.claimed)
         self.r[gi] = r_new
         self.total = sum(self.ms.values()) + self.rest
 
@@ -123,6 +126,7 @@ def select_for_latency(
     start = time.perf_counter()
     groups = _groups(graph, predictor, scores, tiebreak, round_to, max_group_ratio)
     state = _State(predictor, groups, [0] * len(groups))
+    predictor.check_possible(state.total, "the unpruned model")
     neighbours = _neighbours(groups)
     cache: dict[int, tuple[float, float, int] | None] = {}
 
@@ -153,6 +157,7 @@ def select_for_latency(
         for other in neighbours[gi]:
             cache.pop(other, None)
     refills = _give_back(state, groups, budget_ms, lookahead)
+    predictor.check_possible(state.total)  # e.g. a table whose layers alone cost more than the model
     masks = []
     for g, r in zip(groups, state.r):
         mask = torch.zeros(g.n, dtype=torch.bool)

@@ -22,7 +22,7 @@ def _run(code: str, fault_at: int | None, cwd: Path) -> int:
     env.pop(FAULT_ENV, None)
     if fault_at is not None:
         env[FAULT_ENV] = str(fault_at)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, timeout=300).returncode
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, timeout=900).returncode
 
 
 def _crash_everywhere(code: str, cwd: Path, check) -> int:

@@ -1,11 +1,16 @@
 """Latency tables and latency-targeted pruning: the table format, its checks against the model, the greedy
-selection (budget, caps, rounding, optimality on a hand-checkable case), the trtexec log parser, the CLI.
-Timings are never asserted: tables here are synthetic or built with 2 widths per dimension and few runs."""
+selection (budget, caps, rounding, optimality on a hand-checkable case), the builder's robust measurement,
+bounds and quality verdict, the trtexec log parser, the CLI.
+
+No test depends on the machine's speed or load: tables are synthetic (`table_from_costs`) or built with
+`FakeTiming`, a deterministic stand-in for the builder's timer whose every sample follows a cost model and a
+scripted load. The one build with real timers asserts the table's structure, never its numbers."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,20 +19,27 @@ import torch
 from torch import nn
 
 import altermoma
+from altermoma import latency_table as lt
 from altermoma.cli import build_parser, main, prune_request
 from altermoma.latency_table import (
     Subject,
     build_table,
     parse_trtexec_folder,
     parse_trtexec_log,
+    robust_estimate,
     trtexec_environment,
     write_trtexec_folder,
 )
 from common.task import Task
 from compress.latency import (
+    VERDICTS,
     LatencyPredictor,
     LatencyTableError,
+    is_monotone,
+    isotonic,
     load_table,
+    monotone_grid,
+    quality_line,
     save_table,
     summary_line,
     table_from_costs,
@@ -81,6 +93,86 @@ def one_line(error) -> str:
     text = str(error.value)
     assert "\n" not in text
     return text
+
+
+# ---- a deterministic timer ---------------------------------------------------------------------------
+class Runner:
+    """What `FakeTiming` hands the builder: a callable (never timed for real) with its modelled cost."""
+
+    def __init__(self, kind: str, cost: float, widths: dict[str, tuple[int, int]]):
+        self.kind, self.cost, self.widths, self.batches = kind, cost, widths, 0
+
+    def __call__(self) -> None:
+        pass
+
+
+class FakeTiming:
+    """Stands in for `altermoma.latency_table.Timing`. A snippet costs what its conv/linear does under a
+    work model (1e-5 ms per weight per output position + 5 us); a whole model the same summed over its
+    layers, plus a rest of `rest_ms` + `rest_per_channel` x the output channels of `rest_layer` (work outside
+    the layers that scales with one group, like the LSS pooling). A sample is the cost x `load(call, runner)`
+    x (1 +- `jitter`, seeded): the load script plays the other processes of a busy machine."""
+
+    def __init__(self, rest_ms=2.0, rest_layer=None, rest_per_channel=0.0, load=None, jitter=0.01, bump=None):
+        self.rest_ms, self.rest_layer, self.rest_per_channel = rest_ms, rest_layer, rest_per_channel
+        self.load = load or (lambda call, runner: 1.0)
+        self.bump = bump or (lambda widths: 1.0)  # a cost the hardware really has at some widths
+        self.jitter, self.rng, self.calls, self.models = jitter, random.Random(0), 0, 0
+
+    @staticmethod
+    def work(module, run) -> tuple[float, dict[str, tuple[int, int]]]:
+        costs, widths = [], {}
+
+        def hook(layer, _inputs, output):
+            positions = output.numel() // output.shape[1 if layer.weight.dim() > 2 else -1]
+            costs.append(1e-5 * layer.weight.numel() * positions + 0.005)
+
+        handles = []
+        for name, m in module.named_modules():
+            if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+                handles.append(m.register_forward_hook(hook))
+                widths[name] = (
+                    (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
+                )
+        with torch.no_grad():
+            run()
+        for h in handles:
+            h.remove()
+        return sum(costs), widths
+
+    def snippet(self, module, inputs):
+        cost, widths = self.work(module, lambda: [module(x) for x in inputs])
+        return Runner("snippet", cost * self.bump(next(iter(widths.values()))), widths)
+
+    def model(self, model, task, batch):
+        args, kwargs = task.arguments(batch)
+        cost, widths = self.work(model, lambda: model(*args, **kwargs))
+        if self.rest_layer is not None:
+            cost += self.rest_per_channel * dict(model.named_modules())[self.rest_layer].out_channels
+        self.models += 1
+        return Runner("reference" if self.models == 1 else "variant", cost + self.rest_ms, widths)
+
+    def samples(self, runners, warmup, rounds):
+        out = [[] for _ in runners]
+        for runner in runners:
+            runner.batches += 1
+        for r in range(rounds):
+            for k in range(len(runners)):
+                i = (k + r) % len(runners)
+                self.calls += 1
+                noise = 1.0 + self.rng.uniform(-self.jitter, self.jitter)
+                out[i].append(runners[i].cost * self.load(self.calls, runners[i]) * noise)
+        return out
+
+
+def fake_build(model, task, batch, timing, **settings):
+    settings = {"grid_points": 8, "runs": 10, "warmup": 0, "check_points": 4, "end_to_end_runs": 10, **settings}
+    return build_table(Subject(model, task, batch, "test"), "ort-cpu", timing=timing, **settings)
+
+
+def fake_ms(timing, model, task, batch) -> float:
+    """What the fake machine measures for a (pruned) model: the truth a prediction is checked against."""
+    return FakeTiming(timing.rest_ms, timing.rest_layer, timing.rest_per_channel).model(model, task, batch).cost
 
 
 # ---- the table format -----------------------------------------------------------------------------
@@ -243,17 +335,17 @@ def test_a_table_with_a_gflops_target_is_only_reported():
 def test_rest_terms_enter_the_prediction_and_the_selection():
     """A group whose pruning also shrinks work outside the table (pooling over its channels, say)."""
     _, _, _, graph = chain()
-    table = table_from_costs(graph, work(graph), rest_ms=3.0)  # the rest term below takes up to 32 ms off it
+    table = table_from_costs(graph, work(graph), rest_ms=40.0)  # the rest term below takes up to 32 ms off it
     roots = [g.root for g in graph.groups]
     scores = [torch.linspace(1.0, 2.0, g.channels, dtype=torch.float64) for g in graph.groups]
     plain = LatencyPredictor(table, graph)
-    budget = 0.5 * plain.total_ms()
+    budget = 0.7 * plain.total_ms()
     without, _ = select_for_latency(graph, plain, scores, budget, 8, 0.9)
     table.rest_terms = {"body.6": {"channels": 40, "kept": 8, "ms_per_channel": 1.0, "used": True}}
     predictor = LatencyPredictor(table, graph)
     masks = [torch.arange(g.channels) < (8 if g.root == "body.6" else 0) for g in graph.groups]
     assert predictor.total_ms(masks) == pytest.approx(plain.total_ms(masks) - 8.0)
-    assert predictor.report(masks)["rest_after_ms"] == pytest.approx(3.0 - 8.0)
+    assert predictor.report(masks)["rest_after_ms"] == pytest.approx(40.0 - 8.0)
     with_term, info = select_for_latency(graph, predictor, scores, budget, 8, 0.9)
     assert predictor.total_ms(with_term) <= budget + 1e-9 and info["predicted_ms"] <= budget + 1e-9
     cut = {root: (int(a.sum()), int(b.sum())) for root, a, b in zip(roots, without, with_term)}
@@ -263,10 +355,58 @@ def test_rest_terms_enter_the_prediction_and_the_selection():
         LatencyPredictor(table, graph)
 
 
-def test_build_table_times_snippets_and_rest_terms_on_a_small_model():
+def test_a_rest_claim_is_capped_at_the_measured_rest_and_an_impossible_prediction_refused():
+    _, _, _, graph = chain()
+    table = table_from_costs(graph, work(graph), rest_ms=3.0)
+    table.rest_terms = {"body.6": {"channels": 40, "kept": 8, "ms_per_channel": 1.0, "used": True}}
+    predictor = LatencyPredictor(table, graph)
+    masks = [torch.arange(g.channels) < (8 if g.root == "body.6" else 0) for g in graph.groups]
+    layers = sum(predictor.layers_ms(masks).values())
+    report = predictor.report(masks)  # the term claims 8 ms of a 3 ms rest: it may claim 3
+    assert report["rest_after_ms"] == 0.0 and report["rest_claim_capped_ms"] == pytest.approx(5.0)
+    assert predictor.total_ms(masks) == pytest.approx(layers) == report["predicted_after_ms"]
+    scores = [torch.linspace(1.0, 2.0, g.channels, dtype=torch.float64) for g in graph.groups]
+    chosen, info = select_for_latency(graph, predictor, scores, 0.5 * predictor.total_ms(), 8, 0.9)
+    assert info["predicted_ms"] == pytest.approx(predictor.total_ms(chosen)) and predictor.report(chosen)
+    # layers timed alone costing far more than the whole model: the rest is so negative nothing is positive
+    broken = table_from_costs(graph, work(graph), rest_ms=-1.01 * table.table_full_ms)
+    with pytest.raises(LatencyTableError, match="impossible") as error:
+        select_for_latency(graph, LatencyPredictor(broken, graph), scores, 1.0, 8, 0.9)
+    assert "predicts -" in one_line(error) and "the unpruned model" in one_line(error)
+    half = table_from_costs(graph, work(graph), rest_ms=-0.9 * table.table_full_ms)  # positive unpruned only
+    with pytest.raises(LatencyTableError, match="impossible"):
+        LatencyPredictor(half, graph).report([torch.arange(g.channels) < g.channels - 8 for g in graph.groups])
+
+
+def test_isotonic_fits_are_monotone_least_squares():
+    assert isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert isotonic([1.0, 2.0, 2.0]) == [1.0, 2.0, 2.0]
+    assert isotonic([2.0, 1.0], [3.0, 1.0]) == [1.75, 1.75]  # weighted mean of the pooled block
+    rng = random.Random(0)
+    for _ in range(50):
+        grid = [[rng.uniform(0.0, 1.0) + 0.2 * (i + j) for j in range(5)] for i in range(4)]
+        fitted = monotone_grid(grid)
+        assert is_monotone(fitted) and not is_monotone([[1.0, 0.5]])
+        # least squares along a row: the residuals of each pooled block sum to zero
+        assert sum(isotonic(grid[0])) == pytest.approx(sum(grid[0]))
+    already = [[1.0, 2.0], [2.0, 3.0]]
+    assert monotone_grid(already) == already
+
+
+def test_robust_estimate_drops_bursts_of_load():
+    quiet = [10.0 + 0.01 * (i % 5) for i in range(18)]
+    estimate = robust_estimate([*quiet, 40.0, 55.0])  # two calls that another process slowed down
+    assert estimate.dropped == 2 and estimate.kept == 18
+    assert estimate.ms == pytest.approx(sum(quiet) / 18) and 0 < estimate.relative_se < 0.001
+    assert robust_estimate([3.0] * 5).ms == 3.0 and robust_estimate([3.0] * 5).se == 0.0
+
+
+def test_build_table_with_real_timers_has_the_table_structure():
+    """The one build that really times (ONNX Runtime): structure only, never numbers or the verdict."""
     model, task, batch, graph = chain(widths=(16, 16))
-    table = build_table(Subject(model, task, batch, "test"), "torch-cpu", grid_points=2, runs=2, warmup=0,
-                        check_points=2, end_to_end_runs=3)  # fmt: skip
+    table = build_table(Subject(model, task, batch, "test"), "ort-cpu", grid_points=2, runs=2, warmup=0,
+                        check_points=2, end_to_end_runs=2)  # fmt: skip
     assert set(table.layers) == {"body.0", "body.3", "head"}
     assert table.layers["body.0"].snippet == ["Conv2d", "BatchNorm2d", "ReLU"]
     assert table.layers["head"].snippet == ["Conv2d"] and table.layers["head"].grid_out == [2]
@@ -274,7 +414,119 @@ def test_build_table_times_snippets_and_rest_terms_on_a_small_model():
     assert set(table.rest_terms) == {"body.0", "body.3"} and table.rest_terms["body.0"]["kept"] == 8
     assert table.environment["threads"] == 1 and table.settings["runs"] == 2
     assert "interpolation" in table.checks and "rest_terms" in table.checks
-    LatencyPredictor(table, graph, backend="torch-cpu")
+    assert all(is_monotone(e.ms) for e in table.layers.values())
+    assert table.verdict in VERDICTS and set(table.quality["metrics"]) == set(lt.LIMITS)
+    assert len(table.quality["reference"]) >= 4  # start, checks among the layers, end to end, rest terms, end
+
+
+def test_a_quiet_build_is_good_and_predicts_the_pruned_models(tmp_path):
+    """On a steady machine the table reproduces the cost model: entries, rest, the one rest term that
+    matters (0.5 ms per channel of body.6) and the predicted latency of models pruned to a budget."""
+    model, task, batch, graph = chain()
+    timing = FakeTiming(rest_ms=1.0, rest_layer="body.6", rest_per_channel=0.5)
+    table = fake_build(model, task, batch, timing)
+    assert table.verdict == "good" and table.quality["reasons"] == []
+    assert quality_line(table).startswith("quality: good (the unpruned model varied by ")
+    assert table.quality["metrics"]["reference_spread"] < 0.05 and table.quality["metrics"]["layer_noise"] < 0.01
+    entry = table.layers["body.3"]  # 64 -> 48 convs at 8x8: 1e-5 ms per weight and position + 5 us
+    for ci, row in zip(entry.grid_in, entry.ms):
+        for co, ms in zip(entry.grid_out, row):
+            assert ms == pytest.approx(1e-5 * ci * co * 9 * 64 + 0.005, rel=0.01)
+    assert table.rest_ms == pytest.approx(1.0 + 0.5 * 40, rel=0.02)
+    assert table.checks["rest_terms"]["used"] == ["body.6"]
+    assert table.rest_terms["body.6"]["ms_per_channel"] == pytest.approx(0.5, rel=0.05)
+    saved = load_table(save_table(table, tmp_path / "t.json"))
+    assert saved.verdict == "good" and saved.quality == json.loads(json.dumps(table.quality))
+    for target in (0.5, 0.7):
+        pruned = chain()[0]
+        request = PruneRequest(method="magnitude", target_latency=target, latency_table=table)
+        report = prune_structured(pruned, task, [batch], request, progress=False)
+        predicted = report["latency"]["predicted_after_ms"]
+        assert predicted == pytest.approx(fake_ms(timing, pruned, task, batch), rel=0.03)
+        assert report["latency"]["table_quality"] == "good" and "; table" not in summary_line(report)
+
+
+def test_bursts_and_a_slow_width_are_measured_again_and_fitted_monotone():
+    """Every 7th call 4x slower (another process), and one width slow only the first time it is timed:
+    bursts are dropped as outliers, the slow entry disagrees with its neighbours and is timed again; a
+    width the hardware really runs slowly (body.3 at 64 -> 40) stays slow and the monotone fit absorbs it."""
+    model, task, batch, graph = chain()
+    first = {}  # the first runner built for a 32 -> 32 conv (body.3's): timed while something else ran
+
+    def load(call, runner):
+        first_slow = runner.widths.get("0") == (32, 32) and first.setdefault("runner", runner) is runner
+        return 4.0 if call % 7 == 0 else 3.0 if first_slow else 1.0
+
+    timing = FakeTiming(load=load, bump=lambda widths: 1.3 if widths == (64, 40) else 1.0)
+    table = fake_build(model, task, batch, timing, rest_terms=False)
+    again = {(p["layer"], p["c_in"], p["c_out"]) for p in table.checks["retimed"]["points"]}
+    assert ("body.3", 32, 32) in again
+    assert ("body.3", 64, 40) not in again and all(is_monotone(e.ms) for e in table.layers.values())
+    entry = table.layers["body.3"]
+    assert entry.lookup(32, 32) == pytest.approx(1e-5 * 32 * 32 * 9 * 64 + 0.005, rel=0.01)  # timed again: true
+    slow = 1.3 * (1e-5 * 64 * 40 * 9 * 64 + 0.005)
+    assert entry.lookup(64, 40) < slow and entry.lookup(64, 48) >= entry.lookup(64, 40)
+    assert table.quality["layers"]["body.3"]["monotone_adjustment"] > 0
+    assert table.quality["layers"]["body.3"]["dropped_samples"] > 0
+    assert table.verdict == "good", table.quality["reasons"]
+
+
+def test_a_machine_that_slows_down_halfway_gives_a_bad_table_that_prune_refuses():
+    model, task, batch, graph = chain()
+    timing = FakeTiming(load=lambda call, runner: 1.4 if call > 400 else 1.0)  # another job starts
+    table = fake_build(model, task, batch, timing)
+    assert timing.calls > 800 and table.verdict == "bad"
+    spread = table.quality["metrics"]["reference_spread"]  # 1.4 - 1.0 over the median of the checks
+    assert spread == pytest.approx(0.4 / 1.4, abs=0.02) or spread == pytest.approx(0.4, abs=0.02)
+    reason = f"the unpruned model varied by {spread:.1%} while the table was built (bad above 15%)"
+    assert table.quality["reasons"] == [reason]
+    with pytest.raises(LatencyTableError, match="judged bad when it was built") as error:
+        LatencyPredictor(table, graph)
+    assert reason in one_line(error)
+
+
+def test_a_rest_term_beyond_its_bounds_is_measured_again_or_makes_the_table_bad():
+    """A pruned model measured at a third of its time claims more rest saved than there is: timed again.
+    Once (the next measurement is right): the term is kept. Always: the table is bad, the term unused."""
+    model, task, batch, graph = chain()
+    rest = {"rest_ms": 1.0, "rest_layer": "body.6", "rest_per_channel": 0.1}  # 5 ms of rest
+
+    def once(call, runner):
+        return 0.3 if runner.kind == "variant" and runner.batches == 1 else 1.0
+
+    table = fake_build(model, task, batch, FakeTiming(**rest, load=once))
+    assert all(t["attempts"] == 2 for t in table.rest_terms.values()) and table.verdict == "good"
+    assert table.checks["rest_terms"]["used"] == ["body.6"]
+    always = fake_build(model, task, batch, FakeTiming(**rest, load=lambda c, r: 0.3 if r.kind == "variant" else 1.0))
+    assert always.verdict == "bad" and all(t["attempts"] == 3 for t in always.rest_terms.values())
+    assert always.checks["rest_terms"]["used"] == []
+    reason = next(r for r in always.quality["reasons"] if r.startswith("rest term body.6 "))
+    assert "more than the" in reason and "measured outside the layers (3 times)" in reason
+
+
+def test_an_old_table_without_a_verdict_is_read_and_flagged_unverified(tmp_path):
+    model, task, batch, graph = chain()
+    data = table_from_costs(graph, work(graph), backend="ort-cpu", rest_ms=0.5).to_dict()
+    del data["quality"]  # as written before verdicts existed
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    table = load_table(tmp_path / "old.json")
+    assert table.verdict == "unverified" and quality_line(table).startswith("quality: unverified")
+    report = prune_structured(
+        model, task, [batch], PruneRequest(method="magnitude", target_latency=0.6, latency_table=table), progress=False
+    )
+    assert report["latency"]["table_quality"] == "unverified"
+    assert summary_line(report).endswith("; table unverified (built without a quality verdict)")
+
+
+def test_the_committed_tiny_table_from_before_verdicts_still_reads():
+    from fusion.checkpoint import load_checkpoint
+    from fusion.task import first_sample, reference_task, scoring_set
+
+    model, _ = load_checkpoint(TINY)
+    graph = ChannelGraph(model, reference_task(model), first_sample(scoring_set(model.config, 1, 1)[0]))
+    table = load_table(ROOT / "reports/latency-target/tiny-ort-cpu.json")
+    predictor = LatencyPredictor(table, graph, backend="ort-cpu")
+    assert table.verdict == "unverified" and predictor.total_ms() == pytest.approx(table.end_to_end_ms)
 
 
 # ---- TensorRT: the trtexec folder and its log parser ---------------------------------------------------
@@ -326,15 +578,24 @@ def test_trtexec_folder_round_trip(tmp_path):
         parse_trtexec_folder(out)
 
 
-# ---- the CLI on the tiny preset -------------------------------------------------------------------
-def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
+# ---- the CLI ------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_machine(monkeypatch):
+    """The CLI's table builds time on `FakeTiming` (set `.load` on the returned holder for a busy machine)."""
+    holder = {"load": None}
+    monkeypatch.setattr(lt, "make_timing", lambda backend, threads, workdir: FakeTiming(load=holder["load"]))
+    return holder
+
+
+def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys, fake_machine):
     table = tmp_path / "tiny-ort.json"
-    argv = ["latency-table", "--checkpoint", TINY, "--out", str(table), "--grid-points", "2", "--runs", "2"]
+    argv = ["latency-table", "--checkpoint", TINY, "--out", str(table), "--grid-points", "2", "--runs", "3"]
     assert main([*argv, "--warmup", "0", "--check-points", "2", "--no-rest-terms", "--quiet"]) == 0
+    assert "quality: good (" in capsys.readouterr().out
     data = json.loads(table.read_text())
     assert data["backend"] == "ort-cpu" and data["environment"]["threads"] == 1
-    assert data["model"]["preset"] == "tiny" and data["settings"]["runs"] == 2
-    assert all(len(e["grid_out"]) <= 2 for e in data["layers"].values())
+    assert data["model"]["preset"] == "tiny" and data["settings"]["runs"] == 3
+    assert all(len(e["grid_out"]) <= 2 for e in data["layers"].values()) and data["quality"]["verdict"] == "good"
     out = tmp_path / "pruned"
     prune = ["prune", "--checkpoint", TINY, "--method", "magnitude", "--out", str(out), "--latency-table", str(table),
              "--scoring-batches", "1"]  # fmt: skip
@@ -360,7 +621,28 @@ def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys):
     assert not (tmp_path / "never-written").exists()
 
 
-def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch):
+def test_cli_refuses_a_bad_table_and_keeps_the_one_already_there(tmp_path, capsys, fake_machine):
+    """A machine that slows down by 40% halfway through the build: error line, exit 2, --out untouched;
+    --keep-bad saves it, and prune refuses it."""
+    table = tmp_path / "t.json"
+    table.write_text("an earlier table")
+    fake_machine["load"] = lambda call, runner: 1.4 if call > 150 else 1.0
+    argv = ["latency-table", "--task", "examples/pku_fusion.py:setup", "--out", str(table), "--grid-points", "2"]
+    argv += ["--runs", "3", "--warmup", "0", "--check-points", "0", "--no-rest-terms", "--quiet"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: latency table not saved: judged bad (the unpruned model "), err
+    assert "quality: bad (" in captured.out and table.read_text() == "an earlier table"
+    assert main([*argv, "--keep-bad"]) == 0 and load_table(table).verdict == "bad"
+    capsys.readouterr()
+    prune = ["prune", "--task", "examples/pku_fusion.py:setup", "--method", "snip", "--target-latency", "0.6"]
+    assert main([*prune, "--latency-table", str(table), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "judged bad when it was built" in err[0] and not (tmp_path / "p").exists()
+
+
+def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch, fake_machine):
     """`--task`: a user's model (depthwise and grouped convs, squeeze-excite) gets a table and a latency prune."""
     monkeypatch.chdir(ROOT)
     spec, table = "examples/pku_fusion.py:setup", tmp_path / "pku.json"
@@ -371,3 +653,4 @@ def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch):
     assert main([*prune, "--out", str(out)]) == 0
     latency = json.loads((out / "pruned.json").read_text())["report"]["latency"]
     assert latency["predicted_after_ms"] <= 0.6 * latency["predicted_before_ms"] + 1e-9
+    assert latency["table_quality"] == "good"
