@@ -16,7 +16,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,18 +52,54 @@ class PruningError(ValueError):
 
 @dataclass
 class GroupItem:
-    layer: str  # module name
-    kind: str  # "out" or "in"
+    layer: str  # module name (a parameter's name for kind "parameter")
+    kind: str  # "out" or "in"; for a group's extras "attention" (an MHA embedding) or "parameter"
     idxs: torch.Tensor  # channel indices in the layer's own coordinates
     root_idxs: torch.Tensor  # the root channel each of them belongs to
+    dim: int | None = None  # a loose parameter's channel dim
 
 
 @dataclass
 class ChannelGroup:
+    """Root channels that are removed together, the layers they touch, and (for a group that feeds
+    `nn.MultiheadAttention`'s embedding) the attention head each root channel sits in."""
+
     root: str
     part: str
     channels: int
     items: list[GroupItem]
+    heads: torch.Tensor | None = None  # per root channel, its head; None: no attention in the group
+    extras: list[GroupItem] = field(default_factory=list)  # attention embeddings, loose parameters (zeroed too)
+
+    @property
+    def num_heads(self) -> int:
+        return 1 if self.heads is None else int(self.heads.max()) + 1
+
+    def step(self, round_to: int) -> int:
+        """Widths move in steps of `round_to` (1 for groups narrower than it); an attention group's steps also
+        keep every head equally wide."""
+        step = round_to if self.channels >= round_to else 1
+        if self.heads is None:
+            return step
+        step = math.lcm(step, self.num_heads)
+        return step if step <= self.channels else self.num_heads
+
+    def removal_order(self, score: torch.Tensor) -> torch.Tensor:
+        """Root channels in the order they are removed: lowest score first (ties by position); in an attention
+        group the heads take turns, so every prefix of whole rounds removes as many channels from each head."""
+        if self.heads is None:
+            return torch.argsort(score, stable=True)
+        per_head = [
+            members[torch.argsort(score[members], stable=True)]
+            for members in (torch.nonzero(self.heads == h).flatten() for h in range(self.num_heads))
+        ]
+        return torch.stack(per_head, dim=1).flatten()
+
+    def choose(self, score: torch.Tensor, count: int) -> torch.Tensor:
+        """Bool mask of the `count` root channels removed first."""
+        mask = torch.zeros(self.channels, dtype=torch.bool)
+        mask[self.removal_order(score)[:count]] = True
+        return mask
 
 
 def is_layer(module: nn.Module) -> bool:
@@ -257,6 +293,7 @@ class ChannelGraph:
         modules = dict(model.named_modules())
         self.task, self.example_batch = task, example_batch
         opaque = self._opaque_parameters()
+        param_names = {p: n for n, p in model.named_parameters()}
         for group in self._all_groups(ignored):
             root_module = group[0].dep.target.module
             root = self.names[root_module]
@@ -268,14 +305,24 @@ class ChannelGraph:
             if reasons:
                 self.unprunable.append({"root": root, "reason": "; ".join(dict.fromkeys(reasons))})
                 continue
-            items = []
+            items, extras = [], {}
             for item in group:
                 module = item.dep.target.module
+                idxs, root_idxs = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
                 if is_layer(module) or isinstance(module, NORMS):
                     kind = "out" if self.dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                    items.append(
-                        GroupItem(self.names[module], kind, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
-                    )
+                    items.append(GroupItem(self.names[module], kind, idxs, root_idxs))
+                elif isinstance(module, nn.MultiheadAttention):
+                    extras[self.names[module]] = GroupItem(self.names[module], "attention", idxs, root_idxs)
+                elif isinstance(module, nn.Parameter) and (name := param_names.get(module)) is not None:
+                    dim = self.dg.module2node[module].pruning_dim if module in self.dg.module2node else -1
+                    extras[name] = GroupItem(name, "parameter", idxs, root_idxs, dim)
+            heads, reason = self._attention_heads(
+                [e for e in extras.values() if e.kind == "attention"], len(group[0].idxs), modules
+            )
+            if reason is not None:
+                self.unprunable.append({"root": root, "reason": reason})
+                continue
             outside = [i for i in items if len(i.idxs) and int(i.idxs.max()) >= channel_count(modules[i.layer], i.kind)]
             if outside:
                 bad = outside[0]
@@ -293,11 +340,38 @@ class ChannelGraph:
                 self._reported.update(touched - set(opaque))  # named with their group in `unprunable`
                 continue
             part = self.partition.part_of(root) or "fusion"
-            self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items))
+            self.groups.append(ChannelGroup(root, part, len(group[0].idxs), items, heads, list(extras.values())))
             self._covered.append(touched)
             self._handlers.append((root_module, group[0].dep.handler))
         self._drop_overlapping_groups()
         self.layer_flops, self.rest_flops = self._measure_flops(*task.arguments(example_batch))
+
+    @staticmethod
+    def _attention_heads(
+        attentions: list[GroupItem], channels: int, modules: dict[str, nn.Module]
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """(per root channel, the attention head it sits in; or why the group must stay whole).
+
+        `nn.MultiheadAttention` ties its embedding to the q/k/v widths: removing embedding channel c removes
+        q, k and v channel c of head c // head_dim. Pruning stays exact when every head loses as many channels
+        (and the softmax scale is restored, `prune`), so selection keeps heads equally wide."""
+        if not attentions:
+            return None, None
+        combined = torch.zeros(channels, dtype=torch.long)
+        for item in attentions:
+            mha = modules[item.layer]
+            if not mha._qkv_same_embed_dim:
+                return None, f"{item.layer}: MultiheadAttention with its own key/value widths (kdim/vdim)"
+            head = torch.full((channels,), -1, dtype=torch.long)
+            head[item.root_idxs] = item.idxs // (mha.embed_dim // mha.num_heads)
+            if bool((head < 0).any()):
+                return None, f"only part of its channels reach {item.layer}'s attention heads"
+            combined = combined * mha.num_heads + head
+        heads = torch.unique(combined, return_inverse=True)[1]
+        sizes = torch.bincount(heads)
+        if bool((sizes != sizes[0]).any()):
+            return None, "its channels fall unevenly into attention heads"
+        return heads, None
 
     def _opaque_parameters(self) -> dict[str, str]:
         """Loose parameters that feed an op torch-pruning cannot read (a custom autograd Function, e.g. a
@@ -483,12 +557,12 @@ class ChannelGraph:
         """Channels to prune: below the global threshold, capped per group, kept widths rounded up."""
         pruned = []
         for group, score in zip(self.groups, scores):
-            n = group.channels
+            n, step = group.channels, group.step(round_to)
             kept = n - int((score < threshold).sum())
-            if n >= round_to:
-                kept = min(n, math.ceil(max(kept, 1) / round_to) * round_to)
-            kept = max(kept, min_kept(n, round_to, max_group_ratio))
-            pruned.append(lowest(score, n - kept))
+            if step > 1:
+                kept = min(n, math.ceil(max(kept, 1) / step) * step)
+            kept = max(kept, min_kept(n, step, max_group_ratio))
+            pruned.append(group.choose(score, n - kept))
         return pruned
 
     def max_reduction(self, round_to: int, max_group_ratio: float) -> float:
@@ -556,10 +630,10 @@ class ChannelGraph:
                 if i == frozen:
                     continue
                 n, kept = group.channels, group.channels - int(masks[i].sum())
-                step = round_to if n >= round_to else 1
+                step = group.step(round_to)
                 for new_kept in ((kept - 1) // step * step, min(n, (kept // step + 1) * step)):
-                    if new_kept != kept and new_kept >= min_kept(n, round_to, max_group_ratio):
-                        yield i, masks[:i] + [lowest(rank, n - new_kept)] + masks[i + 1 :]
+                    if new_kept != kept and new_kept >= min_kept(n, step, max_group_ratio):
+                        yield i, masks[:i] + [group.choose(rank, n - new_kept)] + masks[i + 1 :]
 
         def greedy(masks, frozen=-1):
             gap = abs(reduction(masks) - target)
@@ -604,14 +678,25 @@ class ChannelGraph:
                     m.weight.index_fill_(dim, idxs, 0.0)
                     if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
                         m.bias.index_fill_(0, idxs, 0.0)
+                for item in group.extras:
+                    idxs = item.idxs[mask[item.root_idxs]]
+                    if len(idxs):
+                        _zero_extra(self.model, modules, item, idxs)
 
     def prune(self, pruned: list[torch.Tensor]) -> None:
-        """Physically remove the pruned channels, group by group."""
-        for (module, handler), mask in zip(self._handlers, pruned):
+        """Physically remove the pruned channels, group by group. Attention that lost channels gets its query
+        projection rescaled by sqrt(new head_dim / old head_dim): its softmax scale 1/sqrt(head_dim) follows the
+        width, and the rescale makes the pruned model compute what the zeroed one does."""
+        modules = dict(self.model.named_modules())
+        for group, (module, handler), mask in zip(self.groups, self._handlers, pruned):
             idxs = torch.nonzero(mask).flatten().tolist()
-            if idxs:
-                group = self.dg.get_pruning_group(module, handler, idxs)
-                group.prune()
+            if not idxs:
+                continue
+            attention = [modules[e.layer] for e in group.extras if e.kind == "attention"]
+            before = [mha.embed_dim // mha.num_heads for mha in attention]
+            self.dg.get_pruning_group(module, handler, idxs).prune()
+            for mha, head_dim in zip(attention, before):
+                _rescale_queries(mha, head_dim)
 
     def pruned_copy_error(self, pruned: list[torch.Tensor], only: Sequence[int] | None = None) -> str | None:
         """Prune a copy of the model (all groups, or the groups `only`) and run it on the example batch:
@@ -678,3 +763,37 @@ class ChannelGraph:
         for group in self.groups:
             result[group.root] = layer_channels(modules[group.root])[1]
         return result
+
+
+def _zero_extra(model: nn.Module, modules: dict[str, nn.Module], item: GroupItem, idxs: torch.Tensor) -> None:
+    """Zero what a group's removal of `idxs` takes from an attention embedding or a loose parameter."""
+    if item.kind == "parameter":
+        param = dict(model.named_parameters())[item.layer]
+        param.index_fill_(item.dim % param.dim(), idxs, 0.0)
+        return
+    mha = modules[item.layer]
+    e = mha.embed_dim
+    rows = torch.cat([idxs, idxs + e, idxs + 2 * e])
+    mha.in_proj_weight.index_fill_(0, rows, 0.0)
+    mha.in_proj_weight.index_fill_(1, idxs, 0.0)
+    if mha.in_proj_bias is not None:
+        mha.in_proj_bias.index_fill_(0, rows, 0.0)
+    mha.out_proj.weight.index_fill_(0, idxs, 0.0)
+    mha.out_proj.weight.index_fill_(1, idxs, 0.0)
+    if mha.out_proj.bias is not None:
+        mha.out_proj.bias.index_fill_(0, idxs, 0.0)
+    for extra in (mha.bias_k, mha.bias_v):
+        if extra is not None:
+            extra.index_fill_(2, idxs, 0.0)
+
+
+def _rescale_queries(mha: nn.MultiheadAttention, old_head_dim: int) -> None:
+    """Keep q.k / sqrt(head_dim) as it was after head_dim shrank: scale the query projection."""
+    new_head_dim = mha.embed_dim // mha.num_heads
+    if new_head_dim == old_head_dim:
+        return
+    scale = math.sqrt(new_head_dim / old_head_dim)
+    with torch.no_grad():
+        mha.in_proj_weight[: mha.embed_dim].mul_(scale)
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias[: mha.embed_dim].mul_(scale)

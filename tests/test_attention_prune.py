@@ -2,7 +2,8 @@
 
 A DETR/TransFusion-style head whose queries are an `nn.Parameter` expanded over the batch and fed to
 `nn.MultiheadAttention` used to crash the FLOP count (torch's module tracker under no_grad). Every method
-must now prune it, with `batch_first` and `need_weights` either way and a dict argument; and a layer whose
+must now prune it, with `batch_first` and `need_weights` either way and a dict argument, exactly (the pruned
+model equals the zeroed one: heads keep equal widths and the softmax scale is restored); and a layer whose
 kind no pruner knows (a custom op torch cannot see) is named in the report, never skipped silently.
 """
 
@@ -108,6 +109,10 @@ def test_learned_query_head_prunes_with_every_method(method, batch_first, need_w
     with torch.no_grad():
         assert TASK.forward(model, data[0]).shape == shape
     assert model.head.query.shape[1] == model.head.attn.embed_dim
+    # exact: every head lost as many channels and the softmax scale was restored
+    assert report["zero_then_prune_error"] <= 1e-4, report["zero_then_prune_error"]
+    attn = model.head.attn
+    assert attn.num_heads == 4 and attn.embed_dim % 4 == 0 and attn.head_dim == attn.embed_dim // 4
 
 
 class NumpyLinear(torch.autograd.Function):
