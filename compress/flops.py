@@ -33,7 +33,7 @@ class FlopCount:
 
     total: float
     layers: dict[str, float] = field(default_factory=dict)  # per conv / linear / sparse conv layer
-    shapes: dict[str, list] = field(default_factory=dict)  # per layer and call: (input shape, output shape)
+    shapes: dict[str, list] = field(default_factory=dict)  # per dense layer and call: (input shape, output shape)
     sparse: dict[str, float] = field(default_factory=dict)  # per sparse conv layer
     sparse_pairs: dict[str, int] = field(default_factory=dict)
     uncounted: dict[str, str] = field(default_factory=dict)  # module name -> why its FLOPs are missing
@@ -97,10 +97,8 @@ def count_flops(model: nn.Module, run: Callable[[], Any], layer_types: tuple[typ
             flops = sparse_flops(module, pairs)
             result.sparse[name] = result.sparse.get(name, 0.0) + flops
             result.sparse_pairs[name] = result.sparse_pairs.get(name, 0) + pairs
-            shapes = (
-                [int(inputs[0].features.shape[0]), module.in_channels],
-                [int(output.features.shape[0]), module.out_channels],
-            )
+            result.layers[name] = result.layers.get(name, 0.0) + flops
+            return  # no dense shapes: latency tables time sparse convs with the rest of the model
         elif isinstance(module, layer_types):
             flops = dense_layer_flops(module, inputs, output)
             shapes = (list(inputs[0].shape), list(output.shape))
