@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,7 @@ from common.task import Task
 from compress.imp import FinetuneFn, iterative_magnitude_prune
 from compress.oneshot import check_gradients_possible, prune_structured, prune_unstructured
 from compress.request import PruneRequest
+from compress.sparse import spconv_threads_warning
 from compress.structured import PruningError
 
 
@@ -40,6 +42,8 @@ def prune(
     if not isinstance(batches, list | tuple) or not batches:
         raise PruningError("the scoring set must be a non-empty list of batches")
     check_gradients_possible(model, request.method)  # IMP's fine-tunes need a backward too
+    if (message := spconv_threads_warning(model)) is not None:
+        warnings.warn(message, stacklevel=2)
     if dist.is_distributed():
         dist.check_same(dist.digest(model.state_dict()), "the model's weights")
         dist.check_same(dist.digest(list(batches)), "the scoring set (give every rank the same, global set)")

@@ -13,7 +13,6 @@ Nothing here imports spconv: layers are recognised by duck typing (`common.layer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,7 +193,15 @@ def needs_cuda_backward(model: nn.Module) -> str | None:
     )
 
 
-def sites(tensor: Any) -> int:
-    """Active sites of a sparse tensor (for reports)."""
-    indices = getattr(tensor, "indices", None)
-    return int(indices.shape[0]) if isinstance(indices, torch.Tensor) else math.nan
+def spconv_threads_warning(model: nn.Module) -> str | None:
+    """spconv's CPU kernels accumulate in a thread-dependent order: with more than one torch thread two
+    forward passes of one model differ (by up to 3e-4 measured on examples/spconv_fusion.py), so scores,
+    zero-then-prune checks and reloads stop being reproducible. None when that cannot happen."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    uses_spconv = any(is_sparse_conv(m) and type(m).__module__.startswith("spconv") for m in model.modules())
+    if not uses_spconv or device.type != "cpu" or torch.get_num_threads() == 1:
+        return None
+    return (
+        f"spconv's CPU kernels are not deterministic with {torch.get_num_threads()} threads: "
+        "results differ run to run; use 1 thread (--threads 1, torch.set_num_threads(1))"
+    )

@@ -43,6 +43,15 @@ def _example():
 ex = _example()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Other tests in the same process may leave torch at 2 threads (CLI --threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup():
     return ex.setup()
@@ -172,3 +181,11 @@ def test_cli_prune_of_a_spconv_task_names_how_sparse_flops_were_counted(tmp_path
     notes = [line for line in printed.splitlines() if line.startswith("note: ")]
     assert any("sparse convolutions counted as 2 x active rulebook pairs" in line for line in notes), printed
     assert (out / "pruned.json").is_file()
+
+
+def test_spconv_on_cpu_with_several_threads_warns(setup):
+    from compress.sparse import spconv_threads_warning
+
+    assert spconv_threads_warning(setup.model) is None  # 1 thread (the fixture)
+    torch.set_num_threads(2)
+    assert "not deterministic with 2 threads" in spconv_threads_warning(setup.model)
