@@ -638,7 +638,12 @@ def build_table(
         say(f"end to end {e2e_first.ms:.2f} ms, table at full width {full:.2f} ms, rest {e2e_first.ms - full:.2f} ms")
         terms: dict[str, dict[str, Any]] = {}
         problems: list[str] = []
-        if rest_terms:
+        spread = reference_spread([r["ms"] for r in meter.reference])
+        if rest_terms and spread is not None and spread > LIMITS["reference_spread"][1]:
+            # the table is bad whatever the rest terms say: do not spend minutes timing them
+            problems.append(f"rest terms not timed: the unpruned model had already varied by {spread:.1%}")
+            say(f"skipping the rest terms: {problems[-1]}")
+        elif rest_terms:
             e2e_now = float(np.median([r["ms"] for r in meter.reference]))
             terms, problems = measure_rest_terms(meter, subject, graph, layers, round_to, grid_points, e2e_now, say)
         meter.check_reference("end")

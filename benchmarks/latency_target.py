@@ -326,7 +326,6 @@ def refused_markdown(s: dict) -> str:
             f"Command: `{s['command']}`",
             "",
             *([f"Conditions: {s['note']}", ""] if s.get("note") else []),
-            *([f"Conditions: {s['note']}", ""] if s.get("note") else []),
             f"- load average (1/5/15 min): {s['environment']['load_average']}",
             f"- table settings: {json.dumps(s['settings'].get('table'))}",
             f"- table `{t['path']}`: {t['layers']} layers, {t['settings'].get('distinct_points_timed')} points in "
