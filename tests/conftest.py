@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests run single-threaded: on a shared 2-core machine oversubscription costs 60x."""
+"""Shared fixtures. Tests run single-threaded: on a shared 2-core machine oversubscription costs 60x.
+
+The default run (`make test`, `pytest -q`) deselects tests marked `slow` (pyproject: `-m 'not slow'`); `make
+test-slow` runs them. A test module may name parametrized cases that only repeat, on more models or more
+inputs, what a faster case in the default set checks: `SLOW_CASES = {"test_name[id]", ...}` marks them slow.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,14 @@ import torch
 from fusion.config import get_config
 
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if item.name in getattr(module, "SLOW_CASES", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,14 @@ def _run(code: str, fault_at: int | None, cwd: Path) -> int:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, timeout=900).returncode
 
 
+def _crash_at(code: str, points: list[int], cwd: Path, check) -> None:
+    """Run `code` crashing at each of `points`, then to completion; `check(crashed)` after each run."""
+    for point in [*points, None]:
+        code_rc = _run(code, point, cwd)
+        assert code_rc == (0 if point is None else FAULT_EXIT), (point, code_rc)
+        check(crashed=point is not None)
+
+
 def _crash_everywhere(code: str, cwd: Path, check) -> int:
     """Run `code` crashing at point 1, 2, ... until it completes; `check(crashed)` after each run."""
     point = 0
@@ -81,7 +89,8 @@ save_checkpoint("ckpt", model, {"step": step}, train_state=train_state(optimizer
 """
 
 
-def test_a_checkpoint_is_old_or_new_at_every_crash_point(tmp_path):
+def _checkpoint_check(tmp_path: Path):
+    """Writes the step-3 checkpoint; returns check(crashed): the checkpoint is step 3 or 4, whole."""
     import torch
 
     from fusion.checkpoint import load_checkpoint
@@ -98,8 +107,19 @@ def test_a_checkpoint_is_old_or_new_at_every_crash_point(tmp_path):
         assert same == (step == 3)
         assert load_train_state(tmp_path / "ckpt", make_optimizer(model, model.config.train)) == step
 
-    points = _crash_everywhere(SAVE.replace("STEP", "4"), tmp_path, check)
+    return check
+
+
+@pytest.mark.slow  # one child process per crash point; the default set crashes at two (below)
+def test_a_checkpoint_is_old_or_new_at_every_crash_point(tmp_path):
+    points = _crash_everywhere(SAVE.replace("STEP", "4"), tmp_path, _checkpoint_check(tmp_path))
     assert points >= 8  # weights, optimizer tensors and JSON, metadata, their fsyncs, the swap
+    assert json.loads((tmp_path / "ckpt" / MANIFEST).read_text())["kind"] == "checkpoint"
+
+
+def test_a_checkpoint_is_old_or_new_when_killed_early_or_late(tmp_path):
+    """Killed at the second and at the eighth of its write and swap steps (it has at least eight)."""
+    _crash_at(SAVE.replace("STEP", "4"), [2, 8], tmp_path, _checkpoint_check(tmp_path))
     assert json.loads((tmp_path / "ckpt" / MANIFEST).read_text())["kind"] == "checkpoint"
 
 
@@ -109,7 +129,7 @@ raise SystemExit(main(["export", "onnx", "--checkpoint", "CKPT", "--out", "onnx"
 """
 
 
-@pytest.mark.parametrize("crash_at", [2, 9])
+@pytest.mark.parametrize("crash_at", [pytest.param(2, marks=pytest.mark.slow), 9])  # 2: the same staging, earlier
 def test_an_export_killed_midway_leaves_the_previous_export_whole(tmp_path, crash_at):
     shipped = ROOT / "fusion" / "weights" / "tiny-lidar"
     code = EXPORT.replace("CKPT", str(shipped))

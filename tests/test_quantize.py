@@ -504,7 +504,7 @@ def test_ort_cpu_form_is_exact_and_fuses_integer_convs(tmp_path):
 
 
 @needs_modelopt
-@pytest.mark.parametrize("method", ["mse", "histogram"])
+@pytest.mark.parametrize("method", ["mse", pytest.param("histogram", marks=pytest.mark.slow)])  # entropy: minutes
 def test_calibration_methods_set_other_scales(method):
     """The calibration knobs work and change the scales max calibration gives: ModelOpt's MSE searches the
     weights' amax, the histogram calibrator (entropy) the activations'."""
