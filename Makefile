@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # install the torch wheel matching your driver first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean gpu-bundle
+.PHONY: setup demo test test-slow lint bench clean gpu-bundle
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the tests marked slow (deselected by `make test`): more models, every crash point, torchrun resume, ...
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -212,13 +212,13 @@ ZOO = {
 }
 METHODS = ["altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp"]
 # The two slowest methods run on model A in the default set (and on every model in `make test-slow`); every
-# method also runs on the PKU-style model in test_byom.py.
+# method also runs on the PKU-style model in test_byom.py, unstructured SynFlow in test_baselines.py.
 SLOW_CASES = {
     f"{test}[{model}-{method}]"
     for test in ("test_structured_half_gflops_on_the_zoo", "test_unstructured_80_percent_on_the_zoo")
     for model in ("B", "C", "D-attention", "E-unet")
     for method in ("imp", "synflow")
-}
+} | {"test_unstructured_80_percent_on_the_zoo[A-synflow]"}
 # Both hard-code a channel count in a reshape (model A: the LiDAR canvas view, 48; model B: 96): a selection
 # that cuts that group breaks the forward pass, and the group is left whole with the reason.
 LEFT_WHOLE = {"A": "pts.3", "B": "fuse.2"}
