@@ -343,6 +343,10 @@ def print_prune_report(report: dict) -> None:
         from compress.altereva import reri_line
 
         print(reri_line(report["reri_noise"]))
+    if "scoring" in report:  # what a rerun compares (docs/reproducibility.md)
+        s = report["scoring"]
+        where = f"{s['precision']}, {s['threads']} thread(s), {s['ranks']} rank(s)"
+        print(f"scores digest {s['digest']}, selection digest {s['selection_digest']} ({where})")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

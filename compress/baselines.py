@@ -39,6 +39,7 @@ from torch.func import functional_call
 from common.layers import weight_dims
 from common.progress import progress_bar
 from common.task import Task
+from compress.scores import settled
 from compress.structured import NORMS, ChannelGraph, global_ranks
 from compress.unstructured import global_masks, prunable_weights
 
@@ -61,8 +62,9 @@ class ProsprConfig:
 
 # ---- magnitude (IMP's scorer) -------------------------------------------------------------------
 def magnitude_channel_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
-    """L2 norm of every coupled weight of a channel (conv out/in slices, BN affine, biases)."""
-    squares = {name: p.detach() ** 2 for name, p in model.named_parameters()}
+    """L2 norm of every coupled weight of a channel (conv out/in slices, BN affine, biases), summed in
+    float64 so that the thread count cannot reorder two channels (AlterEva's and SynFlow's tie-break too)."""
+    squares = {name: p.detach().double() ** 2 for name, p in model.named_parameters()}
     return [s.sqrt() for s in graph.channel_saliency(squares)]
 
 
@@ -170,7 +172,8 @@ def synflow_channel_schedule(
     removed = 0
     for k in progress_bar(range(1, config.iterations + 1), desc="SynFlow", enabled=progress, leave=False):
         masked.zero_channels(pruned)
-        keys = _removal_keys(masked.channel_saliency(synflow_saliency(net, inputs)), position, tiebreak)
+        saliency = settled(masked.channel_saliency(synflow_saliency(net, inputs)))  # thread-count free rounds
+        keys = _removal_keys(saliency, position, tiebreak)
         goal = 1.0 - (1.0 - target) ** (k / config.iterations)
         chosen = graph.threshold_for(keys, goal, mode, round_to, max_group_ratio)
         fresh = sorted(
@@ -212,7 +215,8 @@ def synflow_weight_scores(
         with torch.no_grad():
             for name, w in weights.items():
                 w.mul_(keep[name])
-        saliency = synflow_saliency(net, inputs)
+        raw = synflow_saliency(net, inputs)
+        saliency = dict(zip(weights, settled([raw[name] for name in weights])))  # thread-count free rounds
         scores = {name: torch.where(keep[name], saliency[name], removed_at[name] - n - 1) for name in weights}
         chosen = global_masks(scores, 1.0 - (1.0 - sparsity) ** (k / n))
         for name in weights:

@@ -39,7 +39,7 @@ from compress.latency import LatencyPredictor, load_table
 from compress.latency_select import select_for_latency
 from compress.partition import Partition
 from compress.request import PruneRequest, request_dict
-from compress.scores import altereva_scores, floored_fraction
+from compress.scores import altereva_scores, floored_fraction, in_float64, settled
 from compress.sparse import needs_cuda_backward
 from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
@@ -110,10 +110,14 @@ def channel_scores(
     """Per group, one score per root channel; higher means keep. AlterEva puts its ReRI signal-to-noise
     summary into `diagnostics["reri_noise"]` when a dict is given."""
     parts = [g.part for g in graph.groups]
+    record = diagnostics if diagnostics is not None else {}  # gradient passes in float64 (compress.scores)
     if method == "altereva":
-        saliency = altereva_saliency(model, task, batches, request.altereva, progress)
-        deci = [s.abs() for s in graph.channel_saliency(saliency.deci)]
-        reri = {masked: [s.abs() for s in graph.channel_saliency(sal)] for masked, sal in saliency.reri.items()}
+        score = lambda m, b: altereva_saliency(m, task, b, request.altereva, progress)  # noqa: E731
+        saliency = in_float64(score, model, batches, task, record)
+        deci = settled([s.abs() for s in graph.channel_saliency(saliency.deci)])
+        reri = {
+            masked: settled([s.abs() for s in graph.channel_saliency(sal)]) for masked, sal in saliency.reri.items()
+        }
         if diagnostics is not None:
             diagnostics["reri_noise"] = _reri_noise(
                 saliency,
@@ -127,7 +131,8 @@ def channel_scores(
         a = request.altereva
         return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
-        return [s.abs() for s in graph.channel_saliency(signed_saliency(model, task, batches))]
+        saliency = in_float64(lambda m, b: signed_saliency(m, task, b), model, batches, task, record)
+        return settled([s.abs() for s in graph.channel_saliency(saliency)])  # as AlterEva's DeCI
     if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
         return magnitude_channel_scores(model, graph)
     if method == "synflow":
@@ -140,7 +145,8 @@ def channel_scores(
         args = (target, mode, request.round_to, request.max_group_ratio, request.synflow, tiebreak, progress)
         return synflow_channel_scores(model, graph, task.arguments(example_batch), *args)
     if method == "prospr":
-        return prospr_channel_scores(model, task, graph, batches, request.prospr)
+        score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr)  # noqa: E731
+        return in_float64(score, model, batches, task, record)
     generator = torch.Generator().manual_seed(request.seed)
     return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
 
@@ -190,9 +196,11 @@ def prune_structured(
     warn_uncounted(graph.flop_count.uncounted, model)
     flops_before = _flops_by_part(graph, partition, None)
     diagnostics: dict = {}
+    start = time.perf_counter()
     scores = channel_scores(request.method, model, task, graph, batches, example_batch, request, progress, diagnostics)
-    tiebreak = magnitude_channel_scores(model, graph)
+    scores, tiebreak = settled(scores), settled(magnitude_channel_scores(model, graph))  # bit-stable (compress.scores)
     dist.broadcast_(scores + tiebreak)  # every rank selects from rank 0's numbers
+    scoring = _scoring_record(scores + tiebreak, diagnostics, time.perf_counter() - start)
     pruned, selection = _select(graph, predictor, scores, tiebreak, request, mode, target)
     for _ in range(3):  # a pruned copy must run before the model itself is cut
         breaking = graph.groups_breaking_the_model(pruned)
@@ -210,6 +218,7 @@ def prune_structured(
     achieved = None
     if mode == "flops":
         pruned, achieved = _aim_at_measured(graph, pruned, scores, tiebreak, request, target)
+    scoring["selection_digest"] = dist.digest(pruned)
     miss = _target_miss(graph, pruned, mode, target, achieved)
     if miss is not None and abs(miss) > MAX_TARGET_MISS:
         achieved = target + miss
@@ -254,6 +263,7 @@ def prune_structured(
         "left_whole": left_whole,
         "flop_counting": graph.flop_count.report(),
         "score_summary": _score_summary(scores, graph),
+        "scoring": scoring,
         **diagnostics,
     }
     if latency is not None:
@@ -261,6 +271,18 @@ def prune_structured(
     if reference is not None:
         report["zero_then_prune_error"] = _relative_error(reference, _outputs(model, task, example_batch))
     return report
+
+
+def _scoring_record(scores: list[torch.Tensor], diagnostics: dict, seconds: float) -> dict:
+    """What two runs compare to know they selected from the same numbers: the digest of the scores (and
+    tie-break) the selection ranked, the precision of the gradient passes, torch's threads and the ranks."""
+    return {
+        "digest": dist.digest(scores),
+        "precision": diagnostics.pop("precision", "float64"),  # data-free scores: float64 or exact
+        "threads": torch.get_num_threads(),
+        "ranks": dist.world(),
+        "seconds": seconds,
+    }
 
 
 def _reri_noise(
@@ -411,12 +433,14 @@ def weight_scores(
 ) -> dict[str, torch.Tensor]:
     weights = prunable_weights(model, protected)
     partition = Partition.of(model, task.partition)
+    record = diagnostics if diagnostics is not None else {}  # gradient passes in float64 (compress.scores)
     if request.method == "altereva":
-        saliency = altereva_saliency(model, task, batches, request.altereva, progress)
+        score = lambda m, b: altereva_saliency(m, task, b, request.altereva, progress)  # noqa: E731
+        saliency = in_float64(score, model, batches, task, record)
         names = list(weights)
         parts = [partition.part_of(n) or "fusion" for n in names]
-        deci = [saliency.deci[n].abs() for n in names]
-        reri = {masked: [s[n].abs() for n in names] for masked, s in saliency.reri.items()}
+        deci = settled([saliency.deci[n].abs() for n in names])
+        reri = {masked: settled([s[n].abs() for n in names]) for masked, s in saliency.reri.items()}
         if diagnostics is not None:
             diagnostics["reri_noise"] = _reri_noise(
                 saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights", deci
@@ -424,7 +448,7 @@ def weight_scores(
         a = request.altereva
         return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)))
     if request.method == "snip":
-        saliency = signed_saliency(model, task, batches)
+        saliency = in_float64(lambda m, b: signed_saliency(m, task, b), model, batches, task, record)
         return {n: saliency[n].abs() for n in weights}
     if request.method in ("magnitude", "imp"):
         return magnitude_weight_scores(model, protected)
@@ -432,7 +456,8 @@ def weight_scores(
         example = task.arguments(example_batch)
         return synflow_weight_scores(model, example, request.sparsity, request.synflow, progress, protected)
     if request.method == "prospr":
-        return prospr_weight_scores(model, task, batches, request.prospr, protected)
+        score = lambda m, b: prospr_weight_scores(m, task, b, request.prospr, protected)  # noqa: E731
+        return in_float64(score, model, batches, task, record)
     generator = torch.Generator().manual_seed(request.seed)
     return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
 
@@ -455,10 +480,14 @@ def prune_unstructured(
     partition = Partition.of(model, task.partition)
     protected = protected_layers(model, task, example_batch)
     diagnostics: dict = {}
+    start = time.perf_counter()
     scores = weight_scores(model, task, batches, example_batch, request, protected, progress, diagnostics)
+    scores = dict(zip(scores, settled(list(scores.values()))))  # bit-stable (compress.scores)
     dist.broadcast_(list(scores.values()))  # every rank selects from rank 0's numbers
+    scoring = _scoring_record(list(scores.values()), diagnostics, time.perf_counter() - start)
     masks = global_masks(scores, request.sparsity)
-    dist.check_same(dist.digest(masks), "the selected weights")
+    scoring["selection_digest"] = dist.digest(masks)
+    dist.check_same(scoring["selection_digest"], "the selected weights")
     apply_masks(model, masks)
     per_part: dict[str, list[int]] = {part: [0, 0] for part in PARTS}
     for name, mask in masks.items():
@@ -473,5 +502,6 @@ def prune_unstructured(
         "partitions": {
             p: {"weights_kept": k, "weights": n, "kept_ratio": k / n} for p, (k, n) in per_part.items() if n
         },
+        "scoring": scoring,
         **diagnostics,
     }

@@ -17,20 +17,40 @@ and orders the heavily reactivated ones by their contribution. Measured on the t
 instead of per partition. Eq. 11-13 give every partition shares summing to alpha whatever its size or its
 gradient scale, which decides how much of each backbone survives before ReRI says anything; over the whole
 model the partitions compete in the loss's own units, as SNIP's do.
+
+The gradient passes behind these scores run in float64 (`in_float64`): on the CPU a float32 sum's
+order depends on the thread count, AlterEva's reactivation steps amplify that noise (up to 37% of a
+unit's ReRI between 1 and 2 threads on the shipped tiny model), and a different selection followed.
+In float64 the same noise sits ~1e-16 relative, far below any gap between two channels' scores.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
 import torch
+from torch import nn
+
+T = TypeVar("T")
+SCORING_DTYPE = torch.float64
 
 Units = list[torch.Tensor]  # one tensor of unit scores per group (structured) or per parameter (unstructured)
 
 
 def normalise_within_partitions(values: Units, parts: list[str]) -> Units:
-    """Divide every unit by the total of its partition (0 stays 0 when a partition's total is 0)."""
-    totals: dict[str, float] = {}
+    """Divide every unit by the total of its partition (0 stays 0 when a partition's total is 0).
+
+    The totals are exactly rounded sums (`math.fsum`), so they do not depend on the order torch's
+    threads would have added the values in."""
+    members: dict[str, list[float]] = {}
     for v, part in zip(values, parts):
-        totals[part] = totals.get(part, 0.0) + float(v.sum())
+        members.setdefault(part, []).extend(v.detach().double().flatten().tolist())
+    totals = {part: math.fsum(numbers) for part, numbers in members.items()}
     return [v / totals[part] if totals[part] > 0 else torch.zeros_like(v) for v, part in zip(values, parts)]
 
 
@@ -95,3 +115,76 @@ def floored_fraction(
         counts[0] += int(((score <= bound * alpha * share) & (share > 0)).sum())  # dead units are not overridden
         counts[1] += score.numel()
     return {part: n / total for part, (n, total) in hit.items() if total}
+
+
+# ---- scoring precision ---------------------------------------------------------------------------
+SETTLED_BITS = 24  # float32's significand: ~6e-8 relative, ~1e5 x the float64 passes' thread-to-thread noise
+
+
+def settled(units: Units, bits: int = SETTLED_BITS) -> Units:
+    """Every value rounded to `bits` significant bits (half to even), kept in float64 (no overflow).
+
+    The float64 gradient passes still differ between thread counts in their last bits (measured on the
+    shipped tiny model: up to 1.2e-13 relative per channel); rounded to 24 bits, the scores are the same
+    numbers, bit for bit, with any thread count, so their digest can be compared and the selection cannot
+    move. Values closer than ~6e-8 relative become ties, which the magnitude tie-break and then the
+    position decide (on tiny-fusion the closest two channel scores are 2e-6 apart)."""
+    result = []
+    for v in units:
+        v = v.detach().double()
+        mantissa, exponent = torch.frexp(v)  # v = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+        rounded = torch.round(mantissa * 2.0**bits) * torch.pow(2.0, (exponent - bits).double())
+        result.append(torch.where(torch.isfinite(v), rounded, v))
+    return result
+
+
+def to_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """`value` with every floating tensor cast to `dtype` (inside dicts, lists, tuples and dataclasses);
+    integer tensors (indices, voxel positions) and everything else are kept as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: to_dtype(v, dtype) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_dtype(v, dtype) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(to_dtype(v, dtype) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: to_dtype(getattr(value, f.name), dtype) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
+def float64_copies(model: nn.Module, batches: list, task: Any) -> tuple[nn.Module, list] | None:
+    """A float64 copy of the model and of the batches, or None (warned) when the copy's forward and
+    loss do not run in float64 (a model or batch type holding float32 tensors this cannot reach)."""
+    net = copy.deepcopy(model).to(SCORING_DTYPE)
+    data = [to_dtype(b, SCORING_DTYPE) for b in batches]
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            task.loss_of(task.forward(net.eval(), data[0]), data[0])
+    except (RuntimeError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"scoring in the model's own precision: its copy does not run in float64 ({reason}); "
+            "the selection may then depend on the thread count",
+            stacklevel=3,
+        )
+        return None
+    net.train(was_training)
+    return net, data
+
+
+def in_float64(
+    score: Callable[[nn.Module, list], T], model: nn.Module, batches: list, task: Any, record: dict | None = None
+) -> T:
+    """`score(model, batches)` run on float64 copies of both, so that a sum's order (the thread count,
+    the ranks under torchrun) moves the result by ~1e-16 relative instead of ~1e-7. The model itself is
+    never touched. Falls back to the originals, with a warning, for a model that cannot run in float64;
+    `record["precision"]` then names the dtype used."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), SCORING_DTYPE)
+    copies = (model, batches) if dtype == SCORING_DTYPE else float64_copies(model, batches, task) if batches else None
+    if record is not None:
+        record["precision"] = str(SCORING_DTYPE if copies is not None else dtype).removeprefix("torch.")
+    return score(*copies) if copies is not None else score(model, batches)
