@@ -7,6 +7,9 @@ against that hand count). It counts convolutions (transposed too) and matrix pro
 baddbmm, einsum/matmul through them, attention); element-wise ops, softmax, BatchNorm, pooling and the
 gathers/scatters/cumsums of BEV pooling count zero, as in fvcore-style counters. The largest uncounted
 term is the LSS outer product (depth x context): N*D*h*w*C multiplies, 0.16 G for r50 (about 0.02%).
+Sparse convolutions (the `bevfusion-*` presets' voxel encoder) count 2 x active rulebook pairs x Cin x Cout,
+as `compress.flops` counts them, not the padded gather the plain backend multiplies; their pairs need real
+data, so such models are not counted on the meta device.
 
 Stages (module paths; the per-module breakdown of FlopCounterMode is hierarchical, so only these
 disjoint subtrees are read): camera = camera.backbone + camera.neck; view_transform = camera.vtransform
@@ -36,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from common.layers import is_sparse_conv
 
 STAGES: dict[str, tuple[str, ...]] = {
     "camera": ("camera.backbone", "camera.neck"),
@@ -80,23 +85,36 @@ def stage_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: st
     """
     was_training = model.training
     counted = model
+    sparse = [name for name, m in model.named_modules() if is_sparse_conv(m)]
     if device == "meta":
+        if sparse:
+            raise ValueError(
+                "sparse convolutions are counted from their rulebooks' pairs, which need real data: "
+                "count this model without the meta device"
+            )
         counted = copy.deepcopy(model).to("meta")
         inputs = {k: v.to("meta") for k, v in inputs.items()}
     counted.eval()
     names = getattr(model, "input_names", list(inputs))
+    pairs = _sparse_pair_hooks(counted, sparse)
     try:
         with FlopCounterMode(display=False) as counter:
             counted(**{k: inputs[k] for k in names})
     finally:
         model.train(was_training)
+        for handle in pairs.pop("_handles"):
+            handle.remove()
     per_module = counter.get_flop_counts()
-    total_flops = int(counter.get_total_flops())
     root = type(counted).__name__  # FlopCounterMode keys modules as "<RootClass>.<path>"
+    # Inside a sparse conv FlopCounterMode sees the plain backend's padded gather (or nothing, for spconv):
+    # that count is replaced by 2 x active rulebook pairs x Cin x Cout (compress.flops' rule).
+    correction = {p: pairs[p] - int(sum(per_module.get(f"{root}.{p}", {}).values())) for p in sparse}
+    total_flops = int(counter.get_total_flops()) + sum(correction.values())
     result: dict[str, Any] = {}
     attributed = 0
     for stage, paths in stage_modules(model).items():
         flops = sum(int(sum(per_module.get(f"{root}.{p}", {}).values())) for p in paths)
+        flops += sum(c for name, c in correction.items() if any(name.startswith(p + ".") for p in paths))
         params = sum(count_params(_get_submodule(model, p)) for p in paths)
         result[stage] = {"flops": flops, "gflops": flops / 1e9, "params": params}
         attributed += flops
@@ -107,6 +125,26 @@ def stage_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: st
         result["other"] = {"flops": other, "gflops": other / 1e9, "params": other_params}
     result["total"] = {"flops": total_flops, "gflops": total_flops / 1e9, "params": total_params}
     return result
+
+
+def _sparse_pair_hooks(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """Forward hooks recording each sparse conv's FLOPs from its rulebook's active pairs (`compress.sparse`)."""
+    from compress.sparse import active_pairs, sparse_flops
+
+    counts: dict[str, Any] = {name: 0 for name in names}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            counted = active_pairs(module, inputs, output)
+            if counted is None:
+                raise ValueError(f"sparse convolution {name}: its pairs cannot be counted")
+            counts[name] += int(sparse_flops(module, counted))
+
+        return record
+
+    counts["_handles"] = [modules[name].register_forward_hook(hook(name)) for name in names]
+    return counts
 
 
 @torch.no_grad()
@@ -207,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(get_config(args.preset), args.modality).eval()
         source = "random weights"
     config = model.config
+    if args.meta and any(is_sparse_conv(m) for m in model.modules()):
+        print("error: --meta cannot count sparse convolutions (their rulebooks are data): drop --meta", file=sys.stderr)
+        return 2
     inputs = example_inputs(config, args.batch_size, model.modality)
     seconds = None
     with torch_threads(args.threads), pool_method_as(model, args.pool_method):

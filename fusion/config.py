@@ -1,4 +1,4 @@
-"""Configuration: plain dataclasses, presets (three synthetic, two nuScenes), strict loading.
+"""Configuration: plain dataclasses, presets (synthetic, nuScenes, BEVFusion-shaped), strict loading.
 
 Every run is described by one `Config`. It is stored as JSON next to every checkpoint, so a model
 can always be rebuilt from its files alone. Unknown keys are an error, never silently ignored: a
@@ -67,6 +67,12 @@ class LidarConfig:
     max_points_per_pillar: int = 16
     sweeps: int = 0  # earlier sweeps merged into each key frame (nuScenes: 9, as BEVFusion)
     point_features: int = 4  # 4: x, y, z, intensity; 5 adds the time lag of multi-sweep points
+    # Hard voxelisation for the sparse voxel encoder (model.lidar_encoder = "sparse"), over the BEV grid's x, y and
+    # z ranges: voxel (x, y, z) in metres, at most `max_voxels` voxels (the static row count) of at most
+    # `max_points_per_voxel` points each. Defaults: BEVFusion's nuScenes settings (its test-time voxel cap).
+    voxel_size: tuple[float, float, float] = (0.075, 0.075, 0.2)
+    max_voxels: int = 160000
+    max_points_per_voxel: int = 10
 
 
 @dataclass
@@ -117,6 +123,28 @@ class ModelConfig:
     # CenterPoint's velocity branch (vx, vy in the LiDAR frame, m/s): on for the nuScenes presets only, whose
     # ground truth has velocities (synthetic scenes are static), so mAVE measures the model, not zeros.
     velocity_head: bool = False
+    # Camera backbone: "resnet" (camera_depth, camera_width) or "swin" (the swin_* fields; defaults: Swin-T).
+    camera_backbone: str = "resnet"
+    swin_embed_dim: int = 96
+    swin_depths: tuple[int, ...] = (2, 2, 6, 2)
+    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
+    swin_window: int = 7
+    swin_drop_path: float = 0.2
+    # LiDAR encoder: "pillars" (PointPillars: pillar_channels, lidar_channels, lidar_blocks) or "sparse" (the
+    # SECOND/VoxelNet sparse voxel encoder of mmdet3d on lidar.voxel_size voxels; defaults: BEVFusion's). Stages of
+    # residual SubM blocks, a strided conv (padding z, y, x from sparse_down_padding) closing each stage but the last.
+    lidar_encoder: str = "pillars"
+    sparse_base_channels: int = 16
+    sparse_channels: tuple[tuple[int, ...], ...] = ((16, 16, 32), (32, 32, 64), (64, 64, 128), (128, 128))
+    sparse_down_padding: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 1, 1), (0, 1, 1))
+    sparse_out_channels: int = 128
+    # Detection head: "centerpoint" (dense, head_channels wide) or "transfusion" (TransFusion's query head:
+    # the transfusion_* fields, its prediction branches head_channels wide; defaults: BEVFusion's nuScenes head).
+    head: str = "centerpoint"
+    transfusion_channels: int = 128
+    transfusion_proposals: int = 200
+    transfusion_heads: int = 8
+    transfusion_ffn: int = 256
 
     @property
     def num_depth_bins(self) -> int:
@@ -161,6 +189,19 @@ class Config:
         m = self.model
         if m.camera_depth not in (18, 34, 50, 101):
             raise ConfigError(f"model.camera_depth must be 18, 34, 50 or 101, got {m.camera_depth}")
+        for name, value, choices in (
+            ("camera_backbone", m.camera_backbone, CAMERA_BACKBONES),
+            ("lidar_encoder", m.lidar_encoder, LIDAR_ENCODERS),
+            ("head", m.head, HEADS),
+        ):
+            if value not in choices:
+                raise ConfigError(f"model.{name} must be one of {', '.join(choices)}, got {value!r}")
+        if m.camera_backbone == "swin":
+            _check_swin(m)
+        if m.lidar_encoder == "sparse":
+            _check_sparse(self)
+        if m.head == "transfusion":
+            _check_transfusion(self)
         if m.fuser not in ("conv", "se"):
             raise ConfigError(f"model.fuser must be 'conv' or 'se', got {m.fuser!r}")
         if m.pool_method not in ("scatter", "cumsum"):
@@ -194,6 +235,88 @@ class Config:
         if d.camera_blur < 0 or not d.camera_haze_range > 0 or not 0.0 <= d.lidar_material_contrast <= 1.0:
             raise ConfigError("data.camera_blur must be >= 0, camera_haze_range > 0, lidar_material_contrast in [0, 1]")
         return self
+
+
+CAMERA_BACKBONES = ("resnet", "swin")
+LIDAR_ENCODERS = ("pillars", "sparse")
+HEADS = ("centerpoint", "transfusion")
+
+
+def _check_swin(m: ModelConfig) -> None:
+    if len(m.swin_depths) != len(m.swin_heads) or len(m.swin_depths) < 3:
+        raise ConfigError("model.swin_depths and model.swin_heads need one entry per stage (at least 3 stages)")
+    for i, heads in enumerate(m.swin_heads):
+        width = m.swin_embed_dim * 2**i
+        if heads < 1 or width % heads:
+            raise ConfigError(f"Swin stage {i} has {width} channels, not divisible into {heads} heads")
+    if m.swin_window < 1 or min(m.swin_depths) < 1 or not 0.0 <= m.swin_drop_path < 1.0:
+        raise ConfigError("model.swin_window and model.swin_depths must be >= 1, swin_drop_path in [0, 1)")
+
+
+def _check_sparse(config: Config) -> None:
+    """The sparse encoder's BEV output must be the BEV grid: voxel size, grid and strided convs must agree."""
+    m, lidar, grid = config.model, config.lidar, config.grid
+    if min(lidar.voxel_size) <= 0 or lidar.max_voxels < 1 or lidar.max_points_per_voxel < 1:
+        raise ConfigError("lidar.voxel_size must be positive, lidar.max_voxels and max_points_per_voxel >= 1")
+    if len(m.sparse_down_padding) != len(m.sparse_channels) - 1:
+        raise ConfigError(
+            f"model.sparse_down_padding needs one (z, y, x) padding per strided conv: {len(m.sparse_channels) - 1} "
+            f"for {len(m.sparse_channels)} stages, got {len(m.sparse_down_padding)}"
+        )
+    from fusion.models.sparse_encoder import SparseEncoder  # torch-backed; imported only for sparse configs
+
+    try:
+        geometry = SparseEncoder(
+            1,
+            sparse_shape(config),
+            m.sparse_base_channels,
+            m.sparse_out_channels,
+            m.sparse_channels,
+            sparse_paddings(m),
+        )
+    except ValueError as error:
+        raise ConfigError(f"model.sparse_*: {error}") from None
+    _, height, width = geometry.output_shape
+    if (height, width) != (grid.size_y, grid.size_x):
+        raise ConfigError(
+            f"the sparse encoder's BEV output is {height} x {width} cells, the BEV grid {grid.size_y} x {grid.size_x}: "
+            f"lidar.voxel_size {list(lidar.voxel_size)} must be grid.cell / 2**(strided convs)"
+        )
+
+
+def _check_transfusion(config: Config) -> None:
+    m = config.model
+    if m.transfusion_heads < 1 or m.transfusion_channels % m.transfusion_heads:
+        raise ConfigError(
+            f"model.transfusion_channels {m.transfusion_channels} must divide into {m.transfusion_heads} heads"
+        )
+    cells = config.grid.size_x * config.grid.size_y * len(config.data.classes)
+    if not 1 <= m.transfusion_proposals <= cells:
+        raise ConfigError(f"model.transfusion_proposals must be in [1, {cells}], got {m.transfusion_proposals}")
+
+
+def point_cloud_range(grid: BEVGrid) -> tuple[float, float, float, float, float, float]:
+    """The voxelised region (x, y, z min, then max): the BEV grid's box."""
+    return (grid.x_range[0], grid.y_range[0], grid.z_range[0], grid.x_range[1], grid.y_range[1], grid.z_range[1])
+
+
+def sparse_shape(config: Config) -> tuple[int, int, int]:
+    """The sparse encoder's (z, y, x) grid: the voxel grid plus one z slice, as mmdet3d and BEVFusion set it
+    (`sparse_shape = grid_size[::-1] + [1, 0, 0]`), so that BEVFusion's four z halvings leave two slices."""
+    from fusion.data.voxelize import grid_shape
+
+    z, y, x = grid_shape(point_cloud_range(config.grid), config.lidar.voxel_size)
+    return z + 1, y, x
+
+
+def sparse_paddings(m: ModelConfig) -> tuple[tuple, ...]:
+    """`SparseEncoder(encoder_paddings=...)` from the config: the strided conv of stage i has padding
+    `sparse_down_padding[i]`; SubM blocks ignore their padding entry (0)."""
+    stages = []
+    for i, stage in enumerate(m.sparse_channels):
+        last = m.sparse_down_padding[i] if i < len(m.sparse_down_padding) else 0
+        stages.append((0,) * (len(stage) - 1) + (last,))
+    return tuple(stages)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -365,6 +488,65 @@ def _tiny_balanced() -> Config:
     return config
 
 
+def _bevfusion_tiny() -> Config:
+    """BEVFusion's deployed structure at a CPU-trainable size, on the tiny-balanced synthetic data: a Swin camera
+    (Swin-T's depths 2-2-6-2 at swin_cpu's width: embed 32, 32 channels per head, window 4), a plain-backend
+    sparse voxel encoder on 0.2 x 0.2 x 0.3 m voxels (three stages of mmdet3d's SparseEncoder, two strided
+    convs, z folded to two slices), the ConvFuser, SECOND + SECONDFPN, and a TransFusion head (64 proposals, no
+    BEV map head). Sized so that the two backbones hold >= 60% of the GFLOPs, as in BEVFusion
+    (docs/bevfusion_presets.md)."""
+    config = _tiny_balanced()
+    config.preset = "bevfusion-tiny"
+    config.lidar.voxel_size = (0.2, 0.2, 0.3)
+    config.lidar.max_voxels = BEVFUSION_TINY_MAX_VOXELS
+    config.lidar.max_points_per_voxel = 10
+    config.model = ModelConfig(
+        camera_backbone="swin",
+        swin_embed_dim=32,
+        swin_depths=(2, 2, 6, 2),
+        swin_heads=(1, 2, 4, 8),
+        swin_window=4,
+        swin_drop_path=0.0,
+        camera_bev_channels=24,
+        lidar_encoder="sparse",
+        sparse_base_channels=16,
+        sparse_channels=((16, 16, 32), (32, 32, 64), (64, 64)),
+        sparse_down_padding=((1, 1, 1), (0, 1, 1)),
+        sparse_out_channels=32,
+        decoder_layers=(1, 1),
+        head="transfusion",
+        head_channels=32,
+        transfusion_channels=32,
+        transfusion_proposals=64,
+        transfusion_heads=4,
+        transfusion_ffn=64,
+        seg_head=False,
+    )
+    return config
+
+
+def _bevfusion_r50() -> Config:
+    """BEVFusion (MIT) nuScenes detector sizes with a ResNet-50 camera: the `nuscenes` preset (6 cameras at
+    256x704, LSS to a 180x180 BEV of 0.6 m, 10 classes, 9 sweeps) with BEVFusion's sparse voxel encoder
+    (0.075 x 0.075 x 0.2 m voxels, a 1440 x 1440 x 41 grid) and TransFusion head (200 proposals, velocity)."""
+    config = _nuscenes()
+    config.preset = "bevfusion-r50"
+    config.lidar.voxel_size = (0.075, 0.075, 0.2)
+    config.model.lidar_encoder = "sparse"
+    config.model.head = "transfusion"
+    return config
+
+
+def _bevfusion_swint() -> Config:
+    """BEVFusion (MIT) as published: `bevfusion-r50` with the Swin-T camera backbone (drop-path 0.2)."""
+    config = _bevfusion_r50()
+    config.preset = "bevfusion-swint"
+    config.model.camera_backbone = "swin"
+    return config
+
+
+BEVFUSION_TINY_MAX_VOXELS = 5000
+
 PRESETS = {
     "tiny": _tiny,
     "tiny-balanced": _tiny_balanced,
@@ -372,6 +554,9 @@ PRESETS = {
     "r50": _r50,
     "nuscenes": _nuscenes,
     "nuscenes-tiny": _nuscenes_tiny,
+    "bevfusion-tiny": _bevfusion_tiny,
+    "bevfusion-r50": _bevfusion_r50,
+    "bevfusion-swint": _bevfusion_swint,
 }
 
 

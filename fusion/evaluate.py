@@ -17,8 +17,17 @@ from common.progress import progress_bar
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
 from fusion.metrics import SegmentationMeter, detection_metrics
 from fusion.models.heads import decode_boxes
+from fusion.models.transfusion import decode_transfusion
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def decode_detections(outputs: dict[str, torch.Tensor], grid) -> list[dict[str, np.ndarray]]:
+    """Boxes of either head, told apart by its output names: TransFusion's queries (`query_heatmap`) or
+    CenterPoint's dense maps (`heatmap`); both decoders return the same per-sample format."""
+    if "query_heatmap" in outputs:
+        return decode_transfusion(outputs, grid)
+    return decode_boxes(outputs, grid)
 
 
 def ground_truth(batch: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
@@ -40,7 +49,7 @@ def evaluate(
     meter = SegmentationMeter(config.data.map_classes)
     has_map = False
     for batch, outputs in _run_batches(run, dataset, batch_size, progress):
-        predictions += decode_boxes(outputs, config.grid)
+        predictions += decode_detections(outputs, config.grid)
         truths += ground_truth(batch)
         if "bev_map" in outputs:
             has_map = True
@@ -73,7 +82,7 @@ def nuscenes_detections(
     config = dataset.config
     detections = []
     for batch, outputs in _run_batches(run, dataset, batch_size, progress):
-        for i, decoded in enumerate(decode_boxes(outputs, config.grid)):
+        for i, decoded in enumerate(decode_detections(outputs, config.grid)):
             decoded["sample_token"] = batch["sample_token"][i]
             decoded["lidar_to_global"] = batch["lidar_to_global"][i].numpy()
             detections.append(decoded)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.task import Task
-from fusion.config import Config
+from fusion.config import BEVGrid, Config
 from fusion.data.dataset import collate, make_sample
 from fusion.data.source import DataSource, open_split
-from fusion.losses import task_loss
+from fusion.losses import MAP_WEIGHT, Normaliser, local_count, task_loss
 from fusion.models.bevfusion import BEVFusion
+from fusion.models.swin import WindowAttention
+from fusion.models.transfusion import TransFusionHead, transfusion_loss
 
 SCORING_STREAM = 1000  # scenes of the scoring set come from their own seeded stream
 
@@ -23,14 +26,50 @@ def reference_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tens
     return task_loss(outputs, batch)[0]
 
 
+def detection_loss(
+    outputs: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    grid: BEVGrid,
+    normaliser: Normaliser = local_count,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of either head and its parts, told apart by the head's output names: TransFusion's
+    (Hungarian matching, `query_heatmap`) or CenterPoint's (`fusion.losses.task_loss`); the BEV map loss too."""
+    if "query_heatmap" not in outputs:
+        return task_loss(outputs, batch, normaliser)
+    total, parts = transfusion_loss(outputs, batch, grid, normaliser)
+    if "bev_map" in outputs:
+        seg = MAP_WEIGHT * F.binary_cross_entropy_with_logits(outputs["bev_map"], batch["bev_map"])
+        total, parts = total + seg, {**parts, "map": float(seg.detach())}
+    return total, parts
+
+
+def protected_names(model: BEVFusion) -> tuple[str, ...]:
+    """Modules whose output channels are never pruned, by name: the depth conv (its outputs are depth bins, not
+    features), TransFusion's output layers (`head.output_layers()`: class heatmap, box and class branches) and
+    Swin's `attn.qkv` layers. Their rows are (q | k | v) x heads x head_dim, which torch-pruning would cut as
+    independent channels and break the head reshape; compress finds that only by trial (a pruned copy per
+    block), so the task says it up front: Swin's heads stay whole, its MLPs and residual widths prune."""
+    names = ["camera.vtransform.depth_conv"] if model.camera is not None else []
+    names += [f"{name}.qkv" for name, module in model.named_modules() if isinstance(module, WindowAttention)]
+    if isinstance(model.heads.det, TransFusionHead):
+        layers = model.heads.det.output_layers()
+        names += [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
+    return tuple(names)
+
+
 def reference_task(model: BEVFusion) -> Task:
     """Partition, inputs and loss of the reference BEVFusion (camera-only and LiDAR-only variants too).
 
-    The depth conv is protected by name: its D outputs are depth bins, not features. The output
-    layers of the heads need no naming: the toolkit finds them from the graph.
+    Protected by name: the depth conv and, for a TransFusion head, its output layers (`protected_names`).
+    CenterPoint's output convs need no naming: the toolkit finds them from the graph.
     """
     names = model.input_names
-    protected = ("camera.vtransform.depth_conv",) if model.camera is not None else ()
+    protected = protected_names(model)
+    grid = model.config.grid
+    transfusion = isinstance(model.heads.det, TransFusionHead)
+
+    def loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return detection_loss(outputs, batch, grid)[0]
 
     def inputs(batch: dict) -> dict:
         chosen = {name: batch[name] for name in names}
@@ -40,7 +79,7 @@ def reference_task(model: BEVFusion) -> Task:
 
     return Task(
         partition=model.partition(),
-        loss=reference_loss,
+        loss=loss if transfusion else reference_loss,
         inputs=inputs,
         protected=protected,
         trace=lambda m: m.pruning_trace(),
@@ -65,5 +104,6 @@ def scoring_set(
 
 
 def first_sample(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The example batch for tracing and GFLOPs: one sample, so reported GFLOPs are per sample."""
-    return {k: v[:1] for k, v in batch.items()}
+    """The example batch for tracing and GFLOPs: one sample, so reported GFLOPs are per sample. Nested
+    dicts (the sparse encoder's rulebooks) are sliced too: every batch tensor has the sample dim first."""
+    return {k: first_sample(v) if isinstance(v, dict) else v[:1] for k, v in batch.items()}

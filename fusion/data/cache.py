@@ -32,6 +32,7 @@ from fusion.config import Config
 CACHE_ENV = "ALTERMOMA_CACHE"
 FORMAT = 2  # bump when the file layout changes
 _RENDER_MODULES = ("dataset", "scenes", "render", "pillars", "targets")
+_SPARSE_MODULES = ("sparse_inputs", "voxelize", "../../common/sparse")  # voxels and rulebooks (sparse encoder)
 
 Sample = dict[str, np.ndarray]
 
@@ -45,23 +46,27 @@ def cache_root() -> Path | None:
     return Path(base) / "altermoma" / "scenes"
 
 
-def _code_fingerprint() -> str:
-    """Hash of the rendering code: scenes from older code are never served."""
+def _code_fingerprint(extra: tuple[str, ...] = ()) -> str:
+    """Hash of the rendering code (and the `extra` modules): scenes from older code are never served."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in (*_RENDER_MODULES, "../geometry", "../config"):
+    for name in (*_RENDER_MODULES, "../geometry", "../config", *extra):
         h.update((here / f"{name}.py").read_bytes())
     return h.hexdigest()
 
 
 def scene_key(config: Config, seed: int) -> str:
     """Folder name of one seed stream under one data configuration and one version of the code."""
+    m = config.model
+    sparse = m.lidar_encoder != "pillars"  # the samples hold voxels and rulebooks of the encoder's geometry
     described = {
         "format": FORMAT,
-        "code": _code_fingerprint(),
+        "code": _code_fingerprint(_SPARSE_MODULES if sparse else ()),
         "seed": seed,
         **{part: dataclasses.asdict(getattr(config, part)) for part in ("data", "grid", "rig", "lidar")},
     }
+    if sparse:
+        described["lidar_encoder"] = [m.lidar_encoder, [len(s) for s in m.sparse_channels], m.sparse_down_padding]
     blob = json.dumps(described, sort_keys=True, default=str).encode()
     return f"seed{seed}-{hashlib.sha256(blob).hexdigest()[:16]}"
 

@@ -17,9 +17,10 @@ from common import dist
 from common.progress import progress_bar
 from fusion.config import Config
 from fusion.data.cache import SceneCache
-from fusion.data.pillars import pillarize
 from fusion.data.render import bev_map, render_cameras, scan_lidar
 from fusion.data.scenes import sample_scene
+from fusion.data.sparse_inputs import PREFIX as RULEBOOK_PREFIX
+from fusion.data.sparse_inputs import collate_rulebooks, lidar_arrays
 from fusion.data.targets import build_targets
 from fusion.geometry import bev_cell_centres
 
@@ -30,7 +31,7 @@ def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
     scene = sample_scene(rng, config.grid, config.data)
     images = render_cameras(scene, config.rig, config.data, rng)
     points = scan_lidar(scene, config.lidar, config.data, rng)
-    pillars, pillar_map, _ = pillarize(points, config.grid, config.lidar, rng)
+    lidar = lidar_arrays(points, config, rng)  # pillars or voxels + rulebooks, by model.lidar_encoder
 
     objects = scene.boxes[: scene.num_objects]
     labels = np.array([config.data.classes.index(k) for k in scene.kinds[: scene.num_objects]], dtype=np.int64)
@@ -43,8 +44,7 @@ def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
     grid_x, grid_y = bev_cell_centres(config.grid)
     sample = {
         "images": images,
-        "pillars": pillars,
-        "pillar_map": pillar_map,
+        **lidar,
         "boxes": boxes,
         "labels": padded_labels,
         "bev_map": bev_map(scene, grid_x, grid_y, config.grid.cell),
@@ -90,21 +90,27 @@ class SyntheticScenes(Dataset):
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack samples; images become float in [0, 1], integer targets stay int64; strings (nuScenes
-    `sample_token`) stay a list."""
+    `sample_token`) stay a list. Sparse-encoder rulebooks (per sample, of varying length) are padded and
+    nested under "rulebooks" (`fusion.data.sparse_inputs.collate_rulebooks`)."""
     batch = {
         key: [s[key] for s in samples]
         if isinstance(samples[0][key], str)
         else torch.from_numpy(np.stack([s[key] for s in samples]))
         for key in samples[0]
+        if not key.startswith(RULEBOOK_PREFIX)
     }
+    if any(key.startswith(RULEBOOK_PREFIX) for key in samples[0]):
+        batch["rulebooks"] = collate_rulebooks(samples)
     batch["images"] = batch["images"].float().div_(255.0)
     batch["bev_map"] = batch["bev_map"].float()
     return batch
 
 
+# Everything the reference networks take, in their forward's order; the rest of a batch is targets or metadata.
+# frustum_cells: per-sample camera geometry (nuScenes: each car has its own calibration).
+MODEL_INPUTS = ("images", "pillars", "pillar_map", "frustum_cells", "voxels", "voxel_coords", "rulebooks")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the network takes; everything else in a batch is a target or metadata."""
-    inputs = {"images": batch["images"], "pillars": batch["pillars"], "pillar_map": batch["pillar_map"]}
-    if "frustum_cells" in batch:  # per-sample camera geometry (nuScenes: each car has its own calibration)
-        inputs["frustum_cells"] = batch["frustum_cells"]
-    return inputs
+    """The inputs the network takes (pillars or voxels + rulebooks, whichever the batch has)."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}

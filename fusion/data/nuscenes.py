@@ -45,7 +45,7 @@ from fusion.data.nuscenes_tables import (
     split_scenes,
     yaw_of_quaternion,
 )
-from fusion.data.pillars import pillarize
+from fusion.data.sparse_inputs import lidar_arrays
 from fusion.data.targets import build_targets
 
 LIDAR = "LIDAR_TOP"
@@ -270,7 +270,7 @@ class NuScenesDataset(Dataset):
         images, augs = self.images(plan)
         cells = self.geometry(CameraCalibration(plan.intrinsics, plan.camera_to_lidar, augs))
         rng = np.random.default_rng([self.seed, index])
-        pillars, pillar_map, _ = pillarize(self.points(plan), config.grid, config.lidar, rng)
+        lidar = lidar_arrays(self.points(plan), config, rng)  # pillars or voxels + rulebooks
 
         k_max = config.data.max_objects
         count = min(len(plan.boxes), k_max)
@@ -285,8 +285,7 @@ class NuScenesDataset(Dataset):
         grid = config.grid
         sample = {
             "images": images,
-            "pillars": pillars,
-            "pillar_map": pillar_map,
+            **lidar,
             "boxes": boxes,
             "labels": labels,
             "bev_map": np.zeros((len(config.data.map_classes), grid.size_y, grid.size_x), dtype=np.uint8),

@@ -1,8 +1,13 @@
 """BEVFusion-style camera-LiDAR detector (MIT structure) and its single-modal variants.
 
-    images  -> ResNet -> FPN -> LSS (depth conv + context conv, BEV pool) -> BEV downsample --\
-                                                                                              fuser -> decoder -> heads
-    pillars -> PillarFeatureNet -> gather to canvas -> residual 2-D backbone ----------------/
+    images  -> ResNet | Swin -> FPN -> LSS (depth conv + context conv, BEV pool) -> BEV downsample --\
+                                                                                                     fuser -> decoder
+    pillars -> PillarFeatureNet -> gather to canvas -> residual 2-D backbone -----------------------/     -> heads
+      | voxels + rulebooks -> sparse voxel encoder (SECOND/VoxelNet, z folded into channels) ------/
+
+The config picks each part (`ModelConfig.camera_backbone`, `lidar_encoder`, `head`): ResNet, pillars and
+CenterPoint for the reference presets; Swin, the sparse voxel encoder and TransFusion for the `bevfusion-*`
+presets, the structure MIT's and NVIDIA's BEVFusion deployments run.
 
 The camera-only and LiDAR-only models reuse the same modules under the same names, so a fusion model
 is initialised by loading both pretrained single-modal checkpoints: the setting AlterMOMA studies.
@@ -13,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from fusion.config import Config
+from fusion.data.sparse_inputs import collate_rulebooks, synthetic_cloud, voxel_inputs
 from fusion.models.decoder import Decoder, build_fuser
 from fusion.models.heads import CenterHead, MapHead
 from fusion.models.lss import LSSViewTransform
@@ -29,6 +36,10 @@ from fusion.models.stages import (
     HeadsStage,
     LidarBackboneStage,
 )
+from fusion.models.swin import SwinTransformer
+from fusion.models.transfusion import TransFusionHead
+from fusion.models.voxel_lidar import INPUTS as VOXEL_INPUTS
+from fusion.models.voxel_lidar import VoxelLidarEncoder, VoxelLidarStage
 
 MODALITIES = ("camera", "lidar", "fusion")
 # Module-name prefixes of the three partitions AlterMOMA distinguishes.
@@ -38,6 +49,20 @@ DEFAULT_PARTITION = {
     "fusion": ("fuser.", "decoder.", "heads."),
 }
 POOL_METHODS = ("scatter", "cumsum")  # forms of the camera BEV pooling (fusion.models.lss.BEVPool)
+PILLAR_INPUTS = ("pillars", "pillar_map")
+# Classes whose TransFusion proposals skip the local-maximum filter: mmdet3d does this on nuScenes for the
+# small classes whose peaks are often adjacent.
+NO_NMS_CLASSES = ("pedestrian", "traffic_cone")
+
+
+def camera_backbone(config: Config) -> nn.Module:
+    """ResNet or Swin (stride-8, -16 and -32 outputs, with their `out_channels`, for the FPN)."""
+    m = config.model
+    if m.camera_backbone == "swin":
+        return SwinTransformer(
+            m.swin_embed_dim, m.swin_depths, m.swin_heads, m.swin_window, drop_path_rate=m.swin_drop_path
+        )
+    return ResNet(m.camera_depth, m.camera_width)
 
 
 class CameraEncoder(nn.Module):
@@ -45,7 +70,7 @@ class CameraEncoder(nn.Module):
         super().__init__()
         m = config.model
         self.num_cameras = config.rig.num_cameras
-        self.backbone = ResNet(m.camera_depth, m.camera_width)
+        self.backbone = camera_backbone(config)
         self.neck = FPN(self.backbone.out_channels, m.fpn_channels, m.feature_stride)
         self.vtransform = LSSViewTransform(config, m.fpn_channels)
         self.out_channels = m.camera_bev_channels
@@ -60,7 +85,21 @@ class Heads(nn.Module):
     def __init__(self, config: Config, in_channels: int):
         super().__init__()
         m = config.model
-        self.det = CenterHead(in_channels, m.head_channels, len(config.data.classes), velocity=m.velocity_head)
+        classes = config.data.classes
+        if m.head == "transfusion":
+            self.det = TransFusionHead(
+                in_channels,
+                len(classes),
+                channels=m.transfusion_channels,
+                num_proposals=m.transfusion_proposals,
+                num_heads=m.transfusion_heads,
+                ffn_channels=m.transfusion_ffn,
+                head_channels=m.head_channels,
+                no_nms_classes=[i for i, name in enumerate(classes) if name in NO_NMS_CLASSES],
+                velocity=m.velocity_head,
+            )
+        else:
+            self.det = CenterHead(in_channels, m.head_channels, len(classes), velocity=m.velocity_head)
         self.map = MapHead(in_channels, m.head_channels, len(config.data.map_classes)) if m.seg_head else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,7 +120,7 @@ class BEVFusion(nn.Module):
         self.modality = modality
         m = config.model
         self.camera = CameraEncoder(config) if modality in ("camera", "fusion") else None
-        self.lidar = LidarEncoder(config) if modality in ("lidar", "fusion") else None
+        self.lidar = lidar_encoder(config) if modality in ("lidar", "fusion") else None
         if modality == "fusion":
             self.fuser = build_fuser(m.fuser, [self.camera.out_channels, self.lidar.out_channels], m.fuser_channels)
             bev_channels = m.fuser_channels
@@ -92,10 +131,14 @@ class BEVFusion(nn.Module):
         self.heads = Heads(config, self.decoder.out_channels)
 
     @property
+    def sparse_lidar(self) -> bool:
+        """Whether the LiDAR branch is the sparse voxel encoder (inputs: voxels, voxel_coords, rulebooks)."""
+        return isinstance(self.lidar, VoxelLidarEncoder)
+
+    @property
     def input_names(self) -> list[str]:
-        return {"camera": ["images"], "lidar": ["pillars", "pillar_map"]}.get(
-            self.modality, ["images", "pillars", "pillar_map"]
-        )
+        lidar = list(VOXEL_INPUTS if self.sparse_lidar else PILLAR_INPUTS)
+        return {"camera": ["images"], "lidar": lidar}.get(self.modality, ["images", *lidar])
 
     def forward(
         self,
@@ -103,15 +146,22 @@ class BEVFusion(nn.Module):
         pillars: torch.Tensor | None = None,
         pillar_map: torch.Tensor | None = None,
         frustum_cells: torch.Tensor | None = None,
+        voxels: torch.Tensor | None = None,
+        voxel_coords: torch.Tensor | None = None,
+        rulebooks: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """`frustum_cells` (B, P) int64, optional: each sample's camera geometry (real data, one calibration
         per vehicle; see `fusion.data.camera_geometry`). Without it the camera branch lifts with the fixed
-        rig baked into its buffers, which is also the form that is exported."""
+        rig baked into its buffers, which is also the form that is exported. The LiDAR branch takes pillars
+        and pillar_map, or (sparse encoder) voxels, voxel_coords and rulebooks (`fusion.data.sparse_inputs`)."""
         bev = []
         if self.camera is not None:
             bev.append(self.camera(images, frustum_cells))
         if self.lidar is not None:
-            bev.append(self.lidar(pillars, pillar_map))
+            if self.sparse_lidar:
+                bev.append(self.lidar(voxels, voxel_coords, rulebooks))
+            else:
+                bev.append(self.lidar(pillars, pillar_map))
         x = self.fuser(bev) if self.fuser is not None else bev[0]
         outputs = self.heads(self.decoder(x))
         if self.camera is not None and self.camera.vtransform.pruning_trace:
@@ -127,8 +177,9 @@ class BEVFusion(nn.Module):
         }
 
     def protected_modules(self) -> list[nn.Module]:
-        """Layers whose output channels must never be pruned: depth bins and every head output conv."""
-        protected = [branch[-1] for branch in self.heads.det.branches.values()]
+        """Layers whose output channels must never be pruned: depth bins and every head output layer."""
+        det = self.heads.det
+        protected = det.output_layers() if isinstance(det, TransFusionHead) else [b[-1] for b in det.branches.values()]
         if self.heads.map is not None:
             protected.append(self.heads.map.classifier)
         if self.camera is not None:
@@ -162,7 +213,9 @@ class BEVFusion(nn.Module):
             stages.append(("camera_vtransform", CameraVTransformStage(self), ("depth", "context"), ("camera_bev",)))
             bev.append("camera_bev")
         if self.lidar is not None:
-            stages.append(("lidar_backbone", LidarBackboneStage(self), ("pillars", "pillar_map"), ("lidar_bev",)))
+            inputs = VOXEL_INPUTS if self.sparse_lidar else PILLAR_INPUTS
+            stage = VoxelLidarStage(self) if self.sparse_lidar else LidarBackboneStage(self)
+            stages.append(("lidar_backbone", stage, tuple(inputs), ("lidar_bev",)))
             bev.append("lidar_bev")
         stages.append(("fuser_decoder", FuserDecoderStage(self), tuple(bev), ("bev_features",)))
         stages.append(("heads", HeadsStage(self), ("bev_features",), tuple(head_outputs)))
@@ -198,6 +251,11 @@ def current_pool_method(model: nn.Module) -> str | None:
     return None if camera is None else camera.vtransform.pool.method
 
 
+def lidar_encoder(config: Config) -> nn.Module:
+    """PointPillars or the sparse voxel encoder, by `model.lidar_encoder`."""
+    return VoxelLidarEncoder(config) if config.model.lidar_encoder == "sparse" else LidarEncoder(config)
+
+
 def build_model(config: Config, modality: str = "fusion") -> BEVFusion:
     return BEVFusion(config.validate(), modality)
 
@@ -205,16 +263,24 @@ def build_model(config: Config, modality: str = "fusion") -> BEVFusion:
 def example_inputs(
     config: Config, batch_size: int = 1, modality: str = "fusion", seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Random inputs of the right shapes and dtypes (for tracing, FLOP counting and export)."""
+    """Inputs of the right shapes and dtypes (for tracing, FLOP counting and export): random images and pillars;
+    for the sparse voxel encoder, voxels and rulebooks of synthetic scans (`sparse_inputs.synthetic_cloud`, one
+    scene per sample), since random voxels would have none of a LiDAR sweep's neighbourhoods."""
     g = torch.Generator().manual_seed(seed)
     rig, lidar = config.rig, config.lidar
     cells = config.grid.size_x * config.grid.size_y
-    inputs = {
-        "images": torch.rand(batch_size, rig.num_cameras, 3, rig.image_height, rig.image_width, generator=g),
-        "pillars": torch.randn(
+    inputs = {"images": torch.rand(batch_size, rig.num_cameras, 3, rig.image_height, rig.image_width, generator=g)}
+    if config.model.lidar_encoder == "sparse":
+        if modality != "camera":
+            samples = [voxel_inputs(synthetic_cloud(config, seed + i), config) for i in range(batch_size)]
+            inputs["voxels"] = torch.from_numpy(np.stack([s["voxels"] for s in samples]))
+            inputs["voxel_coords"] = torch.from_numpy(np.stack([s["voxel_coords"] for s in samples]))
+            inputs["rulebooks"] = collate_rulebooks(samples)
+    else:
+        inputs["pillars"] = torch.randn(
             batch_size, lidar.point_features + 5, lidar.max_pillars, lidar.max_points_per_pillar, generator=g
-        ),
-        "pillar_map": torch.randint(0, lidar.max_pillars + 1, (batch_size, cells), generator=g),
-    }
-    names = {"camera": ["images"], "lidar": ["pillars", "pillar_map"]}.get(modality, list(inputs))
+        )
+        inputs["pillar_map"] = torch.randint(0, lidar.max_pillars + 1, (batch_size, cells), generator=g)
+    lidar_names = [k for k in inputs if k != "images"]
+    names = {"camera": ["images"], "lidar": lidar_names}.get(modality, list(inputs))
     return {k: inputs[k] for k in names}
