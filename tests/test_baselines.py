@@ -83,6 +83,11 @@ def _planted_ranks(graph, scores) -> dict[str, int]:
     return {g.root: int((s < s[PLANTED[g.root]]).sum()) for g, s in zip(graph.groups, scores) if g.root in PLANTED}
 
 
+# Variants of a default case (AlterEva at other betas: beta 0 is SNIP's ranking, tested below; ProsPr's
+# full meta-gradient: its first-order form runs here, the full one in test_byom.py): `make test-slow`.
+SLOW_CASES = {f"test_planted_channel_ranks_last[{i}]" for i in ("altereva-beta0", "beta2", "prospr-full")}
+
+
 @pytest.mark.parametrize(
     "method, request_",
     [

@@ -96,7 +96,7 @@ def _request(method: str):
     from compress.altereva import AlterEvaConfig
     from compress.request import PruneRequest
 
-    return PruneRequest(method=method, target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=2)).validate()
+    return PruneRequest(method=method, target_gflops=0.5, altereva=AlterEvaConfig(reactivation_steps=1)).validate()
 
 
 def _prune_recording_scores(method: str) -> tuple[list[torch.Tensor], dict]:

@@ -281,6 +281,7 @@ def test_streaming_dataset_holds_no_tables_and_collates(root, config):
     assert "frustum_cells" in model_inputs(batch)
 
 
+@pytest.mark.slow  # default set: training on a written root lowers the velocity loss (test_velocity_head.py)
 def test_a_few_training_steps_on_a_written_root(root, config):
     torch.manual_seed(0)
     from fusion.losses import task_loss
