@@ -157,6 +157,11 @@ def split_stage_flops(
     from fusion.models.stages import split_stages
 
     if device == "meta":
+        if any(is_sparse_conv(m) for m in model.modules()):
+            raise ValueError(
+                "sparse convolutions are counted from their rulebooks' pairs, which need real data: "
+                "count this model without the meta device"
+            )
         model = copy.deepcopy(model).to("meta")
         inputs = {k: v.to("meta") for k, v in inputs.items()}
     result: dict[str, Any] = {}
@@ -164,9 +169,17 @@ def split_stage_flops(
         stages = as_stages(split_stages(model, inputs))
         tensors = stage_tensors(stages, inputs)
         for stage in stages:
-            with FlopCounterMode(display=False) as counter:
-                stage(tensors)
+            sparse = [name for name, m in stage.module.named_modules() if is_sparse_conv(m)]
+            pairs = _sparse_pair_hooks(stage.module, sparse)
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    stage(tensors)
+            finally:
+                for handle in pairs.pop("_handles"):
+                    handle.remove()
+            per_module, root = counter.get_flop_counts(), type(stage.module).__name__
             flops = int(counter.get_total_flops())
+            flops += sum(pairs[p] - int(sum(per_module.get(f"{root}.{p}", {}).values())) for p in sparse)
             result[stage.name] = {"flops": flops, "gflops": flops / 1e9, "params": stage.params}
     total = sum(v["flops"] for v in result.values())
     result["total"] = {"flops": total, "gflops": total / 1e9, "params": count_params(model)}

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 import altermoma
-from altermoma.flops import stage_flops
+from altermoma.flops import split_stage_flops, stage_flops
 from common import sparse as plain_sparse
 from compress.flops import count_flops
 from export.onnx import graph_feeds
 from fusion.config import ConfigError, get_config, sparse_shape
-from fusion.data.dataset import collate, make_sample, model_inputs
+from fusion.data.cache import scene_key
+from fusion.data.dataset import SyntheticScenes, collate, make_sample, model_inputs
 from fusion.data.sparse_inputs import PREFIX, layer_specs, pad_rulebooks, synthetic_cloud, voxel_inputs
-from fusion.evaluate import decode_detections
+from fusion.evaluate import decode_detections, evaluate
 from fusion.models.bevfusion import Heads, build_model, example_inputs
 from fusion.models.decoder import Decoder
 from fusion.models.stages import HeadsStage
@@ -155,12 +156,25 @@ def test_samples_carry_voxels_and_rulebooks(config):
     assert (gather[:real, 13] == np.arange(real)).all()  # the SubM centre offset meets the site itself
 
 
+def test_cached_scenes_keep_their_rulebooks_and_evaluate(config, fusion_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALTERMOMA_CACHE", str(tmp_path))
+    dataset = SyntheticScenes(config, "val", num_scenes=2, progress=False)
+    stored, fresh = dataset[1], make_sample(config, config.data.val_seed, 1)
+    assert stored.keys() == fresh.keys() and any(key.startswith(PREFIX) for key in stored)
+    for key, value in fresh.items():
+        assert stored[key].dtype == value.dtype and np.array_equal(stored[key], value), key
+    other = scene_key(get_config(PRESET, {"model.sparse_down_padding": [[1, 1, 1], [1, 1, 1]]}), 1)
+    assert other != scene_key(config, 1)  # another encoder geometry: other rulebooks, another cache folder
+    metrics = evaluate(fusion_model, dataset, batch_size=2, progress=False)
+    assert 0.0 <= metrics["mAP"] <= 1.0 and "mIoU" not in metrics
+
+
 def test_one_training_step_reaches_every_partition(config, batch):
     torch.manual_seed(0)
     model = build_model(config).train()
     task = reference_task(model)
     loss = task.loss_of(task.forward(model, batch), batch)
-    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
     loss.backward()
     for part, prefixes in task.partition.items():
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefixes) and p.grad is not None]
@@ -178,12 +192,25 @@ def test_backbones_hold_most_of_the_gflops(fusion_model, config):
     assert counted.uncounted == {}
     assert total == pytest.approx(counted.total, rel=1e-9)
     assert stages["lidar"]["flops"] == pytest.approx(sum(counted.sparse.values()), rel=1e-9)
+    split = split_stage_flops(fusion_model, inputs)  # the CUDA-BEVFusion split: the sparse encoder its own stage
+    assert split["lidar_backbone"]["flops"] == stages["lidar"]["flops"] and split["total"]["flops"] == total
 
 
-def _prune_half(model, config) -> dict:
+def fixed_proposals(model):
+    """The model with a constant dense heatmap (its last conv zeroed, the prior bias kept), so every cell ties and
+    any two runs propose the same cells. Random weights give a nearly flat heatmap whose cells tie to within float
+    noise: the pruned model and its zeroed reference (float sums in another order) may then propose another cell,
+    which self-attention mixes into every query (zero-then-prune error 0.32 with AlterEva; the dense heatmap
+    itself agreed to 5e-7). Fixed proposals make the check measure the pruned layers."""
+    with torch.no_grad():
+        model.heads.det.heatmap_head[-1].weight.zero_()
+    return model
+
+
+def _prune_half(model, config, method: str = "magnitude") -> dict:
     task = reference_task(model)
     batches = [collate([make_sample(config, 9, i)]) for i in range(2)]
-    report = altermoma.prune(model, task, batches, method="magnitude", target_gflops=0.5, round_to=4, progress=False)
+    report = altermoma.prune(model, task, batches, method=method, target_gflops=0.5, round_to=4, progress=False)
     assert abs(report["gflops_reduction"] - 0.5) <= 0.02
     assert report["zero_then_prune_error"] <= 1e-4
     with torch.no_grad():
@@ -193,7 +220,7 @@ def _prune_half(model, config) -> dict:
 
 
 def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, config):
-    model = copy.deepcopy(fusion_model)
+    model = fixed_proposals(copy.deepcopy(fusion_model))
     assert {"heads.det.heatmap_head.1", "camera.backbone.layers.0.blocks.0.attn.qkv"} <= set(protected_names(model))
     report = _prune_half(model, config)
     for part in PARTS:
@@ -205,11 +232,20 @@ def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, 
 def test_magnitude_prune_of_the_lidar_only_model_leaves_nothing_whole(config):
     """Sparse convs, the depth fold, SECOND and TransFusion (MultiheadAttention included) all prune exactly."""
     torch.manual_seed(0)
-    model = build_model(config, "lidar").eval()
+    model = fixed_proposals(build_model(config, "lidar").eval())
     report = _prune_half(model, config)
     assert report["unpruned_groups"] == [] and report["left_whole"]["modules"] == []
     assert report["partitions"]["lidar"]["kept_ratio"] < 1.0 and report["partitions"]["fusion"]["kept_ratio"] < 1.0
     assert report["flop_counting"]["sparse_gflops"] > 0
+
+
+@pytest.mark.slow
+def test_altereva_to_half_gflops_cuts_all_three_partitions(fusion_model, config):
+    """The issue's check, without trained weights: AlterEva (gradients through the plain sparse backend on CPU)
+    meets the target within 2 points in all three partitions, exactly (about 75 s of CPU)."""
+    report = _prune_half(fixed_proposals(copy.deepcopy(fusion_model)), config, "altereva")
+    for part in PARTS:
+        assert report["partitions"][part]["kept_ratio"] < 1.0, part
 
 
 def test_onnx_export_matches_onnx_runtime(fusion_model, config, tmp_path):
