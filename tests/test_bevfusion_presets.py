@@ -16,6 +16,7 @@ from altermoma.flops import split_stage_flops, stage_flops
 from common import sparse as plain_sparse
 from compress.flops import count_flops
 from export.onnx import graph_feeds
+from fusion.checkpoint import load_checkpoint, save_checkpoint
 from fusion.config import ConfigError, get_config, sparse_shape
 from fusion.data.cache import scene_key
 from fusion.data.dataset import SyntheticScenes, collate, make_sample, model_inputs
@@ -169,6 +170,15 @@ def test_cached_scenes_keep_their_rulebooks_and_evaluate(config, fusion_model, t
     assert 0.0 <= metrics["mAP"] <= 1.0 and "mIoU" not in metrics
 
 
+def test_checkpoints_round_trip(config, fusion_model, batch, tmp_path):
+    save_checkpoint(tmp_path / "ckpt", fusion_model, {"step": 1})
+    loaded, meta = load_checkpoint(tmp_path / "ckpt", expect_preset=PRESET)
+    assert meta["modality"] == "fusion" and loaded.config.to_dict() == config.to_dict()
+    with torch.no_grad():
+        want, got = fusion_model(**model_inputs(batch)), loaded.eval()(**model_inputs(batch))
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
 def test_one_training_step_reaches_every_partition(config, batch):
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -219,7 +229,7 @@ def _prune_half(model, config, method: str = "magnitude") -> dict:
     return report
 
 
-def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, config):
+def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, config, batch, tmp_path):
     model = fixed_proposals(copy.deepcopy(fusion_model))
     assert {"heads.det.heatmap_head.1", "camera.backbone.layers.0.blocks.0.attn.qkv"} <= set(protected_names(model))
     report = _prune_half(model, config)
@@ -227,6 +237,11 @@ def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, 
         assert report["partitions"][part]["kept_ratio"] < 1.0, part
     assert model.camera.backbone.layers[0].blocks[0].mlp.fc1.out_features < 4 * config.model.swin_embed_dim
     assert model.heads.det.decoder.linear1.out_features <= config.model.transfusion_ffn
+    altermoma.save_pruned(model, tmp_path / "pruned", report)
+    reloaded = altermoma.load_pruned(build_model(config), tmp_path / "pruned").eval()
+    with torch.no_grad():
+        want, got = model.eval()(**model_inputs(batch)), reloaded(**model_inputs(batch))
+    assert all(torch.equal(want[name], got[name]) for name in want)
 
 
 def test_magnitude_prune_of_the_lidar_only_model_leaves_nothing_whole(config):
