@@ -28,7 +28,7 @@ from common.task import Task
 from compress.flops import FlopCount, count_flops
 from compress.partition import Partition
 from compress.sparse import sparse_pruners, sparse_unsupported_reason
-from compress.tracing import sparse_outputs_visible
+from compress.tracing import concat_sizes_recorded, sparse_outputs_visible
 
 LAYERS = (
     nn.Conv1d,
@@ -189,7 +189,13 @@ def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.Dependen
 
     was_training = model.training
     try:
-        with task.tracing(model), sparse_outputs_visible(model), torch.enable_grad(), warnings.catch_warnings():
+        with (
+            task.tracing(model),
+            sparse_outputs_visible(model),
+            concat_sizes_recorded(),
+            torch.enable_grad(),
+            warnings.catch_warnings(),
+        ):
             # loose parameters (learned queries) are coupled or reported by `ChannelGraph.left_whole`
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             dg = tp.DependencyGraph().build_dependency(

@@ -13,6 +13,10 @@ Kept in one place (shared/notes/torch-pruning.md asks for it), each piece with i
   no mapping (the channel-coupling checks of `ChannelGraph` and zero-then-prune then decide).
   torch-pruning recomputes index mappings in every `get_pruning_group`, so this one is installed for good
   when the module is imported (`install_reshape_mapping`), not only while tracing.
+- Concat sizes: torch-pruning infers each input's channel count by walking back to the nearest layer, which
+  answers C for a depth fold that hands the concat C x D channels (camera channels then get mapped onto LiDAR
+  ones). While tracing, the real sizes of every channel concat are recorded (`concat_sizes_recorded`) and given
+  to torch-pruning's concat mapping, which keeps them for the graph's life.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from common.layers import is_sparse_conv
@@ -40,11 +46,10 @@ def _saved_input_shape(node: Any) -> list[int] | None:
 
 def _neighbour_channels(graph: Any, reshape_node: Any) -> tuple[int | None, int | None]:
     """(channels entering the reshape, channels the layers after it expect), as torch-pruning infers them."""
-    in_channels = out_channels = None
-    for n in reshape_node.outputs:
-        out_channels = shape_infer.infer_in_channels_recursively(graph, n, [0])
-        if out_channels is not None:
-            break
+    # Asked of the reshape itself, torch-pruning subtracts the siblings when the next op is a concat (the
+    # depth fold feeding `cat([camera, lidar])`); asked of the concat it would answer the fuser's whole width.
+    out_channels = shape_infer.infer_in_channels_recursively(graph, reshape_node, [0])
+    in_channels = None
     for n in reshape_node.inputs:
         in_channels = shape_infer.infer_out_channels_recursively(graph, n, [0])
         if in_channels is not None:
@@ -98,9 +103,49 @@ def _expose_sparse_grad_fn(module: nn.Module, inputs: tuple, output: Any) -> Non
         output.grad_fn = features.grad_fn
 
 
+_CONCAT_SIZES: dict[Any, list[int]] = {}  # grad_fn of a channel concat -> its inputs' channel counts
+_CONCATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _RecordConcats(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if isinstance(dim, int) and dim % out.dim() == 1:
+                _CONCAT_SIZES[out.grad_fn] = [
+                    int(t.shape[1]) for t in tensors if t.grad_fn is not None or t.requires_grad
+                ]
+        return out
+
+
+@contextmanager
+def concat_sizes_recorded() -> Iterator[None]:
+    """Record the true input sizes of every channel concat run inside (for torch-pruning's graph build)."""
+    try:
+        with _RecordConcats():
+            yield
+    finally:
+        _CONCAT_SIZES.clear()
+
+
+def update_concat_index_mapping(graph: Any, cat_node: Any) -> None:
+    """torch-pruning's concat mapping, from the recorded input sizes where the trace saw them."""
+    sizes = _CONCAT_SIZES.get(cat_node.grad_fn)
+    if sizes is not None and cat_node.module.concat_sizes is None and len(sizes) == len(cat_node.inputs):
+        cat_node.module.concat_sizes = sizes
+    return _ORIGINAL_CONCAT(graph, cat_node)
+
+
+_ORIGINAL_CONCAT = index_mapping.update_concat_index_mapping
+
+
 def install_reshape_mapping() -> None:
-    """Make torch-pruning use `update_reshape_index_mapping` (idempotent)."""
+    """Make torch-pruning use our reshape and concat mappings (idempotent)."""
     index_mapping.update_reshape_index_mapping = update_reshape_index_mapping
+    index_mapping.update_concat_index_mapping = update_concat_index_mapping
 
 
 @contextmanager

@@ -19,10 +19,10 @@ SHAPE = (9, 32, 32)
 
 
 class PlainSparseFusion(nn.Module):
-    def __init__(self):
+    def __init__(self, camera: int = 16):
         super().__init__()
         self.camera = nn.Sequential(
-            nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1)
+            nn.Conv2d(3, camera, 3, 2, 1), nn.BatchNorm2d(camera), nn.ReLU(), nn.Conv2d(camera, camera, 3, 1, 1)
         )
         self.lidar = SparseEncoder(
             4,
@@ -34,7 +34,7 @@ class PlainSparseFusion(nn.Module):
             backend="plain",
         )
         self.fuser = nn.Sequential(
-            nn.Conv2d(16 + self.lidar.out_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()
+            nn.Conv2d(camera + self.lidar.out_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()
         )
         self.head = nn.Conv2d(32, 3, 1)
 
@@ -100,3 +100,15 @@ def test_plain_sparse_encoder_prunes_exactly(setup, method, tmp_path):
     reloaded = altermoma.load_pruned(PlainSparseFusion(), tmp_path / "p")
     with torch.no_grad():
         assert torch.equal(TASK.forward(reloaded, batches[1]), pruned)
+
+
+def test_the_depth_fold_beside_a_camera_of_another_width_prunes_exactly():
+    """The fold hands the concat C x D channels: the concat's real sizes, recorded while tracing, keep camera
+    channels off the LiDAR ones (torch-pruning alone inferred C and left `conv_out` whole, or cut the camera)."""
+    torch.manual_seed(0)
+    model = PlainSparseFusion(camera=24).eval()
+    batches = [make_batch(i, model.lidar) for i in range(2)]
+    report = altermoma.prune(model, TASK, batches, method="magnitude", target_gflops=0.5, round_to=4, progress=False)
+    assert report["unpruned_groups"] == [], report["unpruned_groups"]
+    assert report["zero_then_prune_error"] <= 1e-4
+    assert "lidar.conv_out.0" in report["widths"]
