@@ -84,6 +84,12 @@ METHODS = ["altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp"
 
 
 CASES = [(method, True, False) for method in METHODS] + [(m, False, True) for m in ("magnitude", "snip")]
+# The default set keeps one gradient-free, one first-order and AlterEva's scoring (exactness and every calling
+# convention with magnitude); the other methods run with `make test-slow`.
+SLOW_CASES = {
+    f"test_learned_query_head_prunes_with_every_method[{case}]"
+    for case in ("random-True-False", "synflow-True-False", "prospr-True-False", "imp-True-False", "snip-False-True")
+}
 
 
 @pytest.mark.parametrize("method,batch_first,need_weights", CASES)

@@ -71,6 +71,9 @@ TASK = altermoma.Task(
 )
 
 
+SLOW_CASES = {"test_plain_sparse_encoder_prunes_exactly[snip]"}  # default set: magnitude and AlterEva's gradients
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
