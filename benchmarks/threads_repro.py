@@ -254,7 +254,14 @@ def report(rows: dict, chosen: dict[str, list[str]], info: dict, cost: list[dict
             differ = compare(a, b).get("widths_differ") or []
             if differ:
                 shown = ", ".join(f"{k} {a['widths'][k]} vs {b['widths'][k]}" for k in differ)
-                lines.append(f"- {name}: {shown}")
+                lines.append(f"- {name}, 1 vs 2 threads: {shown}")
+            for mode, old in (("1", a), ("2", b)):
+                new = rows.get(f"{name}|{mode}")
+                if new and "error" not in new:
+                    moved = compare(old, new)["widths_differ"]
+                    lines.append(
+                        f"- {name} at {mode} thread(s), before vs now: {len(moved)} of {len(new['widths'])} widths differ"
+                    )
     if cost:
         lines += [
             "",
@@ -275,6 +282,7 @@ def report(rows: dict, chosen: dict[str, list[str]], info: dict, cost: list[dict
     lines += ["", "## Commands", "", "```"]
     lines += list(dict.fromkeys(r["command"] for r in rows.values()))
     lines += ["```", "", "Reproduce: `python -m benchmarks.threads_repro " + info["argv"] + "`"]
+    lines += [f"(completed by `python -m benchmarks.threads_repro {more}`)" for more in info.get("completed_by", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -306,7 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     saved = json.loads((out / "threads.json").read_text()) if args.resume and (out / "threads.json").is_file() else {}
     rows: dict = saved.get("rows", {})
-    info = {**machine(), "load_before": f"{os.getloadavg()[0]:.1f}", "argv": " ".join(argv or sys.argv[1:])}
+    invocation = " ".join(argv if argv is not None else sys.argv[1:])
+    info = {**machine(), "load_before": f"{os.getloadavg()[0]:.1f}", "argv": invocation, "baseline": args.baseline}
+    if saved.get("machine"):  # a resumed run: the first invocation describes the report
+        info = {**saved["machine"], "completed_by": [*saved["machine"].get("completed_by", []), invocation]}
     plan = [(n, m, ROOT) for n in chosen for m in ("1", "2")]
     plan += [(n, "torchrun", ROOT) for n in TORCHRUN_CASES if n in chosen and not args.no_torchrun]
     with tempfile.TemporaryDirectory(prefix="threads-repro-") as tmp:
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     cost = run_cost(args.cost_repeats) if args.cost_repeats > 0 else saved.get("cost")
     info["load_after"] = f"{os.getloadavg()[0]:.1f}"
     save(out, rows, {"machine": info, "cost": cost})
-    atomic_write_text(out / "threads.md", report(rows, chosen, info, cost, args.baseline))
+    atomic_write_text(out / "threads.md", report(rows, chosen, info, cost, info.get("baseline") or args.baseline))
     print((out / "threads.md").read_text())
 
 

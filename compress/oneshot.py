@@ -8,6 +8,10 @@ everywhere). Gradient passes over the scoring set are shared out (`compress.alte
 else (tracing, sequential single-batch steps, data-free scores, selection) runs on every rank. The
 scores are then broadcast from rank 0, so heterogeneous hardware cannot flip a tie, and the selected
 channels are compared across ranks: a mismatch stops every rank before anything is removed.
+
+Gradient passes run on a float64 copy and every score is rounded to 24 significant bits
+(`compress.scores`), so the scores, their digest (the report's `scoring` block) and the selection are
+the same at any thread count and rank count (docs/reproducibility.md).
 """
 
 from __future__ import annotations

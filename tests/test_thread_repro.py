@@ -4,7 +4,8 @@ A float32 gradient's summation order depends on torch's thread count; AlterEva's
 amplified that into other widths on the shipped model (issue 26). The scoring passes now run on a
 float64 copy and the scores are rounded to 24 significant bits (`compress.scores`), so the scores, their
 digest in the pruning report and the selection are bit for bit the same. Each thread count runs in its
-own process (this file run as a script), as `--threads` would set it.
+own process (this file run as a script), as `--threads` would set it; 2 ranks under torchrun too (6.5 s
+on a quiet 2-core machine, 22 s on a loaded one).
 
 The shipped-checkpoint check (every method and AlterEva option, `altermoma prune` at 1 and 2 threads) is
 `python -m benchmarks.threads_repro` (reports/repro/threads.md); it takes tens of minutes.
@@ -148,7 +149,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~10 s on a quiet 2-core machine, 22 s on a loaded one: 3 more processes importing torch
 def test_two_ranks_under_torchrun_select_like_one_process(one_process):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     command += [f"--master_port={_free_port()}", __file__, "--child", "1"]
