@@ -151,12 +151,3 @@ def _nested_in(module: nn.Module, sparse: set[nn.Module], names: dict[nn.Module,
 
 def _has_counted_child(module: nn.Module, seen_inside: dict[nn.Module, float]) -> bool:
     return any(seen_inside.get(child, 0.0) > 0 for child in module.modules() if child is not module)
-
-
-def gflops(model: nn.Module, run: Callable[[], Any]) -> float:
-    """Total GFLOPs of one forward pass (see `count_flops`)."""
-    return count_flops(model, run).total / 1e9
-
-
-def share(part: float, whole: float) -> float:
-    return part / whole if whole else math.nan

@@ -163,13 +163,6 @@ def min_kept(channels: int, round_to: int, max_group_ratio: float) -> int:
     return min(channels, math.ceil(floor / round_to) * round_to) if channels >= round_to else floor
 
 
-def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of the `count` lowest-scoring channels (ties by position)."""
-    mask = torch.zeros(len(score), dtype=torch.bool)
-    mask[torch.argsort(score, stable=True)[:count]] = True
-    return mask
-
-
 def channel_count(module: nn.Module, kind: str) -> int:
     """How many output ("out") or input ("in") channels a layer has; a norm's features either way."""
     if isinstance(module, NORMS):
@@ -298,8 +291,8 @@ class ChannelGraph:
         ignored = [m for m in model.modules() if self.names.get(m) in self.protected]
         modules = dict(model.named_modules())
         self.task, self.example_batch = task, example_batch
+        self._param_names = {p: n for n, p in model.named_parameters()}
         opaque = self._opaque_parameters()
-        param_names = {p: n for n, p in model.named_parameters()}
         for group in self._all_groups(ignored):
             root_module = group[0].dep.target.module
             root = self.names[root_module]
@@ -320,7 +313,7 @@ class ChannelGraph:
                     items.append(GroupItem(self.names[module], kind, idxs, root_idxs))
                 elif isinstance(module, nn.MultiheadAttention):
                     extras[self.names[module]] = GroupItem(self.names[module], "attention", idxs, root_idxs)
-                elif isinstance(module, nn.Parameter) and (name := param_names.get(module)) is not None:
+                elif isinstance(module, nn.Parameter) and (name := self._param_names.get(module)) is not None:
                     dim = self.dg.module2node[module].pruning_dim if module in self.dg.module2node else -1
                     extras[name] = GroupItem(name, "parameter", idxs, root_idxs, dim)
             heads, reason = self._attention_heads(
@@ -383,15 +376,14 @@ class ChannelGraph:
         """Loose parameters that feed an op torch-pruning cannot read (a custom autograd Function, e.g. a
         third-party CUDA kernel): parameter name -> op. torch-pruning would cut their last dim as if the op
         were element-wise; the groups touching them are left whole instead."""
-        names = {p: n for n, p in self.model.named_parameters()}
         found = {}
         for key, node in self.dg.module2node.items():
-            if not isinstance(key, nn.Parameter) or key not in names:
+            if not isinstance(key, nn.Parameter) or key not in self._param_names:
                 continue
             for consumer in node.outputs:
                 op = getattr(consumer.module, "_grad_fn", None)
                 if isinstance(op, str) and CUSTOM_FUNCTION.fullmatch(op):
-                    found[names[key]] = op
+                    found[self._param_names[key]] = op
         return found
 
     def _touched_parameters(self, group) -> set[str]:
@@ -401,7 +393,8 @@ class ChannelGraph:
         for item in group:
             target = item.dep.target.module
             if isinstance(target, nn.Parameter):
-                touched.update(n for n, p in self.model.named_parameters() if p is target)
+                if target in self._param_names:
+                    touched.add(self._param_names[target])
             elif target in self.names:
                 # torch-pruning's own pruners for composite modules (MultiheadAttention's out_proj) cut children too
                 recurse = not (is_layer(target) or isinstance(target, NORMS))
