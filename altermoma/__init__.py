@@ -3,7 +3,8 @@
 The public API (imported lazily, so `altermoma --help` stays fast):
 
     Task, Setup, prune, finetune, save_pruned, load_pruned, export_onnx,
-    quantize, QuantizeConfig, save_quantized, load_quantized (INT8 Q/DQ; needs the `quant` extra)
+    quantize, QuantizeConfig, save_quantized, load_quantized (INT8 Q/DQ; needs the `quant` extra),
+    robustness (metrics under sensor failures and corruptions)
 
 See `altermoma.api` and the README's "Use it on your own model".
 """
@@ -24,6 +25,7 @@ __all__ = [
     "QuantizeConfig",
     "save_quantized",
     "load_quantized",
+    "robustness",
 ]
 
 _WHERE = {
@@ -38,6 +40,7 @@ _WHERE = {
     "QuantizeConfig": ("export.quantize", "QuantizeConfig"),
     "save_quantized": ("export.quantize", "save_quantized"),
     "load_quantized": ("export.quantize", "load_quantized"),
+    "robustness": ("altermoma.robustness", "robustness"),
 }
 
 

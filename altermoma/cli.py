@@ -23,6 +23,7 @@ from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_help import apply_flow
 from altermoma.cli_latency import add_latency_table_parser
 from altermoma.cli_quant import add_quantize_parser
+from altermoma.cli_robustness import add_robustness_parser
 from altermoma.compare import add_parser as add_compare_parser
 from common import dist
 from common.argtypes import Parser, non_negative_int, positive_float, positive_int
@@ -649,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
     add_latency_table_parser(sub)
     add_quantize_parser(sub)
+    add_robustness_parser(sub)
     return apply_flow(parser, sub)  # --help in the order of a user's flow, an example per verb
 
 

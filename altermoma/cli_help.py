@@ -20,7 +20,7 @@ FLOW: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data and models", ("data", "train")),
     ("prune and recover accuracy", ("prune", "finetune", "evaluate")),
     ("deploy", ("quantize", "export", "bench", "latency-table")),
-    ("studies and the whole job", ("compare", "pipeline")),
+    ("studies and the whole job", ("compare", "robustness", "pipeline")),
 )
 
 # One example per verb (and per sub-verb), in flow order: an input that is not shipped is the --out of an
@@ -37,6 +37,8 @@ EXAMPLES: dict[str, str] = {
     "bench": "altermoma bench --checkpoint fusion/weights/tiny-fusion --checkpoint runs/finetuned --out runs/bench",
     "latency-table": "altermoma latency-table --checkpoint fusion/weights/tiny-fusion --threads 1 --out runs/tiny-ort.json",
     "compare": "altermoma compare --quick --out runs/compare-quick",
+    "robustness": "altermoma robustness --checkpoint fusion/weights/tiny-fusion --checkpoint runs/finetuned "
+    "--out runs/robustness --scenes 20 --severity 3",
     "pipeline": "altermoma pipeline --out runs/pipeline",
 }
 

@@ -26,6 +26,7 @@ DOCUMENTED_ORDER = [
     "bench",
     "latency-table",
     "compare",
+    "robustness",
     "pipeline",
 ]
 

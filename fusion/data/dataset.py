@@ -9,6 +9,8 @@ and torchrun ranks share the cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -25,12 +27,20 @@ from fusion.data.targets import build_targets
 from fusion.geometry import bev_cell_centres
 
 
-def make_sample(config: Config, seed: int, index: int) -> dict[str, np.ndarray]:
-    """Render scene `index` of the stream `seed` and build every network input and target."""
+def make_sample(
+    config: Config, seed: int, index: int, points_transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Render scene `index` of the stream `seed` and build every network input and target.
+
+    `points_transform` changes the raw LiDAR sweep (P, 4) before it is pillarised or voxelised (the robustness
+    corruptions of `fusion.data.corruptions`); it must not draw from this scene's generator, so every other
+    array of the sample stays the clean one, bit for bit."""
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, config.grid, config.data)
     images = render_cameras(scene, config.rig, config.data, rng)
     points = scan_lidar(scene, config.lidar, config.data, rng)
+    if points_transform is not None:
+        points = points_transform(points)
     lidar = lidar_arrays(points, config, rng)  # pillars or voxels + rulebooks, by model.lidar_encoder
 
     objects = scene.boxes[: scene.num_objects]
