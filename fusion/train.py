@@ -40,8 +40,9 @@ from fusion.checkpoint import (
 )
 from fusion.config import TrainConfig
 from fusion.data.dataset import SyntheticScenes, collate, model_inputs
-from fusion.losses import Normaliser, local_count, task_loss
+from fusion.losses import Normaliser, local_count
 from fusion.models.bevfusion import BEVFusion
+from fusion.task import detection_loss
 
 
 def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -183,6 +184,7 @@ def fit(
     start = load_train_state(out, optimizer) if resuming else 0
     dist.check_same(start, "the step to resume from")
     normaliser = loss_normaliser()
+    grid = model.config.grid
     target = dist.device()
 
     last_loss: list[float] = []
@@ -209,7 +211,8 @@ def fit(
                 batch = ddp.to_device(batch, target)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, train)
-            loss, parts = task_loss(net(**model_inputs(batch)), batch, normaliser)
+            # The one loss of either head (CenterPoint's or TransFusion's), as pruning and fine-tuning use.
+            loss, parts = detection_loss(net(**model_inputs(batch)), batch, grid, normaliser)
             # Distributed: the global batch's loss, the same on every rank, so that all stop together.
             loss_value = float(ddp.mean_over_ranks(loss.detach()))
             if not math.isfinite(loss_value):

@@ -5,6 +5,8 @@ device (their GFLOPs, which need a real forward of the sparse encoder, are a slo
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -22,13 +24,15 @@ from fusion.data.cache import scene_key
 from fusion.data.dataset import SyntheticScenes, collate, make_sample, model_inputs
 from fusion.data.sparse_inputs import PREFIX, layer_specs, pad_rulebooks, synthetic_cloud, voxel_inputs
 from fusion.evaluate import decode_detections, evaluate
+from fusion.losses import task_loss
 from fusion.models.bevfusion import Heads, build_model, example_inputs
 from fusion.models.decoder import Decoder
 from fusion.models.stages import HeadsStage
 from fusion.models.swin import SWIN_T, SwinTransformer
 from fusion.models.transfusion import TransFusionHead
 from fusion.models.voxel_lidar import VoxelLidarEncoder
-from fusion.task import first_sample, protected_names, reference_task
+from fusion.task import detection_loss, first_sample, protected_names, reference_task
+from fusion.train import batch_indices, fit
 
 torch.set_num_threads(1)
 PRESET = "bevfusion-tiny"
@@ -309,3 +313,24 @@ def test_published_sizes_are_counted(preset):
     stages = stage_flops(model, example_inputs(config, 1))
     assert stages["heads"]["flops"] / 1e9 == pytest.approx(51.8, rel=0.01)  # docs/reference_parts.md
     assert stages["lidar"]["flops"] > 0 and stages["camera"]["flops"] > 0
+
+
+def test_fit_trains_a_transfusion_head_with_detection_loss(config, tmp_path):
+    """`fit` (training and fine-tuning) uses the loss of the model's head: on a TransFusion model its recorded
+    loss is `detection_loss` (Hungarian matching, focal, L1, heatmap) of the same batch, not CenterPoint's."""
+    samples = [make_sample(config, 7, i) for i in range(2)]
+    torch.manual_seed(0)
+    model = build_model(config, "camera")  # the head is the fusion model's; the camera branch is the cheapest
+    train = dataclasses.replace(config.train, steps=1, batch_size=2, lr=0.0, warmup_steps=1, threads=1)
+    torch.manual_seed(1)  # the decoder layer's dropout draws the same masks in both forward passes
+    fit(model, samples, train, tmp_path / "run", progress=False)
+    recorded = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["last_loss"]
+    order = batch_indices(len(samples), train.batch_size, train.seed, 0)
+    batch = collate([samples[i] for i in order])
+    torch.manual_seed(1)
+    with torch.no_grad():  # lr 0: the weights are the ones step 0 saw; train mode: BatchNorm on the batch
+        want, parts = detection_loss(model.train()(**model_inputs(batch)), batch, config.grid)
+    assert parts.keys() == {"heatmap", "query_class", "box"}
+    assert recorded == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(KeyError):  # the CenterPoint loss cannot read these outputs: the old fit crashed here
+        task_loss(model(**model_inputs(batch)), batch)
