@@ -153,8 +153,8 @@ class CorruptedScenes(Dataset):
     """The samples of a data set under one corruption at one severity, built as they are read.
 
     With `corrupt` None the corruption is a name of `fusion.data.corruptions` and `data` a reference data set:
-    camera corruptions change the stored sample's images; LiDAR corruptions change the raw sweep before it
-    becomes pillars or voxels (synthetic: the scene is rendered again with `make_sample`'s points_transform,
+    camera corruptions change the stored sample's images; LiDAR off replaces the LiDAR inputs by those of an
+    empty sweep; other LiDAR corruptions change the raw sweep before it becomes pillars or voxels (synthetic: the scene is rendered again with `make_sample`'s points_transform,
     every other array as clean, and kept in `store` so that further models read it instead of rendering it;
     nuScenes: the sample is read again through `NuScenesDataset.points` with the corruption applied).
     With `corrupt` a callable, it is applied to each sample of `data`.
@@ -174,7 +174,12 @@ class CorruptedScenes(Dataset):
         self.scenes = reference_scenes(data)
         self.sensors = None if corrupt is not None else C.sensors_of(self.config, data_kind(self.scenes))
         self.cache = None
-        if corrupt is None and C.sensor_of(name) == "lidar" and data_kind(self.scenes) == "synthetic":
+        if (
+            corrupt is None
+            and C.sensor_of(name) == "lidar"
+            and name != "lidar_off"
+            and data_kind(self.scenes) == "synthetic"
+        ):
             from fusion.data.cache import SceneCache
 
             self.cache = SceneCache(self.config, self.scenes.seed, self._render, root=store) if store else None
@@ -191,6 +196,13 @@ class CorruptedScenes(Dataset):
         if C.sensor_of(self.name) == "camera":
             sample = dict(self.data[index])
             sample["images"] = C.corrupt_images(sample["images"], self.name, self.severity, rng, self.sensors)
+            return sample
+        if self.name == "lidar_off":  # an empty sweep's inputs: what rendering or reading it again would give
+            from fusion.data.sparse_inputs import lidar_arrays
+
+            sample = dict(self.data[index])
+            empty = np.zeros((0, self.config.lidar.point_features), dtype=np.float32)
+            sample.update(lidar_arrays(empty, self.config, rng))
             return sample
         if data_kind(self.scenes) == "synthetic":
             return self.cache.get(index) if self.cache is not None else self._render(index)

@@ -153,9 +153,18 @@ def test_names_expand_and_unknown_names_and_severities_are_refused():
 # ---- the data path ----------------------------------------------------------------------------------------
 
 
-def test_corrupted_sweep_is_pillarised_and_everything_else_stays_clean(tiny_config):
+@pytest.fixture(scope="module")
+def val(tiny_config):
+    from fusion.data.source import DataSource, open_split
+
+    return open_split(tiny_config, DataSource(), "val", num_scenes=2, progress=False)
+
+
+def test_corrupted_sweep_is_pillarised_and_everything_else_stays_clean(tiny_config, val):
     """make_sample's points_transform: the identity gives the clean sample bit for bit; LiDAR off leaves the
-    pillars empty and every other array (images, targets) clean."""
+    pillars empty and every other array (images, targets) clean, and is what CorruptedScenes serves without
+    rendering the scene again."""
+    from altermoma.robustness import CorruptedScenes
     from fusion.data.dataset import make_sample
 
     clean = make_sample(tiny_config, 1, 0)
@@ -164,13 +173,8 @@ def test_corrupted_sweep_is_pillarised_and_everything_else_stays_clean(tiny_conf
     off = make_sample(tiny_config, 1, 0, points_transform=C.lidar_off)
     assert clean["pillar_map"].any() and not off["pillar_map"].any() and not off["pillars"].any()
     assert all(np.array_equal(clean[k], off[k]) for k in clean if k not in ("pillars", "pillar_map"))
-
-
-@pytest.fixture(scope="module")
-def val(tiny_config):
-    from fusion.data.source import DataSource, open_split
-
-    return open_split(tiny_config, DataSource(), "val", num_scenes=2, progress=False)
+    served = CorruptedScenes(val, "lidar_off", None)[0]  # val scene 0 is stream 1, scene 0
+    assert all(np.array_equal(served[k], off[k]) for k in off) and served.keys() == off.keys()
 
 
 @pytest.fixture(scope="module")
