@@ -22,12 +22,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/altermoma pipeline
 
+# Two worker processes, one test file each at a time (module fixtures are built once); tests run single-threaded
+# (tests/conftest.py), so two workers use the two cores CI has. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 # the tests marked slow (deselected by `make test`): more models, every crash point, torchrun resume, ...
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -85,7 +85,14 @@ def _planted_ranks(graph, scores) -> dict[str, int]:
 
 # Variants of a default case (AlterEva at other betas: beta 0 is SNIP's ranking, tested below; ProsPr's
 # full meta-gradient: its first-order form runs here, the full one in test_byom.py): `make test-slow`.
-SLOW_CASES = {f"test_planted_channel_ranks_last[{i}]" for i in ("altereva-beta0", "beta2", "prospr-full")}
+SLOW_CASES = {
+    f"test_planted_channel_ranks_last[{i}]"
+    for i in ("altereva-beta0", "beta2", "prospr-full", "synflow", "prospr-first-order")
+} | {
+    f"test_new_methods_prune_through_the_shared_harness[{case}]"
+    for case in ("prospr-structured", "prospr-unstructured", "synflow-unstructured")
+}
+# (ProsPr's default-set cases: test_prospr_without_inner_steps_is_snip here and zoo model A in test_zoo.py.)
 
 
 @pytest.mark.parametrize(
@@ -133,6 +140,7 @@ def test_floor_bounds_the_reri_discount_and_keeps_order_by_contribution():
     assert torch.argsort(floored).tolist() == [4, 3, 2, 1, 0]  # dead unit first, then by contribution
 
 
+@pytest.mark.slow  # two scorings of the tiny model
 def test_altereva_with_beta_zero_ranks_like_snip_within_each_partition(planted):
     """beta = 0 leaves alpha * DeCI / sum_partition(DeCI): SNIP divided by one positive constant per
     partition. Rankings agree inside a partition; across partitions they need not (that is the point)."""
@@ -199,6 +207,7 @@ def test_synflow_conserves_flow_layer_by_layer_on_a_linear_chain():
     assert torch.allclose(sums, total.expand_as(sums), rtol=1e-5)
 
 
+@pytest.mark.slow  # an iterative SynFlow run; default set: its bit-identity
 def test_synflow_removal_order_reproduces_its_selection(planted):
     model, graph, _, batches = planted
     example = _example(model, batches)

@@ -267,6 +267,7 @@ def test_altereva_to_half_gflops_cuts_all_three_partitions(fusion_model, config)
         assert report["partitions"][part]["kept_ratio"] < 1.0, part
 
 
+@pytest.mark.slow  # exports the whole preset; default set: test_export_nested's rulebook inputs
 def test_onnx_export_matches_onnx_runtime(fusion_model, config, tmp_path):
     """One graph, rulebooks as graph inputs: padded to fixed rows per level, it serves a second cloud too.
 

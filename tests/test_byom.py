@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pku_fusion.py"
 OUTPUT_LAYERS = {"heads.heatmap.out": 3, "heads.box.out": 4, "heads.scene": 5}
 METHODS = ["altereva", "snip", "magnitude", "random", "synflow", "prospr"]
-SLOW_CASES = {"test_structured_half_gflops[synflow]"}  # default set: structured SynFlow on zoo model A
+SLOW_CASES = {"test_structured_half_gflops[synflow]"}  # default set: structured SynFlow in test_baselines.py
 
 
 def _load_example():

@@ -175,6 +175,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, capsys, cas
     assert _tree(workspace) == before
 
 
+@pytest.mark.slow  # trains to a saved step first
 def test_resume_below_the_saved_step_is_refused(tmp_path, capsys):
     argv = ["finetune", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(tmp_path / "ft"), "--scenes", "4",
             "--threads", "1"]  # fmt: skip

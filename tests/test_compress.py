@@ -106,6 +106,7 @@ def test_zero_then_prune_equivalence(model, batch):
         assert torch.allclose(slim[key], zeroed[key], atol=1e-5), key
 
 
+@pytest.mark.slow  # zeroes every channel once; default set: test_channel_score_is_the_gradient_of_a_channel_mask
 def test_score_predicts_the_loss_change_of_zeroing_a_channel(model, batch):
     """First-order estimate vs the true loss change, channel by channel, on the fuser and decoder."""
     model.eval()
@@ -170,6 +171,7 @@ def test_gflops_target_is_hit_and_widths_are_rounded(model, batch, target):
     assert torch.isfinite(out["heatmap"]).all()
 
 
+@pytest.mark.slow  # many targets; default set: test_gflops_target_is_hit_and_widths_are_rounded
 def test_random_scores_land_within_one_point_of_every_target(tiny_config):
     """The nearest global threshold alone missed a 30% target by 2.3 points (seed 1): one rank step
     can drop a whole 8-channel block of a FLOP-heavy layer. Single-block corrections close the gap."""
@@ -200,6 +202,7 @@ def test_channel_ratio_mode(model, batch):
     assert abs(1 - kept / total - 0.4) < 0.05
 
 
+@pytest.mark.slow  # the whole path on the tiny fusion model; default set covers each step apart (test_byom, test_checkpoint, test_export)
 def test_altereva_prune_save_load_and_export(model, batch, tmp_path):
     report = prune(
         model,
@@ -238,6 +241,7 @@ def test_altereva_prune_save_load_and_export(model, batch, tmp_path):
     assert np.abs(heat - a["heatmap"].numpy()).max() < 1e-4
 
 
+@pytest.mark.slow  # the small preset; the default set prunes tiny
 def test_pruned_small_preset_runs():
     config = get_config("small")
     m = build_model(config).eval()

@@ -132,6 +132,7 @@ def _score_job(out: Path) -> None:
     torch.save(result, out / f"rank{dist.rank()}.pt")
 
 
+@pytest.mark.slow  # two torchrun jobs scoring the tiny model; default set: test_thread_repro's torchrun selection
 def test_two_ranks_score_and_select_like_one_process(tmp_path):
     ranks = _run_ranks(_score_job, tmp_path)
     for method in SCORED:
@@ -194,6 +195,7 @@ def _generic_finetune() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.slow  # a torchrun fine-tune beside a one-process one
 def test_two_ranks_fine_tune_like_one_process_and_rank_0_writes_once(tmp_path):
     from fusion.checkpoint import load_checkpoint, read_metadata
     from fusion.train import fit
@@ -275,6 +277,7 @@ def setup():
 """
 
 
+@pytest.mark.slow  # a torchrun job; default set: test_thread_repro's torchrun selection
 def test_a_failing_rank_stops_the_job_with_its_rank_named_and_writes_nothing(tmp_path):
     from compress.checkpoint import save_pruned
 

@@ -132,7 +132,7 @@ def test_ort_runner_handles_other_batch_sizes(fusion_model, split_export, tiny_c
         assert (out[name] - ref[name]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("modality", ["camera", "lidar"])
+@pytest.mark.parametrize("modality", [pytest.param("camera", marks=pytest.mark.slow), "lidar"])  # camera: slow set
 def test_single_modal_exports(tiny_config, tmp_path, modality):
     torch.manual_seed(0)
     model = build_model(tiny_config, modality).eval()
@@ -221,6 +221,7 @@ def _cli():
     return parser
 
 
+@pytest.mark.slow  # the CLI export of the tiny fusion model; default set: test_byom's CLI export
 def test_export_checkpoint_writes_report(tiny_config, tmp_path, capsys):
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ckpt", build_model(tiny_config, "fusion"))

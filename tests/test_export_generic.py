@@ -226,6 +226,7 @@ class _PooledOnly(nn.Module):
         return {"pooled": self.model(image, scale)["pooled"]}
 
 
+@pytest.mark.slow  # a fresh interpreter; default set: test_architecture's fresh-interpreter check
 def test_export_imports_nothing_from_fusion():
     code = (
         "import export.onnx, export.engines, export.tensorrt, export.trt_check, export.parity, export.runtime; "

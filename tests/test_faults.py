@@ -117,6 +117,7 @@ def test_a_checkpoint_is_old_or_new_at_every_crash_point(tmp_path):
     assert json.loads((tmp_path / "ckpt" / MANIFEST).read_text())["kind"] == "checkpoint"
 
 
+@pytest.mark.slow  # child processes killed mid-write; default set: the staged-folder crash points
 def test_a_checkpoint_is_old_or_new_when_killed_early_or_late(tmp_path):
     """Killed at the second and at the eighth of its write and swap steps (it has at least eight)."""
     _crash_at(SAVE.replace("STEP", "4"), [2, 8], tmp_path, _checkpoint_check(tmp_path))
@@ -129,7 +130,8 @@ raise SystemExit(main(["export", "onnx", "--checkpoint", "CKPT", "--out", "onnx"
 """
 
 
-@pytest.mark.parametrize("crash_at", [pytest.param(2, marks=pytest.mark.slow), 9])  # 2: the same staging, earlier
+@pytest.mark.slow  # child processes killed mid-export; default set: the staged-folder crash points
+@pytest.mark.parametrize("crash_at", [2, 9])  # 2: the same staging, earlier
 def test_an_export_killed_midway_leaves_the_previous_export_whole(tmp_path, crash_at):
     shipped = ROOT / "fusion" / "weights" / "tiny-lidar"
     code = EXPORT.replace("CKPT", str(shipped))

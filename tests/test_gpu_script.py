@@ -26,6 +26,7 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_report_has_every_section_and_none_failed(quick):
     _, report, md = quick
     assert report["kind"] == "gpu-figures" and report["status"] == "complete"
@@ -44,6 +45,7 @@ def test_report_has_every_section_and_none_failed(quick):
         assert title in md
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_environment_records_versions_and_threads(quick):
     env = quick[1]["sections"]["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
@@ -53,6 +55,7 @@ def test_environment_records_versions_and_threads(quick):
     assert env["cuda_python"]  # a version, or "not importable: <reason>"
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_latency_per_stage_and_speedups(quick):
     section = quick[1]["sections"]["latency-tiny"]
     pruning = section["pruning"]
@@ -74,6 +77,7 @@ def test_latency_per_stage_and_speedups(quick):
     assert total["efficiency"] == pytest.approx(total["speedup"] / total["gflops_ratio"])
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_cuda_only_parts_are_marked_unavailable_with_a_reason(quick):
     sections = quick[1]["sections"]
     for model in sections["latency-tiny"]["models"]:
@@ -85,6 +89,7 @@ def test_cuda_only_parts_are_marked_unavailable_with_a_reason(quick):
     assert sections["cuda-python"]["status"].startswith(("not importable: ", "unavailable: "))
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_altereva_scoring_cost(quick):
     section = quick[1]["sections"]["altereva"]
     assert section["settings"]["reactivation_steps"] == 1 and section["preset"] == "tiny"
@@ -95,6 +100,7 @@ def test_altereva_scoring_cost(quick):
     )
 
 
+@pytest.mark.slow  # the whole script once on the CPU (quick); the default set: budget, refusals, failures
 def test_latency_table_and_targeted_prune(quick):
     out, report, _ = quick
     section = report["sections"]["latency-table"]

@@ -58,6 +58,7 @@ def test_compare_speedup_efficiency():
     assert rows[1]["efficiency"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # times the tiny model; benchmark scripts are slow-set
 def test_bench_tiny_writes_reports(tiny_config, tmp_path, capsys):
     from altermoma.cli_deploy import add_parsers
 

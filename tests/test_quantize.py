@@ -309,6 +309,7 @@ def test_cli_quantize_reference(quantized_tiny):
     assert table["fuser.fuse.0.input_quantizer"].is_enabled
 
 
+@pytest.mark.slow  # times two runtimes; default set: the quantized checkpoint's CLI path
 def test_bench_times_int8_next_to_fp32(quantized_tiny, tmp_path, capsys):
     """`altermoma bench` takes a quantized folder: its Q/DQ graphs (as exported and in ONNX Runtime's CPU form)
     timed whole and per split stage on ONNX Runtime CPU, compared with the FP32 baseline's ort-cpu-fp32."""
@@ -596,7 +597,9 @@ def test_residual_adds_share_one_quantizer_on_both_inputs(tmp_path):
 
     # Exported: every residual Add reads two DequantizeLinear nodes with the same scale; TensorRT-ready, parity.
     export = export_onnx(model, batches[1][:1], tmp_path / "toy.onnx")
-    assert export["readiness_errors"] == 0 and export["max_abs_error"] < 1e-2
+    # Fake quantization and ORT's Q/DQ round a few boundary values apart (one INT8 step of the output, ~12% of
+    # its range on this toy): the loose check is the INT8 parity verdict; the exact one follows.
+    assert export["readiness_errors"] == 0 and export["parity"]["ok"]
     with torch.no_grad(), onnx_qdq_semantics():  # exact parity: both sides compute the graph's Q/DQ arithmetic
         reference = model(batches[1][:1])["map"].numpy()
     session = ort_qdq_session(tmp_path / "toy.onnx", threads=1)

@@ -149,6 +149,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a torchrun job; the 1-vs-2-thread selection stays in the default set
 def test_two_ranks_under_torchrun_select_like_one_process(one_process):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     command += [f"--master_port={_free_port()}", __file__, "--child", "1"]
@@ -165,6 +166,7 @@ def test_two_ranks_under_torchrun_select_like_one_process(one_process):
             assert ours["widths"] == single["widths"], (rank["rank"], name)
 
 
+@pytest.mark.slow  # a CLI prune of the tiny model
 def test_the_report_carries_the_digest_and_the_cli_prints_it():
     from altermoma.cli import print_prune_report
     from common import dist

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from fusion.checkpoint import load_checkpoint, save_checkpoint
@@ -33,6 +34,7 @@ def test_learning_rate_warms_up_then_decays(tiny_config):
     assert learning_rate(50, train) < 1.0 and abs(learning_rate(100, train) - 0.01) < 1e-9
 
 
+@pytest.mark.slow  # default set: test_cli's train-twice identity
 def test_same_seed_same_training_result(tiny_config, tiny_samples):
     train = _train_config(tiny_config, 3)
     a = fit(_fresh_model(tiny_config), Scenes(tiny_samples), train, progress=False)

@@ -188,6 +188,7 @@ def test_reader_leaves_unknown_velocities_unsupervised(config, train_set):
     np.testing.assert_array_equal(item["target_velocity_mask"][[0, *range(2, len(plan.boxes))]], 1.0)
 
 
+@pytest.mark.slow  # training steps; default set: the velocity loss term and pruning
 def test_a_few_training_steps_reduce_the_velocity_loss(config, train_set):
     from fusion.train import fit
 
