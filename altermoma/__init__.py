@@ -40,7 +40,7 @@ _WHERE = {
     "QuantizeConfig": ("export.quantize", "QuantizeConfig"),
     "save_quantized": ("export.quantize", "save_quantized"),
     "load_quantized": ("export.quantize", "load_quantized"),
-    "robustness": ("altermoma.robustness", "robustness"),
+    "robustness": ("altermoma.robust", "robustness"),
 }
 
 

@@ -39,7 +39,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     import torch
 
     from altermoma.cli import load_any_checkpoint, threads_of
-    from altermoma.robustness import KIND, markdown_table, robustness, same_inputs, write_report
+    from altermoma.robust import KIND, markdown_table, robustness, same_inputs, write_report
     from common.io import check_replaceable
     from fusion.data import corruptions
     from fusion.data.source import check_config_fits, open_split

@@ -164,7 +164,7 @@ def test_corrupted_sweep_is_pillarised_and_everything_else_stays_clean(tiny_conf
     """make_sample's points_transform: the identity gives the clean sample bit for bit; LiDAR off leaves the
     pillars empty and every other array (images, targets) clean, and is what CorruptedScenes serves without
     rendering the scene again."""
-    from altermoma.robustness import CorruptedScenes
+    from altermoma.robust import CorruptedScenes
     from fusion.data.dataset import make_sample
 
     clean = make_sample(tiny_config, 1, 0)
@@ -186,7 +186,7 @@ def fusion_model():
 
 def test_clean_column_is_evaluate_and_a_rerun_reproduces_bit_for_bit(val, fusion_model):
     import altermoma
-    from altermoma.robustness import CorruptedScenes, markdown_table
+    from altermoma.robust import CorruptedScenes, markdown_table
     from fusion.evaluate import evaluate
 
     result = altermoma.robustness(fusion_model, None, val, ["lidar_off", "camera_noise"], [2], seed=3, progress=False)
@@ -207,7 +207,7 @@ def test_clean_column_is_evaluate_and_a_rerun_reproduces_bit_for_bit(val, fusion
 
 def test_own_model_with_a_task_and_callable_corruptions():
     """A user model: batches of their own format, corruptions as callables, scored by the Task's mean loss."""
-    from altermoma.robustness import robustness
+    from altermoma.robust import robustness
     from common.task import Task
 
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def test_command_writes_table_plots_and_json_on_shipped_checkpoints(tmp_path, ca
 def test_sparse_encoder_and_a_nuscenes_root(tmp_path):
     """LiDAR off reaches the sparse voxel encoder as an empty cloud; on a nuScenes root the sweeps are corrupted
     as they are read and the whole split is scored with the nuScenes metric."""
-    from altermoma.robustness import CorruptedScenes, robustness
+    from altermoma.robust import CorruptedScenes, robustness
     from fusion.checkpoint import save_checkpoint
     from fusion.config import get_config
     from fusion.data.dataset import collate, make_sample, model_inputs

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 import tempfile
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -409,14 +407,3 @@ def write_report(result: Mapping, out: str | Path, extra: Mapping | None = None)
         (stage / "robustness.md").write_text("\n".join([*header, markdown_table(result)]))
         (stage / "robustness.json").write_text(json.dumps(document, indent=2, default=float))
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """`altermoma.robustness(...)` is the function, but importing this module (`from altermoma.robustness import
-    ...`) sets the package's attribute `robustness` to the module: calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs) -> dict:
-        return robustness(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
