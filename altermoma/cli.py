@@ -411,6 +411,11 @@ def coverage_notes(report: dict) -> list[str]:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from export.quantize import is_quantized_checkpoint
 
+    if args.modality_dropout and (args.qat or args.task is not None or is_quantized_checkpoint(args.checkpoint)):
+        raise ValueError(
+            "--modality-dropout fine-tunes reference fusion checkpoints (not --task models or quantized ones): "
+            "see docs/robustness.md"
+        )
     if args.qat or is_quantized_checkpoint(args.checkpoint):
         from altermoma.cli_quant import cmd_finetune_qat
 
@@ -429,7 +434,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     model, meta = load_checkpoint(args.checkpoint)
     check_config_fits(model.config, source)
     meta = {k: v for k, v in meta.items() if k in ("pruning", "command")}
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, scenes=args.scenes, threads=threads_of(args))
+    config = FinetuneConfig(
+        steps=args.steps,
+        lr=args.lr,
+        scenes=args.scenes,
+        threads=threads_of(args),
+        modality_dropout=args.modality_dropout,
+    )
     start = time.perf_counter()
     train_set = None if source.kind == "synthetic" else open_split(model.config, source, "train")
     finetune(model, config, args.out, metadata=meta, resume=args.resume, sync_bn=args.sync_bn, train_set=train_set)
@@ -471,6 +482,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         from_scratch=args.from_scratch,
         request=prune_request(args),
         finetune_steps=args.finetune_steps,
+        modality_dropout=args.modality_dropout,
         val_scenes=args.val_scenes,
         threads=threads_of(args),
         sync_bn=args.sync_bn,
@@ -552,6 +564,28 @@ THREADS_HELP = "torch threads (default 2; under torchrun: the node's cores / its
 SYNC_BN_HELP = "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)"
 
 
+def dropout_probability(text: str) -> float:
+    """--modality-dropout: a probability in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_modality_dropout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--modality-dropout",
+        type=dropout_probability,
+        default=0.0,
+        metavar="P",
+        help="fine-tune with modality dropout: each sample at each step loses its cameras (P/2) or its LiDAR "
+        "(P/2), never both (fusion checkpoints; default 0: off; docs/robustness.md)",
+    )
+
+
 def add_trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--best-effort", action="store_true", help="accept a result more than 2 points from the target (warned)"
@@ -612,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)
+    add_modality_dropout_arg(p)
     add_data_args(p)
     p.add_argument(
         "--qat", action="store_true", help="quantization-aware: fine-tune a quantized checkpoint, quantizers in place"
@@ -628,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--from-scratch", action="store_true", help="retrain the camera, LiDAR and fusion models first")
     p.add_argument("--finetune-steps", type=non_negative_int, default=300)
+    add_modality_dropout_arg(p)
     p.add_argument("--val-scenes", type=positive_int, default=200)
     p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--sync-bn", action="store_true", help=SYNC_BN_HELP)

@@ -23,7 +23,7 @@ from fusion.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from fusion.config import get_config
 from fusion.data.source import DataSource, check_config_fits, open_split
 from fusion.evaluate import evaluate
-from fusion.finetune import FinetuneConfig, finetune, imp_finetune_fn
+from fusion.finetune import FinetuneConfig, check_modality_dropout, finetune, imp_finetune_fn
 from fusion.models.bevfusion import build_model, example_inputs
 from fusion.task import first_sample, reference_task, scoring_set
 from fusion.train import fit, load_pretrained
@@ -96,12 +96,14 @@ def run_pipeline(
     preset: str = "tiny",
     source: DataSource | None = None,
     int8: Callable[..., tuple[dict, str]] | None = None,
+    modality_dropout: float = 0.0,
 ) -> dict:
     """The main job (module docstring). `int8` (opt-in, `altermoma pipeline --int8` passes
     `altermoma.cli_quant.pipeline_int8`): called as int8(out, unpruned fusion model, fine-tuned checkpoint, row
     name, val scenes, threads) after the fine-tuning row; returns (summary, markdown section) and its INT8 rows
     are added to the table. None: the pipeline is exactly the FP32 one."""
     source = (source or DataSource()).check()
+    check_modality_dropout(modality_dropout)
     if int8 is not None:
         from export.quantize import modelopt_missing
 
@@ -137,7 +139,7 @@ def run_pipeline(
 
     fusion_model = models["fusion"]
     request.imp.finetune_steps = finetune_steps  # IMP's total budget
-    tune_config = FinetuneConfig(steps=finetune_steps, threads=threads)
+    tune_config = FinetuneConfig(steps=finetune_steps, threads=threads, modality_dropout=modality_dropout)
     train_set = None if source.kind == "synthetic" else open_split(config, source, "train")
     imp_tune = imp_finetune_fn(tune_config, train_set, not request.structured, sync_bn=sync_bn)
     batches = scoring_set(config, request.scoring_batches, request.scoring_batch_size, request.seed, source)
@@ -153,28 +155,23 @@ def run_pipeline(
 
     # IMP already spent part of the budget between its levels: every method gets the same total.
     steps = report.get("finetune_steps_remaining", finetune_steps)
+    tuned = f"fusion, {request.method} {target}, fine-tuned {finetune_steps} steps" + (
+        f", modality dropout {modality_dropout:g}" if modality_dropout else ""
+    )
     finetune(
         fusion_model,
-        FinetuneConfig(steps=steps, threads=threads),
+        FinetuneConfig(steps=steps, threads=threads, modality_dropout=modality_dropout),
         out / "finetuned",
         metadata={"pruning": report},
         sync_bn=sync_bn,
         train_set=train_set,
     )
-    rows.append(
-        _row(
-            f"fusion, {request.method} {target}, fine-tuned {finetune_steps} steps",
-            evaluate(fusion_model, val),
-            gflops_after,
-            params,
-        )
-    )
+    rows.append(_row(tuned, evaluate(fusion_model, val), gflops_after, params))
 
     int8_summary, int8_markdown = None, ""
     if int8 is not None:
-        name = f"fusion, {request.method} {target}, fine-tuned {finetune_steps} steps"
         unpruned = load_checkpoint(paths["fusion"])[0]  # models["fusion"] was pruned in place
-        int8_summary, int8_markdown = int8(out, unpruned, out / "finetuned", name, val_scenes, threads)
+        int8_summary, int8_markdown = int8(out, unpruned, out / "finetuned", tuned, val_scenes, threads)
         for row in int8_summary["rows"][2:]:
             rows.append({**_row(row["model"], row, gflops_after, params), "backend": "onnxruntime"})
     table = format_table(rows)
