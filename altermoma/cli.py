@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from altermoma.cli_common import load_any_checkpoint, threads_of
 from altermoma.cli_data import add_data_parsers
 from altermoma.cli_deploy import add_parsers as add_deploy_parsers
 from altermoma.cli_help import apply_flow
@@ -165,19 +166,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         dist.on_main(lambda: atomic_write_text(Path(args.json), json.dumps(metrics, indent=2)))
 
 
-def load_any_checkpoint(directory: str):
-    """A reference checkpoint, pruned or not, or an `altermoma quantize` folder (its PyTorch fake-quant
-    model: the INT8 arithmetic ONNX Runtime and TensorRT run, simulated)."""
-    from export.quantize import is_quantized_checkpoint
-    from fusion.checkpoint import load_checkpoint
-
-    if is_quantized_checkpoint(directory):
-        from altermoma.cli_quant import load_quantized_checkpoint
-
-        return load_quantized_checkpoint(directory)[0]
-    return load_checkpoint(directory)[0]
-
-
 def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
     """nuScenes: the official results JSON, our detection-challenge metric and, where the devkit is
     installed, its DetectionEval on the same file, side by side (written to --out)."""
@@ -225,11 +213,6 @@ def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
     print(f"results: {out / 'results_nusc.json'}")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2, default=float))
-
-
-def threads_of(args: argparse.Namespace) -> int:
-    """--threads, or its default: 2 in one process, the node's cores over its processes under torchrun."""
-    return args.threads if args.threads is not None else dist.default_threads()
 
 
 def prune_request(args: argparse.Namespace):

@@ -38,7 +38,7 @@ def severity_list(text: str) -> tuple[int, ...]:
 def cmd_robustness(args: argparse.Namespace) -> None:
     import torch
 
-    from altermoma.cli import load_any_checkpoint, threads_of
+    from altermoma.cli_common import load_any_checkpoint, threads_of
     from altermoma.robust import KIND, markdown_table, robustness, same_inputs, write_report
     from common.io import check_replaceable
     from fusion.data import corruptions

@@ -285,14 +285,14 @@ def _error_lines(capsys) -> list[str]:
 
 def _nan_loss_at(monkeypatch, call: int) -> None:
     """The reference trainer's loss becomes NaN on its `call`-th evaluation (= step `call`, counted from 1)."""
-    real, calls = fusion.train.task_loss, [0]
+    real, calls = fusion.train.detection_loss, [0]
 
-    def task_loss(*args, **kwargs):
+    def detection_loss(*args, **kwargs):
         calls[0] += 1
         loss, parts = real(*args, **kwargs)
         return (loss * float("nan"), parts) if calls[0] == call else (loss, parts)
 
-    monkeypatch.setattr(fusion.train, "task_loss", task_loss)
+    monkeypatch.setattr(fusion.train, "detection_loss", detection_loss)
 
 
 def test_cli_finetune_nan_loss_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
