@@ -117,7 +117,7 @@ def channel_scores(
     record = diagnostics if diagnostics is not None else {}  # gradient passes in float64 (compress.scores)
     if method == "altereva":
         score = lambda m, b: altereva_saliency(m, task, b, request.altereva, progress)  # noqa: E731
-        saliency = in_float64(score, model, batches, task, record)
+        saliency = in_float64(score, model, batches, task, record, request.scoring_precision)
         deci = settled([s.abs() for s in graph.channel_saliency(saliency.deci)])
         reri = {
             masked: settled([s.abs() for s in graph.channel_saliency(sal)]) for masked, sal in saliency.reri.items()
@@ -135,7 +135,9 @@ def channel_scores(
         a = request.altereva
         return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
-        saliency = in_float64(lambda m, b: signed_saliency(m, task, b), model, batches, task, record)
+        saliency = in_float64(
+            lambda m, b: signed_saliency(m, task, b), model, batches, task, record, request.scoring_precision
+        )
         return settled([s.abs() for s in graph.channel_saliency(saliency)])  # as AlterEva's DeCI
     if method in ("magnitude", "imp"):  # L2 norm of every coupled weight of the channel
         return magnitude_channel_scores(model, graph)
@@ -150,7 +152,7 @@ def channel_scores(
         return synflow_channel_scores(model, graph, task.arguments(example_batch), *args)
     if method == "prospr":
         score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr)  # noqa: E731
-        return in_float64(score, model, batches, task, record)
+        return in_float64(score, model, batches, task, record, request.scoring_precision)
     generator = torch.Generator().manual_seed(request.seed)
     return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
 
@@ -440,7 +442,7 @@ def weight_scores(
     record = diagnostics if diagnostics is not None else {}  # gradient passes in float64 (compress.scores)
     if request.method == "altereva":
         score = lambda m, b: altereva_saliency(m, task, b, request.altereva, progress)  # noqa: E731
-        saliency = in_float64(score, model, batches, task, record)
+        saliency = in_float64(score, model, batches, task, record, request.scoring_precision)
         names = list(weights)
         parts = [partition.part_of(n) or "fusion" for n in names]
         deci = settled([saliency.deci[n].abs() for n in names])
@@ -452,7 +454,9 @@ def weight_scores(
         a = request.altereva
         return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)))
     if request.method == "snip":
-        saliency = in_float64(lambda m, b: signed_saliency(m, task, b), model, batches, task, record)
+        saliency = in_float64(
+            lambda m, b: signed_saliency(m, task, b), model, batches, task, record, request.scoring_precision
+        )
         return {n: saliency[n].abs() for n in weights}
     if request.method in ("magnitude", "imp"):
         return magnitude_weight_scores(model, protected)
@@ -461,7 +465,7 @@ def weight_scores(
         return synflow_weight_scores(model, example, request.sparsity, request.synflow, progress, protected)
     if request.method == "prospr":
         score = lambda m, b: prospr_weight_scores(m, task, b, request.prospr, protected)  # noqa: E731
-        return in_float64(score, model, batches, task, record)
+        return in_float64(score, model, batches, task, record, request.scoring_precision)
     generator = torch.Generator().manual_seed(request.seed)
     return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
 

@@ -11,6 +11,7 @@ from compress.baselines import PROSPR_MODES, ProsprConfig, SynFlowConfig
 from compress.structured import PruningError
 
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
+SCORING_PRECISIONS = ("float64", "model")
 METHOD_OPTIONS = ("altereva", "imp", "synflow", "prospr")  # PruneRequest fields that belong to one method
 
 
@@ -36,6 +37,10 @@ class PruneRequest:
     scoring_batch_size: int = 2
     seed: int = 0
     best_effort: bool = False  # accept a result more than 2 points from the target (warned, miss in the report)
+    # "float64": gradient passes on a float64 copy (the same selection at any thread count, compress.scores);
+    # "model": in the model's own dtype (faster, half the memory; on GPUs with slow FP64 far faster), the
+    # selection may then change with the thread count or the GPU's summation order.
+    scoring_precision: str = "float64"
     altereva: AlterEvaConfig = field(default_factory=AlterEvaConfig)
     imp: IMPConfig = field(default_factory=IMPConfig)
     synflow: SynFlowConfig = field(default_factory=SynFlowConfig)
@@ -61,6 +66,10 @@ class PruneRequest:
             raise PruningError("a latency table applies to structured pruning, not to a sparsity target")
         if self.method == "imp" and self.latency_table is not None:
             raise PruningError("IMP prunes to a GFLOPs target or a sparsity; it takes no latency target or table")
+        if self.scoring_precision not in SCORING_PRECISIONS:
+            raise PruningError(
+                f"unknown scoring precision {self.scoring_precision!r} (choose from {', '.join(SCORING_PRECISIONS)})"
+            )
         if self.method not in METHODS:
             raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if not isinstance(self.round_to, int) or self.round_to < 1:

@@ -177,14 +177,23 @@ def float64_copies(model: nn.Module, batches: list, task: Any) -> tuple[nn.Modul
 
 
 def in_float64(
-    score: Callable[[nn.Module, list], T], model: nn.Module, batches: list, task: Any, record: dict | None = None
+    score: Callable[[nn.Module, list], T],
+    model: nn.Module,
+    batches: list,
+    task: Any,
+    record: dict | None = None,
+    precision: str = "float64",
 ) -> T:
     """`score(model, batches)` run on float64 copies of both, so that a sum's order (the thread count,
     the ranks under torchrun) moves the result by ~1e-16 relative instead of ~1e-7. The model itself is
     never touched. Falls back to the originals, with a warning, for a model that cannot run in float64;
-    `record["precision"]` then names the dtype used."""
+    `record["precision"]` then names the dtype used. `precision="model"` (PruneRequest.scoring_precision)
+    skips the copy: the model's own dtype, for speed and memory where float64 is slow (most GPUs)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), SCORING_DTYPE)
-    copies = (model, batches) if dtype == SCORING_DTYPE else float64_copies(model, batches, task) if batches else None
+    if precision == "model" or not batches:
+        copies = None
+    else:
+        copies = (model, batches) if dtype == SCORING_DTYPE else float64_copies(model, batches, task)
     if record is not None:
         record["precision"] = str(SCORING_DTYPE if copies is not None else dtype).removeprefix("torch.")
     return score(*copies) if copies is not None else score(model, batches)

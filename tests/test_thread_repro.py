@@ -263,3 +263,21 @@ def test_shipped_checkpoint_with_sgd_reactivation_keeps_the_same_channels_at_1_a
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
     child(int(sys.argv[2]))
+
+
+def test_model_precision_skips_the_float64_copy_and_the_report_says_so():
+    """`scoring_precision="model"`: the gradient passes run on the model itself in float32, the scores equal
+    the plain float32 ones exactly, and an unknown value is refused before any work."""
+    from compress.altereva import signed_saliency
+    from compress.request import PruneRequest
+    from compress.scores import in_float64
+    from compress.structured import PruningError
+
+    model, task, batches = small_setup()
+    record: dict = {}
+    fast = in_float64(lambda m, b: signed_saliency(m, task, b), model, batches, task, record, "model")
+    plain = signed_saliency(model, task, batches)
+    assert record == {"precision": "float32"}
+    assert all(fast[n].dtype == torch.float32 and torch.equal(fast[n], plain[n]) for n in plain)
+    with pytest.raises(PruningError, match="unknown scoring precision 'half'"):
+        PruneRequest(target_gflops=0.5, scoring_precision="half").validate()
