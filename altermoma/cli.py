@@ -235,6 +235,7 @@ def prune_request(args: argparse.Namespace):
         max_group_ratio=args.max_group_ratio,
         scoring_batches=args.scoring_batches,
         seed=args.seed,
+        scoring_precision=args.scoring_precision,
         altereva=AlterEvaConfig(
             reactivation_steps=args.reactivation_steps,
             reactivation_lr=args.reactivation_lr,
@@ -510,6 +511,13 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (default 8)")
     p.add_argument("--max-group-ratio", type=float, default=0.9, help="never prune more of one group (default 0.9)")
     p.add_argument("--scoring-batches", type=int, default=4, help="batches (of 2 scenes) in the scoring set")
+    p.add_argument(
+        "--scoring-precision",
+        default="float64",
+        choices=("float64", "model"),
+        help="gradient scores on a float64 copy (default: the same channels at any thread count) or in the model's "
+        "own dtype (faster, half the memory, for GPUs with slow FP64; the selection may vary with thread count)",
+    )
     p.add_argument("--reactivation-steps", type=int, default=8, help="AlterEva's B (default 8; 0: the noise control)")
     p.add_argument("--reactivation-lr", type=float, default=1e-3, help="AlterEva's reactivation lr (default 1e-3)")
     defaults = AlterEvaConfig()
