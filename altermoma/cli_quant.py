@@ -84,10 +84,10 @@ CONFIDENT = 0.3  # a deployment-style score threshold, next to the evaluation's 
 
 
 def detections_per_scene(outputs: dict, grid, score_threshold: float = 0.05) -> list[int]:
-    """Boxes per scene above `score_threshold` (0.05: what the mAP evaluation decodes)."""
-    from fusion.models.heads import decode_boxes
+    """Boxes per scene above `score_threshold` (0.05: what the mAP evaluation decodes), of either head."""
+    from fusion.evaluate import decode_detections
 
-    return [len(d["scores"]) for d in decode_boxes(outputs, grid, score_threshold=score_threshold)]
+    return [len(d["scores"]) for d in decode_detections(outputs, grid, score_threshold=score_threshold)]
 
 
 def _counts(outputs: dict, grid) -> tuple[list[int], list[int]]:

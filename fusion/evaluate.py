@@ -22,12 +22,14 @@ from fusion.models.transfusion import decode_transfusion
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def decode_detections(outputs: dict[str, torch.Tensor], grid) -> list[dict[str, np.ndarray]]:
+def decode_detections(
+    outputs: dict[str, torch.Tensor], grid, score_threshold: float = 0.05
+) -> list[dict[str, np.ndarray]]:
     """Boxes of either head, told apart by its output names: TransFusion's queries (`query_heatmap`) or
     CenterPoint's dense maps (`heatmap`); both decoders return the same per-sample format."""
     if "query_heatmap" in outputs:
-        return decode_transfusion(outputs, grid)
-    return decode_boxes(outputs, grid)
+        return decode_transfusion(outputs, grid, score_threshold=score_threshold)
+    return decode_boxes(outputs, grid, score_threshold=score_threshold)
 
 
 def ground_truth(batch: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:

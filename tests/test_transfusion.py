@@ -154,6 +154,14 @@ def test_decode_hand_built_outputs():
     assert np.allclose(all_three["boxes"][2, 3], math.exp(4.0))  # log-size clamped at 4 as decode_boxes
 
 
+def test_detection_counts_of_the_quantize_report_decode_the_query_head():
+    """`altermoma quantize`'s per-scene detection counts go through the decoder of the head the model has."""
+    from altermoma.cli_quant import detections_per_scene
+
+    assert detections_per_scene(_hand_outputs(), GRID, score_threshold=0.1) == [2]
+    assert detections_per_scene(_hand_outputs(), GRID, score_threshold=0.01) == [3]
+
+
 def test_decoded_forward_is_scored_by_the_metrics():
     head = _head().eval()
     batch = _batch()
