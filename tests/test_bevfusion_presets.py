@@ -208,6 +208,9 @@ def test_backbones_hold_most_of_the_gflops(fusion_model, config):
     assert stages["lidar"]["flops"] == pytest.approx(sum(counted.sparse.values()), rel=1e-9)
     split = split_stage_flops(fusion_model, inputs)  # the CUDA-BEVFusion split: the sparse encoder its own stage
     assert split["lidar_backbone"]["flops"] == stages["lidar"]["flops"] and split["total"]["flops"] == total
+    # Asked for a meta-device count (as `altermoma bench` does), a sparse model is counted on its real inputs.
+    assert stage_flops(fusion_model, inputs, device="meta") == stages
+    assert split_stage_flops(fusion_model, inputs, device="meta") == split
 
 
 def fixed_proposals(model):
