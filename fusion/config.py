@@ -138,6 +138,10 @@ class ModelConfig:
     sparse_channels: tuple[tuple[int, ...], ...] = ((16, 16, 32), (32, 32, 64), (64, 64, 128), (128, 128))
     sparse_down_padding: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 1, 1), (0, 1, 1))
     sparse_out_channels: int = 128
+    # The sparse convs' implementation: "plain" (common.sparse: rulebooks from preprocessing, trains on the CPU,
+    # exports to ONNX) or "spconv" (spconv 2.x: its own rulebooks, CUDA training, spconv deployments). The
+    # parameters are the same, so a checkpoint of one loads into the other.
+    sparse_backend: str = "plain"
     # Detection head: "centerpoint" (dense, head_channels wide) or "transfusion" (TransFusion's query head:
     # the transfusion_* fields, its prediction branches head_channels wide; defaults: BEVFusion's nuScenes head).
     head: str = "centerpoint"
@@ -239,6 +243,7 @@ class Config:
 
 CAMERA_BACKBONES = ("resnet", "swin")
 LIDAR_ENCODERS = ("pillars", "sparse")
+SPARSE_BACKENDS = ("plain", "spconv")  # fusion.models.sparse_encoder.BACKENDS, without importing torch
 HEADS = ("centerpoint", "transfusion")
 
 
@@ -258,6 +263,8 @@ def _check_sparse(config: Config) -> None:
     m, lidar, grid = config.model, config.lidar, config.grid
     if min(lidar.voxel_size) <= 0 or lidar.max_voxels < 1 or lidar.max_points_per_voxel < 1:
         raise ConfigError("lidar.voxel_size must be positive, lidar.max_voxels and max_points_per_voxel >= 1")
+    if m.sparse_backend not in SPARSE_BACKENDS:
+        raise ConfigError(f"model.sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {m.sparse_backend!r}")
     if len(m.sparse_down_padding) != len(m.sparse_channels) - 1:
         raise ConfigError(
             f"model.sparse_down_padding needs one (z, y, x) padding per strided conv: {len(m.sparse_channels) - 1} "

@@ -466,3 +466,26 @@ def test_plain_backend_imports_neither_spconv_nor_the_project():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     roots = {name.split(".")[0] for name in imported if name}
     assert roots <= {"__future__", "math", "collections", "dataclasses", "numpy", "torch"}, roots
+
+
+def test_the_config_switch_runs_a_bevfusion_lidar_branch_on_spconv_with_the_same_weights(spconv):
+    """`model.sparse_backend=spconv`: the same parameters as the plain branch, its own rulebooks from the batch's
+    coordinates, the same BEV features (eval mode, 1 thread); an unknown backend is refused when loaded."""
+    from fusion.config import ConfigError, get_config
+    from fusion.data.dataset import collate, make_sample, model_inputs
+    from fusion.models.bevfusion import build_model
+
+    config = get_config("bevfusion-tiny")
+    torch.manual_seed(0)
+    plain = build_model(config, "lidar").eval()
+    other = build_model(get_config("bevfusion-tiny", {"model.sparse_backend": "spconv"}), "lidar").eval()
+    assert list(plain.state_dict()) == list(other.state_dict())
+    other.load_state_dict(plain.state_dict())
+    inputs = model_inputs(collate([make_sample(config, 0, 0)]))  # padded to max_voxels: spconv drops those rows
+    with torch.no_grad():
+        bev = plain.lidar(inputs["voxels"], inputs["voxel_coords"], inputs["rulebooks"])
+        ref = other.lidar(inputs["voxels"], inputs["voxel_coords"], inputs["rulebooks"])
+    assert bev.abs().max() > 0
+    torch.testing.assert_close(ref, bev, atol=1e-5 * float(bev.abs().max()), rtol=0)
+    with pytest.raises(ConfigError, match="model.sparse_backend must be one of plain, spconv"):
+        get_config("bevfusion-tiny", {"model.sparse_backend": "torchsparse"})

@@ -27,7 +27,9 @@ INPUTS = ("voxels", "voxel_coords", "rulebooks")
 
 
 class VoxelLidarEncoder(nn.Module):
-    """BEVFusion's LiDAR branch on pre-voxelised, pre-ruled batches (plain backend: trains on CPU, exports)."""
+    """BEVFusion's LiDAR branch on pre-voxelised, pre-ruled batches. `model.sparse_backend`: "plain" (trains
+    on CPU, exports; uses the batch's rulebooks) or "spconv" (builds its own rulebooks from the coordinates and
+    ignores the batch's; CUDA training, forward only on spconv's CPU build)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -39,7 +41,7 @@ class VoxelLidarEncoder(nn.Module):
             output_channels=m.sparse_out_channels,
             encoder_channels=m.sparse_channels,
             encoder_paddings=sparse_paddings(m),
-            backend="plain",
+            backend=m.sparse_backend,
         )
         self.specs = tuple(self.backbone.layer_specs())  # geometry only: pruning never changes it
         self.out_channels = self.backbone.out_channels
@@ -49,6 +51,8 @@ class VoxelLidarEncoder(nn.Module):
     ) -> torch.Tensor:
         b, m, f = voxels.shape
         coords = batch_coords(voxel_coords)
+        if self.backbone.backend == "spconv":
+            return self.backbone(voxels.reshape(b * m, f), coords, b)
         book = batch_indice_dict(self.specs, self.backbone.sparse_shape, rulebooks, coords, b)
         return self.backbone(voxels.reshape(b * m, f), coords, b, book)
 
