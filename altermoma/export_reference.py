@@ -187,6 +187,10 @@ def _export_into(
     dataset, collate, model_inputs, evaluate = load
     start = time.perf_counter()
     inputs = example_inputs(model.config, batch_size, model.modality)
+    sample_inputs = [_model_arguments(model, model_inputs(collate([dataset[i]]))) for i in range(len(dataset))]
+    prepare, sparse_rows = _fixed_rows(model.config, [inputs, *sample_inputs])
+    inputs, sample_inputs = prepare(inputs), [prepare(s) for s in sample_inputs]
+    nested = any(isinstance(v, Mapping) for v in inputs.values())
     options = {"opset": opset, "simplify": simplify, "check": True, "threads": threads}
     with eval_mode(model), pool_method_as(model, pool_method), torch_threads(threads):
         method = current_pool_method(model)
@@ -202,15 +206,16 @@ def _export_into(
             for details in split_details.values():
                 details["pool_method"] = method
             paths.update({name: d["path"] for name, d in split_details.items()})
-        sample_inputs = [model_inputs(collate([dataset[i]])) for i in range(len(dataset))]
         parity = parity_report(
             model,
             paths,
             sample_inputs,
             threads,
-            input_names=model.input_names,
+            input_names=None if nested else model.input_names,  # nested: leaves named as the export names them
             atol=CUMSUM_ATOL if method == "cumsum" else FP32_ATOL,
-            metrics_fn=lambda run: _metric_summary(evaluate(run, dataset, batch_size, progress=False)),
+            metrics_fn=lambda run: _metric_summary(
+                evaluate(lambda batch: run(prepare(batch)), dataset, batch_size, progress=False)
+            ),
         )
     parity["pool_method"] = method
     parity["mAP_equal"] = all(m["mAP"] == parity["metrics"]["torch"]["mAP"] for m in parity["metrics"].values())
@@ -224,6 +229,7 @@ def _export_into(
         "opset": int(opset),
         "batch_size": int(batch_size),
         "pool_method": method,
+        **({"sparse_rows": sparse_rows} if sparse_rows else {}),
         "threads": int(threads),
         "versions": versions(),
         "single": single,
@@ -231,6 +237,22 @@ def _export_into(
         "parity": parity,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _model_arguments(model, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs the model takes, by its input names (a batch also holds the other modality's)."""
+    return {name: inputs[name] for name in model.input_names}
+
+
+def _fixed_rows(config, batches: list[dict]) -> tuple[Any, dict | None]:
+    """For a sparse voxel encoder: the rows per level of the exported graph (`lidar.sparse_rows`, or derived
+    from the clouds at hand) and a function padding any batch's rulebooks to them; otherwise nothing to do."""
+    if not any("rulebooks" in b for b in batches):
+        return (lambda inputs: inputs), None
+    from fusion.data.sparse_inputs import export_rows, pad_inputs
+
+    rows, origin = export_rows(config, [b for b in batches if "rulebooks" in b])
+    return (lambda inputs: pad_inputs(inputs, rows, config)), {"rows": rows, "origin": origin}
 
 
 def _mib(n: int) -> str:
@@ -254,6 +276,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"- opset {report['opset']}, batch {report['batch_size']}, static shapes, BEV pooling "
         f"`{report['pool_method']}`, legacy TorchScript exporter (dynamo=False)",
         f"- ONNX Runtime CPUExecutionProvider, intra_op_num_threads={report['threads']}, inter_op=1, sequential",
+        *(
+            [
+                "- sparse sites per level (rulebooks padded to these rows; a denser cloud is refused): "
+                + ", ".join(f"{k} {v}" for k, v in report["sparse_rows"]["rows"].items())
+                + f" ({report['sparse_rows']['origin']})"
+            ]
+            if report.get("sparse_rows")
+            else []
+        ),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         "## Graphs",

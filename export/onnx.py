@@ -1015,6 +1015,17 @@ def _torch_samples(
     return [flatten_call(s, names).named for s in samples], lambda inputs: model(*[inputs[n] for n in names])
 
 
+def _flat_runner(run: Runner) -> Runner:
+    """`run` (which takes tensors by graph input name) taking a model's call instead: nested inputs (a dict of
+    rulebooks, say) are flattened by the export's naming scheme; plain ones pass as they are."""
+
+    def flat(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        call = flatten_call(dict(inputs))
+        return run(inputs if call.plain else call.named)
+
+    return flat
+
+
 def parity_report(
     model: nn.Module,
     onnx_paths: str | os.PathLike | Mapping[str, str | os.PathLike],
@@ -1036,7 +1047,7 @@ def parity_report(
     and the chained split, and the chained split against the single graph; "meets_fp32_target" says
     whether every error is within 1e-4 regardless of `atol`. With `metrics_fn(runner) -> metrics`, the
     metrics through PyTorch and through each ORT pipeline, where a runner maps a dict of torch input
-    tensors to a dict of output tensors.
+    tensors (nested ones too, as the model takes them) to a dict of output tensors.
     """
     if not samples:
         raise ValueError("parity needs at least one sample")
@@ -1068,9 +1079,9 @@ def parity_report(
             report = compare_outputs(_stack(candidates["single"]), _stack(candidates["split"]), atol_fp32=atol)
             result["split_vs_single"] = report.to_dict()
         if metrics_fn is not None:
-            metrics = {"torch": dict(metrics_fn(run_torch))}
+            metrics = {"torch": dict(metrics_fn(_flat_runner(run_torch)))}
             for label, pipeline in pipelines.items():
-                metrics[label] = dict(metrics_fn(pipeline.torch_runner()))
+                metrics[label] = dict(metrics_fn(_flat_runner(pipeline.torch_runner())))
             result["metrics"] = metrics
     compared = [k for k in ("single", "split", "split_vs_single") if k in result]
     result["ok"] = all(result[k]["ok"] for k in compared)

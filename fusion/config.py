@@ -73,6 +73,12 @@ class LidarConfig:
     voxel_size: tuple[float, float, float] = (0.075, 0.075, 0.2)
     max_voxels: int = 160000
     max_points_per_voxel: int = 10
+    # Rows (output sites) of each strided sparse conv's level in an exported graph, one per strided conv in forward
+    # order: ONNX graphs have static shapes, so every cloud's rulebooks are padded to these (a cloud with more sites
+    # is refused, never cut). () lets `altermoma export onnx` derive them from the clouds it exports with (25%
+    # headroom, said in its report); set them to the most your sensor's clouds need, as CUDA-BEVFusion fixes its
+    # buffers.
+    sparse_rows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -263,6 +269,12 @@ def _check_sparse(config: Config) -> None:
     m, lidar, grid = config.model, config.lidar, config.grid
     if min(lidar.voxel_size) <= 0 or lidar.max_voxels < 1 or lidar.max_points_per_voxel < 1:
         raise ConfigError("lidar.voxel_size must be positive, lidar.max_voxels and max_points_per_voxel >= 1")
+    strided = len(m.sparse_channels)  # one strided conv closing every stage but the last, and conv_out
+    if lidar.sparse_rows and (len(lidar.sparse_rows) != strided or min(lidar.sparse_rows) < 1):
+        raise ConfigError(
+            f"lidar.sparse_rows needs one positive row count per strided sparse conv ({strided}), "
+            f"got {list(lidar.sparse_rows)}"
+        )
     if m.sparse_backend not in SPARSE_BACKENDS:
         raise ConfigError(f"model.sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {m.sparse_backend!r}")
     if len(m.sparse_down_padding) != len(m.sparse_channels) - 1:
@@ -507,6 +519,9 @@ def _bevfusion_tiny() -> Config:
     config.lidar.voxel_size = (0.2, 0.2, 0.3)
     config.lidar.max_voxels = BEVFUSION_TINY_MAX_VOXELS
     config.lidar.max_points_per_voxel = 10
+    # Exported graphs' sites per level (spconv1, spconv2, conv_out): the most of 120 scenes (60 train, 60 val:
+    # 3499, 1722, 1531; voxels at most 4180 of the 5000) plus 25%, rounded up to 64.
+    config.lidar.sparse_rows = (4416, 2176, 1920)
     config.model = ModelConfig(
         camera_backbone="swin",
         swin_embed_dim=32,

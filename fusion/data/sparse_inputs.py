@@ -157,3 +157,47 @@ def synthetic_cloud(config: Config, seed: int = 0) -> np.ndarray:
         lag = np.full((len(points), 1), 0.05 * sweep, dtype=np.float32)
         clouds.append(np.concatenate([points, lag], axis=1)[:, : config.lidar.point_features])
     return np.concatenate(clouds)
+
+
+ROW_HEADROOM = 1.25  # derived export rows: the most the clouds at hand need, plus a quarter
+ROW_MULTIPLE = 64
+
+
+def strided_keys(config: Config) -> list[str]:
+    """The strided convs' indice keys in forward order: each opens a level of output sites."""
+    return [spec.indice_key for spec in layer_specs(config) if not spec.subm and not spec.conv1x1]
+
+
+def level_rows(rulebooks: dict[str, torch.Tensor], config: Config) -> dict[str, int]:
+    """Real output sites of each strided conv's level in a batch's rulebooks (the most any sample has)."""
+    return {key: int((rulebooks[f"{key}.coords"][..., 0] >= 0).sum(dim=1).max()) for key in strided_keys(config)}
+
+
+def export_rows(config: Config, batches: Sequence[dict]) -> tuple[dict[str, int], str]:
+    """Fixed rows per level for an exported graph, and where they came from: `lidar.sparse_rows` where set;
+    else the most any of `batches` needs, with ROW_HEADROOM, rounded up to ROW_MULTIPLE."""
+    keys = strided_keys(config)
+    if config.lidar.sparse_rows:
+        return dict(zip(keys, config.lidar.sparse_rows)), "lidar.sparse_rows"
+    most = dict.fromkeys(keys, 1)
+    for batch in batches:
+        for key, rows in level_rows(batch["rulebooks"], config).items():
+            most[key] = max(most[key], rows)
+    rows = {k: -(-int(v * ROW_HEADROOM) // ROW_MULTIPLE) * ROW_MULTIPLE for k, v in most.items()}
+    return rows, f"derived from {len(batches)} batches (the most they need, +25%, rounded up to {ROW_MULTIPLE})"
+
+
+def pad_inputs(inputs: dict, rows: dict[str, int], config: Config) -> dict:
+    """Model inputs with their rulebooks padded to `rows` per level (what an exported graph takes). A batch
+    needing more rows than a level has raises ValueError naming `lidar.sparse_rows`."""
+    if "rulebooks" not in inputs:
+        return inputs
+    need = level_rows(inputs["rulebooks"], config)
+    over = {k: n for k, n in need.items() if n > rows[k]}
+    if over:
+        detail = ", ".join(f"{k}: {n} > {rows[k]}" for k, n in over.items())
+        raise ValueError(
+            f"a cloud has more sparse sites than the exported graph holds ({detail}): raise lidar.sparse_rows"
+        )
+    # A batch is padded to its longest sample, which is `need`: growing each level to `rows` is all it takes.
+    return {**inputs, "rulebooks": pad_rulebooks(dict(inputs["rulebooks"]), rows, config)}
