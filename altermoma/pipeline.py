@@ -111,9 +111,11 @@ def run_pipeline(
             raise ValueError("--int8 calibrates on synthetic training scenes in one process: no --data/torchrun")
         if modelopt_missing():
             raise ValueError(modelopt_missing())
-    if not from_scratch and (preset != "tiny" or source.kind != "synthetic"):
+    shipped = {m: SHIPPED / f"{preset}-{m}" for m in ("camera", "lidar", "fusion")}
+    if not from_scratch and (source.kind != "synthetic" or not all(p.is_dir() for p in shipped.values())):
+        have = sorted(p.name.removesuffix("-fusion") for p in SHIPPED.glob("*-fusion") if p.is_dir())
         raise ValueError(
-            "the shipped checkpoints are tiny models trained on synthetic scenes: "
+            f"shipped checkpoints (trained on synthetic scenes) exist for --preset {', '.join(have)}: "
             "add --from-scratch to train for another --preset or --data"
         )
     check_config_fits(get_config(preset), source)
@@ -124,7 +126,7 @@ def run_pipeline(
     if from_scratch:
         paths = train_from_scratch(out / "trained", threads, sync_bn, preset, source)
     else:
-        paths = {m: SHIPPED / f"tiny-{m}" for m in ("camera", "lidar", "fusion")}
+        paths = shipped
     models = {m: load_checkpoint(p)[0] for m, p in paths.items()}
     config = models["fusion"].config
     val = open_split(config, source, "val", num_scenes=val_scenes)

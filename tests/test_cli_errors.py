@@ -157,6 +157,10 @@ CASES = {
         ["finetune", "--checkpoint", "{shipped}/tiny-fusion", "--out", "{ws}/f", "--dataroot", "{ws}/photos"],
         "--dataroot is for --data nuscenes",
     ),
+    "pipeline-preset-not-shipped": (
+        ["pipeline", "--preset", "small", "--out", "{ws}/p"],
+        "add --from-scratch to train for another --preset or --data",
+    ),
     "synthetic-classes-on-nuscenes": (
         ["evaluate", "--checkpoint", "{shipped}/tiny-fusion", "--data", "nuscenes", "--dataroot", "{ws}/nusc"],
         "not the nuScenes detection classes",
