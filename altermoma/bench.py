@@ -37,7 +37,16 @@ from torch import nn
 from altermoma.flops import flops_table, split_stage_flops, stage_flops
 from common.argtypes import non_negative_int, positive_int
 from common.io import atomic_write, atomic_write_text
-from export.onnx import OrtPipeline, Stage, as_stages, export_onnx, export_split_details, stage_tensors, torch_threads
+from export.onnx import (
+    OrtPipeline,
+    Stage,
+    as_stages,
+    export_onnx,
+    export_split_details,
+    graph_feeds,
+    stage_tensors,
+    torch_threads,
+)
 from export.runtime import latency_summary
 
 CPU_BACKENDS = ("torch-cpu-fp32", "ort-cpu-fp32")
@@ -143,8 +152,9 @@ def availability() -> dict[str, str]:
 # Backends. Each returns {"status": "ok", "total": measure, "stages": {stage: measure}, ...}.
 
 
-def _numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+def _numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy arrays by graph input name; nested inputs (a sparse encoder's rulebooks) by the export's names."""
+    return graph_feeds(dict(tensors))
 
 
 def bench_torch_cpu(

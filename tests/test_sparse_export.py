@@ -95,3 +95,13 @@ def test_parity_metrics_runners_take_the_nested_inputs_the_model_takes(tmp_path)
     with torch.no_grad():
         want = model(**samples[2])["out"].numpy()
     assert np.abs(seen[0][2].numpy() - want).max() == 0 and np.abs(seen[1][2].numpy() - want).max() <= 1e-5
+
+
+def test_bench_feeds_nested_stage_tensors_by_their_graph_names():
+    """`altermoma bench` times ONNX Runtime on a forward pass's stage tensors, rulebooks nested among them."""
+    from altermoma.bench import _numpy
+
+    voxels, gather = torch.rand(1, 5, 4), torch.arange(6).view(1, 2, 3)
+    arrays = _numpy({"voxels": voxels, "rulebooks": {"subm1.gather": gather}, "lidar_bev": voxels * 2})
+    assert sorted(arrays) == ["lidar_bev", "rulebooks.subm1_gather", "voxels"]
+    assert np.array_equal(arrays["rulebooks.subm1_gather"], gather.numpy()) and arrays["voxels"].dtype == np.float32
