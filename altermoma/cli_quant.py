@@ -105,9 +105,11 @@ def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dic
     import numpy as np
     import torch
 
+    from export.onnx import graph_feeds
     from export.parity import compare_outputs
     from export.quantize import ORT_INEXACT_OPTIMIZERS, onnx_qdq_semantics, ort_qdq_session
     from fusion.data.dataset import SyntheticScenes, collate, model_inputs
+    from fusion.data.sparse_inputs import graph_inputs
 
     dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
     sessions = {
@@ -119,13 +121,14 @@ def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dic
     counts: dict[str, tuple[list[int], list[int]]] = {k: ([], []) for k in sides}
     with torch.no_grad():
         for i in range(len(dataset)):
-            inputs = model_inputs(collate([dataset[i]]))
+            inputs = graph_inputs(model_inputs(collate([dataset[i]])), config)
+            feeds = graph_feeds(inputs)  # nested inputs (rulebooks) by the graph's names
             with onnx_qdq_semantics():
                 results = {"torch_exact": dict(model(**inputs))}
             results["torch_modelopt"] = dict(model(**inputs))
             for key, session in sessions.items():
                 names = [o.name for o in session.get_outputs()]
-                feed = {v.name: inputs[v.name].numpy() for v in session.get_inputs()}
+                feed = {v.name: feeds[v.name] for v in session.get_inputs()}
                 results[f"ort_{key}"] = {n: torch.from_numpy(v) for n, v in zip(names, session.run(None, feed))}
             for side in sides:
                 outs[side].append({k: v.numpy() for k, v in results[side].items()})
@@ -170,12 +173,14 @@ def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dic
 
 def ort_map(onnx_path: Path, config, scenes: int, threads: int) -> dict[str, float]:
     """mAP/NDS/mIoU of one graph through ONNX Runtime on `scenes` val scenes."""
-    from export.onnx import OrtPipeline
+    from export.onnx import OrtPipeline, flat_runner
     from fusion.data.dataset import SyntheticScenes
+    from fusion.data.sparse_inputs import graph_inputs
     from fusion.evaluate import evaluate
 
     dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
-    metrics = evaluate(OrtPipeline(onnx_path, threads).torch_runner(), dataset, progress=False)
+    run = flat_runner(OrtPipeline(onnx_path, threads).torch_runner())
+    metrics = evaluate(lambda inputs: run(graph_inputs(inputs, config)), dataset, progress=False)
     return {k: float(metrics[k]) for k in ("mAP", "NDS", "mIoU") if k in metrics}
 
 

@@ -188,7 +188,7 @@ def _export_into(
     start = time.perf_counter()
     inputs = example_inputs(model.config, batch_size, model.modality)
     sample_inputs = [_model_arguments(model, model_inputs(collate([dataset[i]]))) for i in range(len(dataset))]
-    prepare, sparse_rows = _fixed_rows(model.config, [inputs, *sample_inputs])
+    prepare, sparse_rows = _fixed_rows(model.config, inputs)
     inputs, sample_inputs = prepare(inputs), [prepare(s) for s in sample_inputs]
     nested = any(isinstance(v, Mapping) for v in inputs.values())
     options = {"opset": opset, "simplify": simplify, "check": True, "threads": threads}
@@ -244,14 +244,14 @@ def _model_arguments(model, inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {name: inputs[name] for name in model.input_names}
 
 
-def _fixed_rows(config, batches: list[dict]) -> tuple[Any, dict | None]:
-    """For a sparse voxel encoder: the rows per level of the exported graph (`lidar.sparse_rows`, or derived
-    from the clouds at hand) and a function padding any batch's rulebooks to them; otherwise nothing to do."""
-    if not any("rulebooks" in b for b in batches):
+def _fixed_rows(config, example: dict) -> tuple[Any, dict | None]:
+    """For a sparse voxel encoder: the rows per level of the exported graph (`graph_rows`: `lidar.sparse_rows`,
+    or the example cloud's with headroom) and a function padding any batch's rulebooks to them."""
+    if "rulebooks" not in example:
         return (lambda inputs: inputs), None
-    from fusion.data.sparse_inputs import export_rows, pad_inputs
+    from fusion.data.sparse_inputs import graph_rows, pad_inputs
 
-    rows, origin = export_rows(config, [b for b in batches if "rulebooks" in b])
+    rows, origin = graph_rows(config)
     return (lambda inputs: pad_inputs(inputs, rows, config)), {"rows": rows, "origin": origin}
 
 

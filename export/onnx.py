@@ -1015,7 +1015,7 @@ def _torch_samples(
     return [flatten_call(s, names).named for s in samples], lambda inputs: model(*[inputs[n] for n in names])
 
 
-def _flat_runner(run: Runner) -> Runner:
+def flat_runner(run: Runner) -> Runner:
     """`run` (which takes tensors by graph input name) taking a model's call instead: nested inputs (a dict of
     rulebooks, say) are flattened by the export's naming scheme; plain ones pass as they are."""
 
@@ -1079,9 +1079,9 @@ def parity_report(
             report = compare_outputs(_stack(candidates["single"]), _stack(candidates["split"]), atol_fp32=atol)
             result["split_vs_single"] = report.to_dict()
         if metrics_fn is not None:
-            metrics = {"torch": dict(metrics_fn(_flat_runner(run_torch)))}
+            metrics = {"torch": dict(metrics_fn(flat_runner(run_torch)))}
             for label, pipeline in pipelines.items():
-                metrics[label] = dict(metrics_fn(_flat_runner(pipeline.torch_runner())))
+                metrics[label] = dict(metrics_fn(flat_runner(pipeline.torch_runner())))
             result["metrics"] = metrics
     compared = [k for k in ("single", "split", "split_vs_single") if k in result]
     result["ok"] = all(result[k]["ok"] for k in compared)

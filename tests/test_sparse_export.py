@@ -12,7 +12,7 @@ from torch import nn
 
 from export.onnx import export_onnx, parity_report
 from fusion.config import ConfigError, get_config
-from fusion.data.sparse_inputs import export_rows, level_rows, pad_inputs, strided_keys
+from fusion.data.sparse_inputs import graph_rows, level_rows, pad_inputs, strided_keys
 
 
 def _batch(rows: dict[str, int], batch: int = 1) -> dict:
@@ -25,17 +25,22 @@ def _batch(rows: dict[str, int], batch: int = 1) -> dict:
     return {"voxels": torch.zeros(batch, 5, 4), "rulebooks": books}, config
 
 
-def test_rows_come_from_the_config_or_from_the_clouds_with_headroom():
+def test_graph_rows_come_from_the_config_or_from_the_example_cloud_with_headroom():
+    from fusion.data.sparse_inputs import collate_rulebooks, synthetic_cloud, voxel_inputs
+    from fusion.models.bevfusion import example_inputs
+
     config = get_config("bevfusion-tiny")
     assert strided_keys(config) == ["spconv1", "spconv2", "spconv_down2"]
-    rows, origin = export_rows(config, [])
+    rows, origin = graph_rows(config)
     assert rows == dict(zip(strided_keys(config), config.lidar.sparse_rows)) and origin == "lidar.sparse_rows"
+    # every graph exported from example_inputs has these rows
+    assert level_rows(example_inputs(config, 1)["rulebooks"], config) != rows
+    assert {k: example_inputs(config, 1)["rulebooks"][f"{k}.coords"].shape[1] for k in rows} == rows
     derived = dataclasses.replace(config, lidar=dataclasses.replace(config.lidar, sparse_rows=()))
-    first, _ = _batch({"spconv1": 100, "spconv2": 51, "spconv_down2": 1})
-    second, _ = _batch({"spconv1": 80, "spconv2": 60, "spconv_down2": 2})
-    rows, origin = export_rows(derived, [first, second])
-    # the most of the two, +25%, rounded up to 64: 125 -> 128, 75 -> 128, 2 -> 64
-    assert rows == {"spconv1": 128, "spconv2": 128, "spconv_down2": 64} and "derived from 2 batches" in origin
+    sites = level_rows(collate_rulebooks([voxel_inputs(synthetic_cloud(config, 0), config)]), config)
+    rows, origin = graph_rows(derived)
+    assert rows == {k: -(-int(n * 1.25) // 64) * 64 for k, n in sites.items()} and "+25%" in origin
+    assert all(r >= 1.25 * sites[k] and r % 64 == 0 for k, r in rows.items())
 
 
 def test_padding_grows_every_array_of_a_level_and_a_denser_cloud_is_refused():

@@ -173,18 +173,22 @@ def level_rows(rulebooks: dict[str, torch.Tensor], config: Config) -> dict[str, 
     return {key: int((rulebooks[f"{key}.coords"][..., 0] >= 0).sum(dim=1).max()) for key in strided_keys(config)}
 
 
-def export_rows(config: Config, batches: Sequence[dict]) -> tuple[dict[str, int], str]:
-    """Fixed rows per level for an exported graph, and where they came from: `lidar.sparse_rows` where set;
-    else the most any of `batches` needs, with ROW_HEADROOM, rounded up to ROW_MULTIPLE."""
+def graph_rows(config: Config) -> tuple[dict[str, int], str]:
+    """Rows per level of every graph exported from `example_inputs` (their rulebooks are padded to these), and
+    where they come from: `lidar.sparse_rows` where set; else the example cloud's (`synthetic_cloud(config, 0)`)
+    sites per level with ROW_HEADROOM, rounded up to ROW_MULTIPLE."""
     keys = strided_keys(config)
     if config.lidar.sparse_rows:
         return dict(zip(keys, config.lidar.sparse_rows)), "lidar.sparse_rows"
-    most = dict.fromkeys(keys, 1)
-    for batch in batches:
-        for key, rows in level_rows(batch["rulebooks"], config).items():
-            most[key] = max(most[key], rows)
-    rows = {k: -(-int(v * ROW_HEADROOM) // ROW_MULTIPLE) * ROW_MULTIPLE for k, v in most.items()}
-    return rows, f"derived from {len(batches)} batches (the most they need, +25%, rounded up to {ROW_MULTIPLE})"
+    example = collate_rulebooks([voxel_inputs(synthetic_cloud(config, 0), config)])
+    rows = {k: -(-int(n * ROW_HEADROOM) // ROW_MULTIPLE) * ROW_MULTIPLE for k, n in level_rows(example, config).items()}
+    return rows, f"the example cloud's sites +25%, rounded up to {ROW_MULTIPLE} (lidar.sparse_rows is not set)"
+
+
+def graph_inputs(inputs: dict, config: Config) -> dict:
+    """A batch's model inputs as every graph exported from `example_inputs` takes them (rulebooks padded to
+    `graph_rows`); other models' inputs unchanged."""
+    return pad_inputs(inputs, graph_rows(config)[0], config) if "rulebooks" in inputs else inputs
 
 
 def pad_inputs(inputs: dict, rows: dict[str, int], config: Config) -> dict:

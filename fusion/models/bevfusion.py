@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fusion.config import Config
-from fusion.data.sparse_inputs import collate_rulebooks, synthetic_cloud, voxel_inputs
+from fusion.data.sparse_inputs import collate_rulebooks, graph_rows, pad_inputs, synthetic_cloud, voxel_inputs
 from fusion.models.decoder import Decoder, build_fuser
 from fusion.models.heads import CenterHead, MapHead
 from fusion.models.lss import LSSViewTransform
@@ -265,7 +265,8 @@ def example_inputs(
 ) -> dict[str, torch.Tensor]:
     """Inputs of the right shapes and dtypes (for tracing, FLOP counting and export): random images and pillars;
     for the sparse voxel encoder, voxels and rulebooks of synthetic scans (`sparse_inputs.synthetic_cloud`, one
-    scene per sample), since random voxels would have none of a LiDAR sweep's neighbourhoods."""
+    scene per sample), since random voxels would have none of a LiDAR sweep's neighbourhoods, the rulebooks padded
+    to the rows every exported graph has (`sparse_inputs.graph_rows`)."""
     g = torch.Generator().manual_seed(seed)
     rig, lidar = config.rig, config.lidar
     cells = config.grid.size_x * config.grid.size_y
@@ -276,6 +277,7 @@ def example_inputs(
             inputs["voxels"] = torch.from_numpy(np.stack([s["voxels"] for s in samples]))
             inputs["voxel_coords"] = torch.from_numpy(np.stack([s["voxel_coords"] for s in samples]))
             inputs["rulebooks"] = collate_rulebooks(samples)
+            inputs = pad_inputs(inputs, graph_rows(config)[0], config)
     else:
         inputs["pillars"] = torch.randn(
             batch_size, lidar.point_features + 5, lidar.max_pillars, lidar.max_points_per_pillar, generator=g
