@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts single-threaded, whatever the test before it set (a CLI verb sets --threads, default 2):
+    with two xdist workers a file's tests run after other files' in any order, and spconv's CPU kernels race
+    with more than one thread."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return get_config("tiny")
