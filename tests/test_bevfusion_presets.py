@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +38,7 @@ from fusion.train import batch_indices, fit
 torch.set_num_threads(1)
 PRESET = "bevfusion-tiny"
 PARTS = ("camera", "lidar", "fusion")
+SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights"
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +340,21 @@ def test_fit_trains_a_transfusion_head_with_detection_loss(config, tmp_path):
     assert recorded == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(KeyError):  # the CenterPoint loss cannot read these outputs: the old fit crashed here
         task_loss(model(**model_inputs(batch)), batch)
+
+
+@pytest.mark.parametrize("modality", PARTS)
+def test_shipped_checkpoints_load_and_detect(modality, batch):
+    """The shipped `bevfusion-tiny-*` folders (MODEL_CARD_BEVFUSION_TINY.md): their manifest holds, they are this
+    preset and modality, fully trained to their schedule, and detect with finite outputs; fusion starts from the
+    two shipped single-modal folders."""
+    folder = SHIPPED / f"{PRESET}-{modality}"
+    model, meta = load_checkpoint(folder, expect_preset=PRESET)
+    assert meta["modality"] == modality and meta["step"] == meta["train"]["steps"] > 0
+    assert f"--modality {modality} --preset {PRESET}" in meta["command"]
+    if modality == "fusion":
+        assert f"--init-lidar fusion/weights/{PRESET}-lidar" in meta["command"]
+        assert f"--init-camera fusion/weights/{PRESET}-camera" in meta["command"]
+    with torch.no_grad():
+        outputs = model.eval()(**{k: v for k, v in model_inputs(batch).items() if k in model.input_names})
+    assert all(torch.isfinite(v).all() for v in outputs.values())
+    assert len(decode_detections(outputs, model.config.grid)[0]) > 0
