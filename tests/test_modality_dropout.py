@@ -87,10 +87,10 @@ def tuned_model(config):
 
 
 def test_p0_fine_tunes_bit_for_bit_as_before(tiny_config, tiny_samples):
-    tune = F.FinetuneConfig(steps=2, batch_size=1, threads=1)  # modality_dropout 0.0
+    tune = F.FinetuneConfig(steps=1, batch_size=1, threads=1)  # modality_dropout 0.0
     ours = F.finetune(tuned_model(tiny_config), tune, train_set=tiny_samples[:4], progress=False)
     train = dataclasses.replace(  # the fine-tune as it was before the option existed: fit on the samples
-        tiny_config.train, steps=2, lr=tune.lr, batch_size=1, warmup_steps=0, seed=0, threads=1, checkpoint_every=1
+        tiny_config.train, steps=1, lr=tune.lr, batch_size=1, warmup_steps=0, seed=0, threads=1, checkpoint_every=1
     )
     before = fit(tuned_model(tiny_config), tiny_samples[:4], train, progress=False)
     for (name, a), b in zip(ours.state_dict().items(), before.state_dict().values()):
@@ -103,20 +103,18 @@ def test_fit_reads_each_step_with_its_drops_and_resume_keeps_p(tiny_config, tiny
     monkeypatch.setattr(
         F, "dropped_modality", lambda p, seed, step, i: calls.append((step, i)) or real(p, seed, step, i)
     )
-    tune = F.FinetuneConfig(steps=2, batch_size=1, threads=1, seed=5, modality_dropout=0.5)
-    F.finetune(tuned_model(tiny_config), tune, tmp_path / "run", train_set=tiny_samples[:4], progress=False)
-    assert calls == [(s, batch_indices(4, 1, 5, s)[0]) for s in range(2)]  # the trainer's step and batch
+    tune = F.FinetuneConfig(steps=1, batch_size=1, threads=1, seed=5, modality_dropout=0.5)
+    run, data = tmp_path / "run", tiny_samples[:4]
+    F.finetune(tuned_model(tiny_config), tune, run, train_set=data, progress=False)
+    assert calls == [(0, batch_indices(4, 1, 5, 0)[0])]  # the trainer's step and batch
+    longer = dataclasses.replace(tune, steps=2)
+    F.finetune(tuned_model(tiny_config), longer, run, resume=True, train_set=data, progress=False)
+    assert calls[1:] == [(1, batch_indices(4, 1, 5, 1)[0])]  # a resumed run goes on with the next step's drops
     with pytest.raises(CheckpointError, match="modality dropout was 0.5, now 0"):
-        F.finetune(
-            tuned_model(tiny_config),
-            dataclasses.replace(tune, modality_dropout=0.0),
-            tmp_path / "run",
-            resume=True,
-            train_set=tiny_samples[:4],
-            progress=False,
-        )
+        again = dataclasses.replace(tune, steps=2, modality_dropout=0.0)
+        F.finetune(tuned_model(tiny_config), again, run, resume=True, train_set=data, progress=False)
     with pytest.raises(ValueError, match="needs a fusion model"):
-        F.finetune(build_model(tiny_config, "lidar"), tune, train_set=tiny_samples[:4], progress=False)
+        F.finetune(build_model(tiny_config, "lidar"), tune, train_set=data, progress=False)
 
 
 @pytest.mark.parametrize("value", ["1", "-0.1", "nan", "half"])
