@@ -83,14 +83,15 @@ def _planted_ranks(graph, scores) -> dict[str, int]:
     return {g.root: int((s < s[PLANTED[g.root]]).sum()) for g, s in zip(graph.groups, scores) if g.root in PLANTED}
 
 
-# Variants of a default case (AlterEva at other betas: beta 0 is SNIP's ranking, tested below; ProsPr's
-# full meta-gradient: its first-order form runs here, the full one in test_byom.py): `make test-slow`.
+# Slow set (`make test-slow`): the planted channel for AlterEva (every beta), SynFlow and ProsPr, whose scoring
+# takes longest; the default set keeps SNIP's (AlterEva's DeCI) and magnitude's, and ProsPr-without-steps = SNIP.
+# The shared harness keeps its data-free and gradient cases in the slow set too; SynFlow's bit-identity stays.
 SLOW_CASES = {
     f"test_planted_channel_ranks_last[{i}]"
-    for i in ("altereva-beta0", "beta2", "prospr-full", "synflow", "prospr-first-order")
+    for i in ("altereva", "altereva-beta0", "beta2", "prospr-full", "synflow", "prospr-first-order")
 } | {
     f"test_new_methods_prune_through_the_shared_harness[{case}]"
-    for case in ("prospr-structured", "prospr-unstructured", "synflow-unstructured")
+    for case in ("prospr-structured", "prospr-unstructured", "synflow-structured", "synflow-unstructured")
 }
 # (ProsPr's default-set cases: test_prospr_without_inner_steps_is_snip here and zoo model A in test_zoo.py.)
 
@@ -115,6 +116,7 @@ def test_planted_channel_ranks_last(planted, method, request_):
     assert _planted_ranks(graph, scores) == dict.fromkeys(PLANTED, 0)
 
 
+@pytest.mark.slow  # AlterEva on the planted model; default set: the planted-channel cases of SNIP and magnitude
 def test_printed_eq13_ranks_live_channels_below_a_dead_one(planted):
     """Why AlterEva floors its scores: with Eq. 13 as printed (floor=None) the planted channel scores ~0
     while live channels reactivated more than they contribute score below it, so they would go first."""
@@ -284,6 +286,7 @@ def test_level_steps_split_the_budget_exactly():
     assert sum(level_steps(7, 4)) == 7
 
 
+@pytest.mark.slow  # IMP levels with fine-tunes; default set: test_prune_routes_imp_and_leaves_the_last_fine_tune_to_the_caller
 def test_imp_hits_the_gflops_target_in_levels(tiny_config, tiny_samples):
     model = _random_model(tiny_config)
     batches = scoring_set(tiny_config, 1, 2)

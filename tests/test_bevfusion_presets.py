@@ -238,6 +238,7 @@ def _prune_half(model, config, method: str = "magnitude") -> dict:
     return report
 
 
+@pytest.mark.slow  # the whole fusion preset; default set: the LiDAR-only prune below (sparse convs, TransFusion)
 def test_magnitude_prune_to_half_gflops_cuts_all_three_partitions(fusion_model, config, batch, tmp_path):
     model = fixed_proposals(copy.deepcopy(fusion_model))
     assert {"heads.det.heatmap_head.1", "camera.backbone.layers.0.blocks.0.attn.qkv"} <= set(protected_names(model))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pku_fusion.py"
 OUTPUT_LAYERS = {"heads.heatmap.out": 3, "heads.box.out": 4, "heads.scene": 5}
 METHODS = ["altereva", "snip", "magnitude", "random", "synflow", "prospr"]
-SLOW_CASES = {"test_structured_half_gflops[synflow]"}  # default set: structured SynFlow in test_baselines.py
+SLOW_CASES = {"test_structured_half_gflops[synflow]"}  # default set: SynFlow bit-identity in test_baselines.py
 
 
 def _load_example():
@@ -263,6 +263,7 @@ def test_export_onnx_of_pruned_model_matches(structured, scoring, tmp_path):
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
+@pytest.mark.slow  # the CLI path on a user model; default set: the same steps through the API here
 def test_cli_prune_finetune_export(tmp_path, monkeypatch):
     import altermoma.cli
 

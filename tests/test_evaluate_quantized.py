@@ -13,6 +13,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (the `quant` extra) is not installed")
 
 
+@pytest.mark.slow  # calibrates and evaluates the tiny model; default set: the Q/DQ unit tests in test_quantize
 def test_evaluate_scores_a_quantized_checkpoint_close_to_its_float_source(tmp_path):
     quantized = tmp_path / "int8"
     assert main(["quantize", "--checkpoint", str(SHIPPED), "--out", str(quantized), "--calib-scenes", "2"]) == 0

@@ -58,7 +58,7 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["scatter", "cumsum"])
+@pytest.mark.parametrize("method", ["scatter", pytest.param("cumsum", marks=pytest.mark.slow)])  # cumsum: slow set
 def test_single_graph_parity(fusion_model, samples, tmp_path, method):
     before = _state(fusion_model)
     details = _export(fusion_model, tmp_path / f"{method}.onnx", pool_method=method)
@@ -158,6 +158,7 @@ def test_missing_output_directory(fusion_model, tmp_path):
         _export_split(fusion_model, tmp_path / "nope")
 
 
+@pytest.mark.slow  # a tiny fusion export; default set: readiness rules in test_trt_check, staging in test_faults
 def test_readiness_error_blocks_export_and_keeps_old_file(fusion_model, tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"previous good export")

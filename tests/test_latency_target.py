@@ -590,6 +590,7 @@ def fake_machine(monkeypatch):
     return holder
 
 
+@pytest.mark.slow  # the CLI on the tiny model; default set: test_cli_latency_table_and_prune_for_a_user_task
 def test_cli_latency_table_then_prune_to_a_latency_target(tmp_path, capsys, fake_machine):
     table = tmp_path / "tiny-ort.json"
     argv = ["latency-table", "--checkpoint", TINY, "--out", str(table), "--grid-points", "2", "--runs", "3"]

@@ -23,6 +23,7 @@ def root(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # every verb on a written nuScenes root; default set: the reader, writer and metric tests
 def test_train_prune_finetune_evaluate_on_a_nuscenes_root(root, tmp_path, capsys):
     data = ["--data", "nuscenes", "--dataroot", str(root), "--version", "v1.0-mini"]
     train = ["train", "--modality", "fusion", "--preset", "nuscenes-tiny", "--out", str(tmp_path / "t")]

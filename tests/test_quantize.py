@@ -269,6 +269,7 @@ def quantized_tiny(tmp_path_factory):
     return out, printed.getvalue()
 
 
+@pytest.mark.slow  # quantize --onnx of the shipped tiny model (ModelOpt calibration, ORT parity); default set: the Q/DQ unit tests here
 def test_cli_quantize_reference(quantized_tiny):
     from altermoma.cli_quant import load_quantized_checkpoint
     from export.quantize import quantizers
@@ -379,6 +380,7 @@ def test_pipeline_int8_rows(tmp_path):
         (["quantize"], "is already quantized"),
     ],
 )
+@pytest.mark.slow  # needs the quantized tiny checkpoint (quantize --onnx)
 def test_quantized_checkpoint_refused(quantized_tiny, tmp_path, capsys, argv, message):
     """One `error:` line, status 2, before any work, nothing written."""
     from altermoma.cli import main
@@ -390,6 +392,7 @@ def test_quantized_checkpoint_refused(quantized_tiny, tmp_path, capsys, argv, me
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # needs the quantized tiny checkpoint (quantize --onnx)
 def test_qat_trains_weights_keeps_scales(quantized_tiny, tmp_path):
     from altermoma.cli import main
     from altermoma.cli_quant import load_quantized_checkpoint

@@ -129,6 +129,7 @@ def one_process() -> dict[int, dict]:
 
 
 # ---- the tests --------------------------------------------------------------------------------------
+@pytest.mark.slow  # two child processes score every method; default set: float64 scoring and settled rounding unit tests here
 def test_scores_and_channels_are_the_same_at_1_and_2_threads(one_process):
     assert [one_process[t]["threads"] for t in (1, 2)] == [1, 2]
     single, double = one_process[1]["results"], one_process[2]["results"]

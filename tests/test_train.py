@@ -63,6 +63,7 @@ def test_resume_continues_exactly(tiny_config, tiny_samples, tmp_path):
     assert meta["step"] == 4
 
 
+@pytest.mark.slow  # 100 training steps; default set: exact resume here, train-twice identity in test_cli
 def test_training_lowers_the_loss(tiny_config, tiny_samples):
     from fusion.data.dataset import collate, model_inputs
     from fusion.losses import task_loss

@@ -241,6 +241,7 @@ def test_results_velocities_are_the_predictions_rotated_to_global(config, root):
     assert checked > 0
 
 
+@pytest.mark.slow  # a prune of the velocity model; default set: the velocity loss term
 def test_pruning_keeps_the_velocity_output_and_its_loss(config, train_set):
     """The branch's last conv is an output layer the graph protects: a pruned model still predicts (vx, vy)."""
     from compress.prune import prune
