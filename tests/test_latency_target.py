@@ -645,6 +645,7 @@ def test_cli_refuses_a_bad_table_and_keeps_the_one_already_there(tmp_path, capsy
     assert len(err) == 1 and "judged bad when it was built" in err[0] and not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow  # the CLI table + prune of a user task; default set: the table, verdict and selection unit tests here
 def test_cli_latency_table_and_prune_for_a_user_task(tmp_path, monkeypatch, fake_machine):
     """`--task`: a user's model (depthwise and grouped convs, squeeze-excite) gets a table and a latency prune."""
     monkeypatch.chdir(ROOT)
