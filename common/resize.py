@@ -22,6 +22,9 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> in
     """Give every conv/sparse conv/linear/norm layer the channel counts found in `state`; returns the layers resized."""
     resized = 0
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):  # in_proj_weight, not weight; out_proj is a Linear below
+            resized += _resize_attention(name, module, state)
+            continue
         key = f"{name}.weight" if name else "weight"
         if key not in state or not isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
@@ -39,6 +42,30 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> in
                 setattr(module, buffer_name, torch.empty_like(state[full]))
         resized += 1
     return resized
+
+
+def _resize_attention(name: str, module: nn.MultiheadAttention, state: dict[str, torch.Tensor]) -> int:
+    """A packed-projection attention whose embedding was pruned: (3E, E) in_proj_weight, heads kept (head_dim
+    shrinks). Returns 1 if resized."""
+    prefix = f"{name}." if name else ""
+    key = f"{prefix}in_proj_weight"
+    if key not in state or module.in_proj_weight is None:
+        return 0
+    shape = tuple(state[key].shape)
+    if shape == tuple(module.in_proj_weight.shape):
+        return 0
+    embed = shape[1]
+    if shape[0] != 3 * embed or embed % module.num_heads:
+        raise ResizeError(f"layer {name}: attention with {module.num_heads} heads cannot take in_proj_weight {shape}")
+    module.embed_dim = module.kdim = module.vdim = embed
+    module.head_dim = embed // module.num_heads
+    module.in_proj_weight = nn.Parameter(torch.empty_like(state[key]))
+    if module.in_proj_bias is not None and f"{prefix}in_proj_bias" in state:
+        module.in_proj_bias = nn.Parameter(torch.empty_like(state[f"{prefix}in_proj_bias"]))
+    for bias in ("bias_k", "bias_v"):
+        if getattr(module, bias) is not None and f"{prefix}{bias}" in state:
+            setattr(module, bias, nn.Parameter(torch.empty_like(state[f"{prefix}{bias}"])))
+    return 1
 
 
 def _resize_layer(name: str, module: nn.Module, shape: tuple[int, ...]) -> None:

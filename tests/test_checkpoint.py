@@ -128,3 +128,35 @@ def test_checkpoint_files_are_readable_by_others(tiny_config, tmp_path):
     for name in ("model.safetensors", "checkpoint.json"):
         mode = stat.S_IMODE((tmp_path / "c" / name).stat().st_mode)
         assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_a_pruned_attention_embedding_is_rebuilt_from_its_stored_shapes():
+    """`nn.MultiheadAttention` keeps its projections in `in_proj_weight` (3E, E), not `weight`: a checkpoint whose
+    attention embedding was pruned (heads kept, head_dim smaller) rebuilds at the stored width and computes the
+    same outputs; an embedding the heads cannot split is refused."""
+    from torch import nn
+
+    from common.resize import ResizeError, resize_to_state_dict
+
+    class Attend(nn.Module):
+        def __init__(self, embed: int) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, embed), nn.Linear(embed, 2)
+            self.att = nn.MultiheadAttention(embed, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(self.att(h, h, h, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    pruned, fresh = Attend(24).eval(), Attend(32).eval()
+    assert resize_to_state_dict(fresh, pruned.state_dict()) == 4  # inp, att, att.out_proj, out
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.att.embed_dim == 24 and fresh.att.head_dim == 6
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), pruned(x))
+    odd = {k: v for k, v in Attend(32).state_dict().items()}
+    odd["att.in_proj_weight"] = torch.zeros(3 * 30, 30)
+    with pytest.raises(ResizeError, match="attention with 4 heads cannot take in_proj_weight"):
+        resize_to_state_dict(Attend(32), odd)
