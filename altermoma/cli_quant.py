@@ -109,9 +109,10 @@ def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dic
     from export.parity import compare_outputs
     from export.quantize import ORT_INEXACT_OPTIMIZERS, onnx_qdq_semantics, ort_qdq_session
     from fusion.data.dataset import SyntheticScenes, collate, model_inputs
-    from fusion.data.sparse_inputs import graph_inputs
+    from fusion.data.sparse_inputs import graph_padding
 
     dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
+    pad, _ = graph_padding(config)
     sessions = {
         "exact": ort_qdq_session(onnx_path, threads, exact=True),
         "default": ort_qdq_session(onnx_path, threads, exact=False),
@@ -121,7 +122,7 @@ def qdq_parity(model, onnx_path: Path, config, scenes: int, threads: int) -> dic
     counts: dict[str, tuple[list[int], list[int]]] = {k: ([], []) for k in sides}
     with torch.no_grad():
         for i in range(len(dataset)):
-            inputs = graph_inputs(model_inputs(collate([dataset[i]])), config)
+            inputs = pad(model_inputs(collate([dataset[i]])))
             feeds = graph_feeds(inputs)  # nested inputs (rulebooks) by the graph's names
             with onnx_qdq_semantics():
                 results = {"torch_exact": dict(model(**inputs))}
@@ -175,12 +176,12 @@ def ort_map(onnx_path: Path, config, scenes: int, threads: int) -> dict[str, flo
     """mAP/NDS/mIoU of one graph through ONNX Runtime on `scenes` val scenes."""
     from export.onnx import OrtPipeline, flat_runner
     from fusion.data.dataset import SyntheticScenes
-    from fusion.data.sparse_inputs import graph_inputs
+    from fusion.data.sparse_inputs import graph_padding
     from fusion.evaluate import evaluate
 
     dataset = SyntheticScenes(config, "val", num_scenes=scenes, progress=False)
-    run = flat_runner(OrtPipeline(onnx_path, threads).torch_runner())
-    metrics = evaluate(lambda inputs: run(graph_inputs(inputs, config)), dataset, progress=False)
+    run, (pad, _) = flat_runner(OrtPipeline(onnx_path, threads).torch_runner()), graph_padding(config)
+    metrics = evaluate(lambda inputs: run(pad(inputs)), dataset, progress=False)
     return {k: float(metrics[k]) for k in ("mAP", "NDS", "mIoU") if k in metrics}
 
 

@@ -27,6 +27,7 @@ from export.onnx import (
     torch_threads,
     versions,
 )
+from fusion.data.sparse_inputs import graph_padding
 from fusion.models.bevfusion import POOL_METHODS, current_pool_method, example_inputs, pool_method_as
 from fusion.models.stages import split_stages
 
@@ -188,7 +189,8 @@ def _export_into(
     start = time.perf_counter()
     inputs = example_inputs(model.config, batch_size, model.modality)
     sample_inputs = [_model_arguments(model, model_inputs(collate([dataset[i]]))) for i in range(len(dataset))]
-    prepare, sparse_rows = _fixed_rows(model.config, inputs)
+    prepare, sparse_rows = graph_padding(model.config)
+    sparse_rows = sparse_rows if "rulebooks" in inputs else None  # a camera-only model has no sparse encoder
     inputs, sample_inputs = prepare(inputs), [prepare(s) for s in sample_inputs]
     nested = any(isinstance(v, Mapping) for v in inputs.values())
     options = {"opset": opset, "simplify": simplify, "check": True, "threads": threads}
@@ -242,17 +244,6 @@ def _export_into(
 def _model_arguments(model, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """The inputs the model takes, by its input names (a batch also holds the other modality's)."""
     return {name: inputs[name] for name in model.input_names}
-
-
-def _fixed_rows(config, example: dict) -> tuple[Any, dict | None]:
-    """For a sparse voxel encoder: the rows per level of the exported graph (`graph_rows`: `lidar.sparse_rows`,
-    or the example cloud's with headroom) and a function padding any batch's rulebooks to them."""
-    if "rulebooks" not in example:
-        return (lambda inputs: inputs), None
-    from fusion.data.sparse_inputs import graph_rows, pad_inputs
-
-    rows, origin = graph_rows(config)
-    return (lambda inputs: pad_inputs(inputs, rows, config)), {"rows": rows, "origin": origin}
 
 
 def _mib(n: int) -> str:

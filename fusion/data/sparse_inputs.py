@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -185,10 +185,14 @@ def graph_rows(config: Config) -> tuple[dict[str, int], str]:
     return rows, f"the example cloud's sites +25%, rounded up to {ROW_MULTIPLE} (lidar.sparse_rows is not set)"
 
 
-def graph_inputs(inputs: dict, config: Config) -> dict:
-    """A batch's model inputs as every graph exported from `example_inputs` takes them (rulebooks padded to
-    `graph_rows`); other models' inputs unchanged."""
-    return pad_inputs(inputs, graph_rows(config)[0], config) if "rulebooks" in inputs else inputs
+def graph_padding(config: Config) -> tuple[Callable[[dict], dict], dict | None]:
+    """A function giving any batch's model inputs the shapes every graph exported from `example_inputs` has
+    (rulebooks padded to `graph_rows`, computed once here), and {"rows", "origin"}; for a config without the
+    sparse encoder, the identity and None."""
+    if config.model.lidar_encoder != "sparse":
+        return (lambda inputs: inputs), None
+    rows, origin = graph_rows(config)
+    return (lambda inputs: pad_inputs(inputs, rows, config)), {"rows": rows, "origin": origin}
 
 
 def pad_inputs(inputs: dict, rows: dict[str, int], config: Config) -> dict:
