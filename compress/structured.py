@@ -677,6 +677,8 @@ class ChannelGraph:
                     m.weight.index_fill_(dim, idxs, 0.0)
                     if m.bias is not None and (item.kind == "out" or isinstance(m, NORMS)):
                         m.bias.index_fill_(0, idxs, 0.0)
+                    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+                        _normalize_over_kept_channels(m, idxs)
                 for item in group.extras:
                     idxs = item.idxs[mask[item.root_idxs]]
                     if len(idxs):
@@ -762,6 +764,30 @@ class ChannelGraph:
         for group in self.groups:
             result[group.root] = layer_channels(modules[group.root])[1]
         return result
+
+
+def _normalize_over_kept_channels(norm: nn.LayerNorm, removed: torch.Tensor) -> None:
+    """Make a zeroed LayerNorm compute what the pruned one will: zeroed inputs still count in its mean and
+    variance, removed ones do not (a transformer's residual stream, Swin's patch merging). Statistics are
+    taken over the kept channels only, by a forward hook on this (reference) copy; the removed channels
+    stay zero (their weight and bias are zeroed)."""
+    keep = getattr(norm, "altermoma_kept_channels", None)
+    if keep is None:
+        keep = torch.ones(norm.normalized_shape[0], dtype=torch.bool)
+        norm.register_forward_hook(_kept_channel_layer_norm)
+    keep = keep.clone()
+    keep[removed] = False
+    norm.altermoma_kept_channels = keep
+
+
+def _kept_channel_layer_norm(norm: nn.LayerNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    keep = norm.altermoma_kept_channels.to(output.device)
+    weight = None if norm.weight is None else norm.weight[keep]
+    bias = None if norm.bias is None else norm.bias[keep]
+    kept = nn.functional.layer_norm(inputs[0][..., keep], (int(keep.sum()),), weight, bias, norm.eps)
+    result = torch.zeros_like(output)
+    result[..., keep] = kept
+    return result
 
 
 def _zero_extra(model: nn.Module, modules: dict[str, nn.Module], item: GroupItem, idxs: torch.Tensor) -> None:

@@ -11,6 +11,11 @@ Kept in one place (shared/notes/torch-pruning.md asks for it), each piece with i
   the channel dim into it, (N, C, D, ...) -> (N, C * D, ...) as `.dense().view(N, C * D, H, W)` does after
   a sparse encoder, maps channel c to c * D ... c * D + D - 1; its inverse maps back; anything else gets
   no mapping (the channel-coupling checks of `ChannelGraph` and zero-then-prune then decide).
+  While tracing, every reshape's input and output shapes are recorded, so the fold is decided from both (a
+  neighbour's channel count that happens to equal a spatial size is not taken for a fold: Swin's attention
+  logits (windows, heads, N, N) once coupled heads to 16 x as many qkv channels and group building never ended).
+  A channels-last fold, (..., D, C) -> (..., D * C) as Swin's patch merging (timm: reshape, permute, flatten)
+  builds its 4C features, maps channel c to c, C + c, ..., (D - 1) C + c (`InterleaveIndexMapping`).
   torch-pruning recomputes index mappings in every `get_pruning_group`, so this one is installed for good
   when the module is imported (`install_reshape_mapping`), not only while tracing.
 - Concat sizes: torch-pruning infers each input's channel count by walking back to the nearest layer, which
@@ -70,8 +75,85 @@ def fold_stride(shape: list[int], in_channels: int, out_channels: int) -> int | 
     return in_channels // out_channels if in_channels % out_channels == 0 else None  # unfold
 
 
+def recorded_fold(
+    in_shape: list[int], out_shape: list[int], in_channels: int | None, out_channels: int | None
+) -> tuple[str, int] | None:
+    """How a reshape with these recorded shapes moves channels, as (kind, D), or None when it does not fold:
+    "first": (N, C, D1, ...) -> (N, C * D, ...) folds the dims after a dim-1 channel into it (a sparse encoder's
+    depth, a flatten for a Linear); "unfold": the same backwards; "last": (..., D1, ..., C) -> (..., D * C) folds
+    trailing positions into a last-dim channel (Swin's patch merging). The channel count must be what the
+    producing layers give (fold) or the consuming layers take (unfold). Where two readings fit (a spatial size
+    equal to the channel count), None: the coupling checks and zero-then-prune decide."""
+    found = []
+    if in_channels is not None and len(in_shape) >= 3 and in_shape[1] == in_channels:
+        for k in range(3, len(in_shape) + 1):
+            d = math.prod(in_shape[2:k])
+            if d > 1 and out_shape == [in_shape[0], in_channels * d, *in_shape[k:]]:
+                found.append(("first", d))
+                break
+    if out_channels is not None and len(out_shape) >= 3 and out_shape[1] == out_channels:
+        for k in range(3, len(out_shape) + 1):
+            d = math.prod(out_shape[2:k])
+            if d > 1 and in_shape == [out_shape[0], out_channels * d, *out_shape[k:]]:
+                found.append(("unfold", d))
+                break
+    if in_channels is not None and len(in_shape) >= 2 and in_shape[-1] == in_channels:
+        for j in range(len(in_shape) - 1):
+            d = math.prod(in_shape[j:-1])
+            if d > 1 and out_shape == [*in_shape[:j], in_channels * d]:
+                found.append(("last", d))
+                break
+    return found[0] if len(found) == 1 else None
+
+
+class InterleaveIndexMapping:
+    """Channels-last fold (..., D, C) -> (..., D * C): channel c becomes c, C + c, ..., (D - 1) * C + c; in
+    reverse, folded channel i came from channel i % C. (torch-pruning's flatten mapping assumes c * D ...)"""
+
+    def __init__(self, channels: int, copies: int, reverse: bool = False):
+        self.channels, self.copies, self.reverse = channels, copies, reverse
+
+    def __call__(self, idxs: list) -> list:
+        hybrid = index_mapping._helpers._HybridIndex
+        if self.reverse:
+            return list(dict.fromkeys(hybrid(idx=i.idx % self.channels, root_idx=i.root_idx) for i in idxs))
+        return [hybrid(idx=k * self.channels + i.idx, root_idx=i.root_idx) for i in idxs for k in range(self.copies)]
+
+
+def _set_mapping(reshape_node: Any, ends: list, forward: Any, backward: Any) -> None:
+    """forward: from an end into the reshape; backward: from the reshape to that end."""
+    for end in ends:
+        for dep in reshape_node.dependencies:
+            if dep.target == end:
+                dep.index_mapping[0] = backward
+        for dep in end.dependencies:
+            if dep.target == reshape_node:
+                dep.index_mapping[0] = forward
+
+
 def update_reshape_index_mapping(graph: Any, reshape_node: Any) -> None:
-    """torch-pruning's reshape index mapping, decided from the reshape's saved input shape."""
+    """torch-pruning's reshape index mapping, decided from the reshape's recorded input and output shapes
+    (or, for a graph traced without them, from its saved input shape and the neighbours' channel counts)."""
+    recorded = _RESHAPE_SHAPES.get(reshape_node.grad_fn)
+    if recorded is not None:
+        reshape_node.module.altermoma_shapes = recorded  # torch-pruning rebuilds mappings for every group
+    recorded = getattr(reshape_node.module, "altermoma_shapes", None)
+    if recorded is not None:
+        in_channels, out_channels = _neighbour_channels(graph, reshape_node)
+        fold = recorded_fold(recorded[0], recorded[1], in_channels, out_channels)
+        if fold is None:
+            return None
+        kind, d = fold
+        if kind == "last":
+            channels = recorded[0][-1]
+            mapping = InterleaveIndexMapping(channels, d, reverse=False), InterleaveIndexMapping(channels, d, True)
+            _set_mapping(reshape_node, reshape_node.inputs, *mapping)
+            return None
+        folding = kind == "first"
+        ends = reshape_node.inputs if folding else reshape_node.outputs
+        flatten = index_mapping._FlattenIndexMapping
+        _set_mapping(reshape_node, ends, flatten(stride=d, reverse=not folding), flatten(stride=d, reverse=folding))
+        return None
     shape = _saved_input_shape(reshape_node)
     if shape is None:
         return _ORIGINAL_RESHAPE(graph, reshape_node)
@@ -83,13 +165,10 @@ def update_reshape_index_mapping(graph: Any, reshape_node: Any) -> None:
         return None
     folding = out_channels > in_channels
     ends = reshape_node.inputs if folding else reshape_node.outputs
-    for end in ends:
-        for dep in reshape_node.dependencies:
-            if dep.target == end:
-                dep.index_mapping[0] = index_mapping._FlattenIndexMapping(stride=stride, reverse=folding)
-        for dep in end.dependencies:
-            if dep.target == reshape_node:
-                dep.index_mapping[0] = index_mapping._FlattenIndexMapping(stride=stride, reverse=not folding)
+    flatten = index_mapping._FlattenIndexMapping
+    _set_mapping(
+        reshape_node, ends, flatten(stride=stride, reverse=not folding), flatten(stride=stride, reverse=folding)
+    )
     return None
 
 
@@ -104,13 +183,25 @@ def _expose_sparse_grad_fn(module: nn.Module, inputs: tuple, output: Any) -> Non
 
 
 _CONCAT_SIZES: dict[Any, list[int]] = {}  # grad_fn of a channel concat -> its inputs' channel counts
+_RESHAPE_SHAPES: dict[Any, tuple[list[int], list[int]]] = {}  # grad_fn of a reshape -> (input, output) shapes
 _CONCATS = (torch.cat, torch.concat, torch.concatenate)
 
 
+def _is_reshape(grad_fn: Any) -> bool:
+    name = grad_fn.name().lower()  # as torch-pruning classifies its RESHAPE nodes
+    return "view" in name or "reshape" in name
+
+
 class _RecordConcats(TorchFunctionMode):
+    """Records channel concats' input sizes and reshapes' input and output shapes while torch-pruning traces."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        source = args[0] if args else None
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and isinstance(source, torch.Tensor):
+            if func not in _CONCATS and _is_reshape(out.grad_fn):
+                _RESHAPE_SHAPES.setdefault(out.grad_fn, ([int(s) for s in source.shape], [int(s) for s in out.shape]))
         if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
@@ -129,6 +220,7 @@ def concat_sizes_recorded() -> Iterator[None]:
             yield
     finally:
         _CONCAT_SIZES.clear()
+        _RESHAPE_SHAPES.clear()
 
 
 def update_concat_index_mapping(graph: Any, cat_node: Any) -> None:

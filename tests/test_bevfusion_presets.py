@@ -18,6 +18,7 @@ import altermoma
 from altermoma.flops import split_stage_flops, stage_flops
 from common import sparse as plain_sparse
 from compress.flops import count_flops
+from compress.structured import ChannelGraph
 from export.onnx import graph_feeds
 from fusion.checkpoint import load_checkpoint, save_checkpoint
 from fusion.config import ConfigError, get_config, sparse_shape
@@ -262,6 +263,33 @@ def test_magnitude_prune_of_the_lidar_only_model_leaves_nothing_whole(config):
     assert report["unpruned_groups"] == [] and report["left_whole"]["modules"] == []
     assert report["partitions"]["lidar"]["kept_ratio"] < 1.0 and report["partitions"]["fusion"]["kept_ratio"] < 1.0
     assert report["flop_counting"]["sparse_gflops"] > 0
+
+
+def test_every_group_of_the_fusion_model_prunes_exactly(fusion_model, config):
+    """Nothing left unprunable in the whole BEVFusion-shaped model (Swin's residual stream through patch
+    merging's channels-last fold and its LayerNorms, the sparse depth fold before the camera concat, TransFusion),
+    and removing a quarter of every group computes what zeroing it does, LayerNorm statistics included."""
+    model = fixed_proposals(copy.deepcopy(fusion_model))
+    batch = collate([make_sample(config, 9, 0)])
+    graph = ChannelGraph(model, reference_task(model), batch)
+    assert graph.unprunable == []
+    left = {entry["module"] for entry in graph.left_whole()["modules"]}
+    assert all(name.endswith(".attn") for name in left)  # Swin's relative position bias tables (heads stay whole)
+    masks = [torch.zeros(group.channels, dtype=torch.bool) for group in graph.groups]
+    for mask in masks:
+        mask[1::4] = True
+    reference = copy.deepcopy(model)
+    view = copy.copy(graph)
+    view.model = reference
+    view.zero_channels(masks)
+    graph.prune(masks)
+    with torch.no_grad():
+        want, got = reference(**model_inputs(batch)), model(**model_inputs(batch))
+    for name in want:
+        assert float((want[name] - got[name]).abs().max()) <= 1e-5 * max(1.0, float(want[name].abs().max())), name
+    swin = model.camera.backbone
+    assert swin.layers[1].downsample.norm.normalized_shape == (4 * swin.layers[0].blocks[0].norm1.normalized_shape[0],)
+    assert swin.layers[0].blocks[0].norm1.normalized_shape[0] < config.model.swin_embed_dim
 
 
 @pytest.mark.slow
