@@ -173,7 +173,14 @@ def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
     from fusion.data.nuscenes_tables import load_tables
     from fusion.data.source import NUSCENES_SPLITS, open_split
     from fusion.evaluate import nuscenes_detections
-    from fusion.nuscenes_eval import default_meta, devkit_evaluate, devkit_status, evaluate_results, results_json
+    from fusion.nuscenes_eval import (
+        default_meta,
+        devkit_cannot_score,
+        devkit_evaluate,
+        devkit_status,
+        evaluate_results,
+        results_json,
+    )
 
     split = NUSCENES_SPLITS[source.version][args.split]
     out = Path(args.out or f"runs/evaluate-nuscenes/{source.version}-{split}")
@@ -193,7 +200,7 @@ def evaluate_nuscenes(args: argparse.Namespace, model, source) -> None:
     metrics = {"ours": evaluate_results(results, tables, split), "split": split, **source.describe()}
     with staged_directory(out, kind="nuscenes-evaluation") as stage:
         atomic_write_text(stage / "results_nusc.json", json.dumps(results))
-        reason = devkit_status()
+        reason = devkit_status() or devkit_cannot_score(results)
         devkit = (
             None
             if reason

@@ -470,6 +470,15 @@ def devkit_status() -> str | None:
     return None
 
 
+def devkit_cannot_score(results: dict) -> str | None:
+    """Why the devkit cannot score this results file although it is installed, or None. Its loader reads the
+    box type from the first box it finds, so a file with no box at all (a model that detects nothing: barely
+    trained, or pruned hard before fine-tuning) fails inside the devkit; our metric scores it (mAP 0)."""
+    if not any(results.get("results", {}).values()):
+        return "the results hold no boxes (the model detected nothing); the devkit cannot read such a file"
+    return None
+
+
 def devkit_evaluate(
     results_path: str | os.PathLike, dataroot: str | os.PathLike, version: str, split: str, out_dir: str | os.PathLike
 ) -> dict | None:

@@ -23,15 +23,42 @@ def root(tmp_path_factory):
     return out
 
 
+# BEVFusion's parts on the nuScenes layout: Swin camera, sparse voxel encoder (0.375 m = the 1.5 m cell / 4), TransFusion
+BEVFUSION_PARTS = [
+    f"--set={item}"
+    for item in (
+        "model.camera_backbone=swin",
+        "model.swin_embed_dim=16",
+        "model.swin_depths=[2,2,2,2]",
+        "model.swin_heads=[1,2,4,8]",
+        "model.swin_window=4",
+        "model.lidar_encoder=sparse",
+        "lidar.voxel_size=[0.375,0.375,0.4]",
+        "lidar.max_voxels=6000",
+        "model.sparse_base_channels=16",
+        "model.sparse_channels=[[16,16,32],[32,32,64],[64,64]]",
+        "model.sparse_down_padding=[[1,1,1],[0,1,1]]",
+        "model.sparse_out_channels=32",
+        "model.head=transfusion",
+        "model.transfusion_channels=32",
+        "model.transfusion_proposals=64",
+        "model.transfusion_ffn=64",
+    )
+]
+
+
 @pytest.mark.slow  # every verb on a written nuScenes root; default set: the reader, writer and metric tests
-def test_train_prune_finetune_evaluate_on_a_nuscenes_root(root, tmp_path, capsys):
+@pytest.mark.parametrize("parts", ["reference", "bevfusion"])
+def test_train_prune_finetune_evaluate_on_a_nuscenes_root(root, tmp_path, capsys, parts):
     data = ["--data", "nuscenes", "--dataroot", str(root), "--version", "v1.0-mini"]
     train = ["train", "--modality", "fusion", "--preset", "nuscenes-tiny", "--out", str(tmp_path / "t")]
+    train += BEVFUSION_PARTS if parts == "bevfusion" else []
     assert (
         main(train + data + ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.threads=1"]) == 0
     )
+    method = "altereva" if parts == "bevfusion" else "snip"  # gradients through the plain sparse backend
     prune = ["prune", "--checkpoint", str(tmp_path / "t"), "--out", str(tmp_path / "p"), "--target-gflops", "0.3"]
-    assert main(prune + data + ["--scoring-batches", "1", "--method", "snip", "--threads", "1"]) == 0
+    assert main(prune + data + ["--scoring-batches", "1", "--method", method, "--threads", "1"]) == 0
     tune = ["finetune", "--checkpoint", str(tmp_path / "p"), "--out", str(tmp_path / "f"), "--steps", "1"]
     assert main(tune + data + ["--threads", "1"]) == 0
     evaluate = ["evaluate", "--checkpoint", str(tmp_path / "f"), "--out", str(tmp_path / "e"), "--threads", "1"]
@@ -44,7 +71,9 @@ def test_train_prune_finetune_evaluate_on_a_nuscenes_root(root, tmp_path, capsys
     assert set(results["results"]) == set(tables.split_sample_tokens("mini_val"))  # exactly the split's samples
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert 0.0 <= metrics["ours"]["mAP"] <= 1.0 and 0.0 <= metrics["ours"]["NDS"] <= 1.0
-    if devkit_status() is None:  # the devkit read the same file and agrees
+    if not any(results["results"].values()):  # a model two steps old may detect nothing: the devkit cannot read it
+        assert "no boxes" in metrics["devkit"]["skipped"] and metrics["ours"]["mAP"] == 0.0
+    elif devkit_status() is None:  # the devkit read the same file and agrees
         for key in ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE"):
             assert metrics["devkit"][key] == pytest.approx(metrics["ours"][key], abs=1e-6), key
     else:

@@ -31,6 +31,7 @@ from fusion.data.nuscenes_tables import (
 from fusion.nuscenes_eval import (
     _angle_diff,
     default_meta,
+    devkit_cannot_score,
     devkit_evaluate,
     devkit_status,
     evaluate_results,
@@ -609,3 +610,20 @@ def test_devkit_evaluate_reports_absence(monkeypatch, tmp_path):
 
     monkeypatch.setattr(nuscenes_eval, "devkit_status", lambda: "nuscenes-devkit not usable (test)")
     assert nuscenes_eval.devkit_evaluate(tmp_path / "r.json", tmp_path, VERSION, "mini_val", tmp_path / "out") is None
+
+
+def test_a_results_file_without_boxes_scores_zero_and_the_devkit_is_skipped_with_the_reason(tmp_path):
+    """A model that detects nothing writes a results file with no boxes: our metric scores it 0 and the devkit,
+    whose loader reads the box type from the first box and fails on none, is skipped with that reason."""
+    rng = np.random.default_rng(5)
+    root = write_root(tmp_path / "root", make_tables(rng, samples_per_scene=4, objects_per_scene=16))
+    tables = load_tables(root, VERSION)
+    results = {"meta": default_meta(), "results": {t: [] for t in tables.split_sample_tokens("mini_val")}}
+    assert evaluate_results(results, tables, "mini_val")["mAP"] == 0.0
+    assert "no boxes" in devkit_cannot_score(results)
+    one = results_json(lidar_detections(tables, "mini_val", rng), default_meta())
+    assert devkit_cannot_score(one) is None
+    if devkit_status() is None:  # the reason is true: the devkit itself fails on such a file
+        path = write_results(tmp_path / "empty.json", results)
+        with pytest.raises(Exception, match="Invalid box type"):
+            devkit_evaluate(path, root, VERSION, "mini_val", tmp_path / "devkit")
