@@ -22,6 +22,10 @@ Kept in one place (shared/notes/torch-pruning.md asks for it), each piece with i
   answers C for a depth fold that hands the concat C x D channels (camera channels then get mapped onto LiDAR
   ones). While tracing, the real sizes of every channel concat are recorded (`concat_sizes_recorded`) and given
   to torch-pruning's concat mapping, which keeps them for the graph's life.
+- The LayerNorm pruner keeps the wrong channels: it calls `keep_idxs.sort()` on a tensor (a sorted copy, thrown
+  away) and keeps the set's iteration order, which is not sorted once a LayerNorm loses most of its channels
+  (measured: Swin's last stage cut to 32 of 256 channels had its norms' weights permuted, 0.17 off the zeroed
+  model). `install_layer_norm_pruner` replaces it with one that keeps the channels in order.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping, shape_infer
+from torch_pruning.pruner import function as tp_function
 
 from common.layers import is_sparse_conv
 
@@ -234,6 +239,30 @@ def update_concat_index_mapping(graph: Any, cat_node: Any) -> None:
 _ORIGINAL_CONCAT = index_mapping.update_concat_index_mapping
 
 
+def prune_layer_norm(self: Any, layer: nn.LayerNorm, idxs: Any) -> nn.LayerNorm:
+    """torch-pruning 1.6.1's `LayernormPruner.prune_out_channels` with its kept channels in ascending order."""
+    dim = self.pruning_dim
+    if len(layer.normalized_shape) < -dim:
+        return layer
+    removed = {int(i) for i in idxs}
+    keep = torch.tensor([i for i in range(layer.normalized_shape[dim]) if i not in removed], dtype=torch.long)
+    if layer.elementwise_affine:
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, dim)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, dim)
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep)
+    layer.normalized_shape = tuple(shape)
+    return layer
+
+
+def install_layer_norm_pruner() -> None:
+    """Make torch-pruning's LayerNorm pruner (class-wide: its registry's instance too) keep channels in order."""
+    pruner = tp_function.LayernormPruner
+    pruner.prune_out_channels = prune_layer_norm
+    pruner.prune_in_channels = prune_layer_norm
+
+
 def install_reshape_mapping() -> None:
     """Make torch-pruning use our reshape and concat mappings (idempotent)."""
     index_mapping.update_reshape_index_mapping = update_reshape_index_mapping
@@ -254,3 +283,4 @@ def sparse_outputs_visible(model: nn.Module) -> Iterator[None]:
 
 
 install_reshape_mapping()
+install_layer_norm_pruner()

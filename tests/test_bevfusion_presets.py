@@ -270,7 +270,7 @@ def test_every_group_of_the_fusion_model_prunes_exactly(fusion_model, config):
     merging's channels-last fold and its LayerNorms, the sparse depth fold before the camera concat, TransFusion),
     and removing a quarter of every group computes what zeroing it does, LayerNorm statistics included."""
     model = fixed_proposals(copy.deepcopy(fusion_model))
-    batch = collate([make_sample(config, 9, 0)])
+    batch = collate([make_sample(config, 9, i) for i in range(2)])  # two samples: the trace keeps the batch
     graph = ChannelGraph(model, reference_task(model), batch)
     assert graph.unprunable == []
     left = {entry["module"] for entry in graph.left_whole()["modules"]}

@@ -76,6 +76,11 @@ def test_residual_stream_and_patch_merging_prune_exactly():
     masks = [torch.zeros(g.channels, dtype=torch.bool) for g in graph.groups]
     for i in residual:
         masks[i][1::4] = True  # a quarter of every residual width
+    last = next(i for i in residual if graph.groups[i].channels == 64)
+    masks[last][:] = True
+    masks[last][::8] = (
+        False  # and 7 of 8 in the last stage (torch-pruning's LayerNorm pruner then kept them out of order)
+    )
     reference = copy.deepcopy(model)
     view = copy.copy(graph)
     view.model = reference
@@ -93,5 +98,20 @@ def test_residual_stream_and_patch_merging_prune_exactly():
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
     assert model.camera.layers[1].downsample.norm.normalized_shape == (48,)  # 4 x 12
-    assert model.camera.layers[2].blocks[1].norm2.normalized_shape == (48,)
+    assert model.camera.layers[2].blocks[1].norm2.normalized_shape == (8,)
     assert model.camera.patch_embed.proj.out_channels == 12
+
+
+def test_layer_norm_pruning_keeps_the_channels_in_order():
+    import torch_pruning as tp
+
+    import compress.tracing  # noqa: F401 - installs the fixed LayerNorm pruner
+
+    norm = nn.LayerNorm(256)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(256.0))
+        norm.bias.copy_(-torch.arange(256.0))
+    removed = [i for i in range(256) if i % 8]
+    tp.pruner.function.LayernormPruner().prune_out_channels(norm, removed)  # as the dependency graph calls it
+    assert norm.normalized_shape == (32,)
+    assert torch.equal(norm.weight, torch.arange(0.0, 256.0, 8.0)) and torch.equal(norm.bias, -norm.weight)

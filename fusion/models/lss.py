@@ -160,6 +160,7 @@ class LSSViewTransform(nn.Module):
         through `self.traced_depth`, which the model returns as an extra output while tracing.
         """
         self.traced_depth = self.depth_conv(features)
-        context = self.feat_conv(features).mean(dim=0, keepdim=True)
+        # one camera per sample (features are (B*N, C, h, w)): the canvas keeps the batch of the LiDAR branch
+        context = self.feat_conv(features)[:: self.num_cameras]
         bev = F.interpolate(context, size=self.pool_size, mode="nearest")
         return self.downsample(bev)
