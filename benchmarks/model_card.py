@@ -94,7 +94,7 @@ def card(results: dict[str, dict], val_scenes: int, seconds: float, threads: int
         r, m = results[modality], results[modality]["metrics"]
         lines.append(
             f"| {modality} | {m['mAP']:.4f} | {m['NDS']:.4f} | {m['mATE']:.3f} | {m['mASE']:.3f} | {m['mAOE']:.3f} | "
-            f"{m.get('mIoU', float('nan')):.4f} | "
+            + (f"{m['mIoU']:.4f} | " if "mIoU" in m else "- | ")  # no BEV map head: no mIoU
             + " | ".join(f"{m['class_ap'][c]:.3f}" for c in classes)
             + f" | {r['gflops']:.3f} | {r['params'] / 1e6:.3f} M | {r['size_mib']:.1f} MiB |"
         )
