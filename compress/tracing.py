@@ -80,6 +80,18 @@ def fold_stride(shape: list[int], in_channels: int, out_channels: int) -> int | 
     return in_channels // out_channels if in_channels % out_channels == 0 else None  # unfold
 
 
+def _dim1_fold(narrow: list[int], wide: list[int], channels: int | None) -> int | None:
+    """D when `wide` is `narrow` with the dims after its dim-1 channel folded into it, (N, C, D1, ...) ->
+    (N, C * D, ...), and `channels` (the layers' count) is that channel dim; else None."""
+    if channels is None or len(narrow) < 3 or narrow[1] != channels:
+        return None
+    for k in range(3, len(narrow) + 1):
+        d = math.prod(narrow[2:k])
+        if d > 1 and wide == [narrow[0], channels * d, *narrow[k:]]:
+            return d
+    return None
+
+
 def recorded_fold(
     in_shape: list[int], out_shape: list[int], in_channels: int | None, out_channels: int | None
 ) -> tuple[str, int] | None:
@@ -90,18 +102,10 @@ def recorded_fold(
     producing layers give (fold) or the consuming layers take (unfold). Where two readings fit (a spatial size
     equal to the channel count), None: the coupling checks and zero-then-prune decide."""
     found = []
-    if in_channels is not None and len(in_shape) >= 3 and in_shape[1] == in_channels:
-        for k in range(3, len(in_shape) + 1):
-            d = math.prod(in_shape[2:k])
-            if d > 1 and out_shape == [in_shape[0], in_channels * d, *in_shape[k:]]:
-                found.append(("first", d))
-                break
-    if out_channels is not None and len(out_shape) >= 3 and out_shape[1] == out_channels:
-        for k in range(3, len(out_shape) + 1):
-            d = math.prod(out_shape[2:k])
-            if d > 1 and in_shape == [out_shape[0], out_channels * d, *out_shape[k:]]:
-                found.append(("unfold", d))
-                break
+    if (d := _dim1_fold(in_shape, out_shape, in_channels)) is not None:
+        found.append(("first", d))
+    if (d := _dim1_fold(out_shape, in_shape, out_channels)) is not None:
+        found.append(("unfold", d))
     if in_channels is not None and len(in_shape) >= 2 and in_shape[-1] == in_channels:
         for j in range(len(in_shape) - 1):
             d = math.prod(in_shape[j:-1])
