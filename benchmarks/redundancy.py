@@ -14,6 +14,7 @@ removing it (tested in tests/test_compress.py). It also counts dead channels (sc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -67,7 +68,6 @@ def measure(checkpoint: Path, val_scenes: int, threads: int, progress: bool = Tr
     }
     val = SyntheticScenes(model.config, "val", num_scenes=val_scenes, progress=progress)
     reference = evaluate(model, val, progress=False)["mAP"]
-    original = {k: v.clone() for k, v in model.state_dict().items()}
 
     total_flops = graph.total_flops()
     flops = graph.flops()
@@ -87,9 +87,11 @@ def measure(checkpoint: Path, val_scenes: int, threads: int, progress: bool = Tr
         for criterion in CRITERIA:
             for ratio in RATIOS:
                 masks = partition_masks(graph, scores[criterion], magnitude, part, ratio)
-                graph.zero_channels(masks)
-                row["map_after_zeroing"][f"{criterion}@{ratio:g}"] = evaluate(model, val, progress=False)["mAP"]
-                model.load_state_dict(original)
+                # zeroed on a copy: zero_channels also changes how a LayerNorm normalises, which no state dict restores
+                zeroed = copy.copy(graph)
+                zeroed.model = copy.deepcopy(model)
+                zeroed.zero_channels(masks)
+                row["map_after_zeroing"][f"{criterion}@{ratio:g}"] = evaluate(zeroed.model, val, progress=False)["mAP"]
         rows.append(row)
     return {"checkpoint": str(checkpoint), "val_scenes": val_scenes, "unpruned_mAP": reference, "partitions": rows}
 

@@ -28,7 +28,7 @@ from common.task import Task
 from compress.flops import FlopCount, count_flops
 from compress.partition import Partition
 from compress.sparse import sparse_pruners, sparse_unsupported_reason
-from compress.tracing import concat_sizes_recorded, sparse_outputs_visible
+from compress.tracing import sparse_outputs_visible, trace_shapes_recorded
 
 LAYERS = (
     nn.Conv1d,
@@ -185,7 +185,7 @@ def trace(model: nn.Module, task: Task, example_batch: Any) -> tuple[tp.Dependen
         with (
             task.tracing(model),
             sparse_outputs_visible(model),
-            concat_sizes_recorded(),
+            trace_shapes_recorded(),
             torch.enable_grad(),
             warnings.catch_warnings(),
         ):
@@ -664,7 +664,9 @@ class ChannelGraph:
 
     # ---- removal ----------------------------------------------------------------------------
     def zero_channels(self, pruned: list[torch.Tensor]) -> None:
-        """Zero every coupled parameter of the pruned channels (the reference for zero-then-prune tests)."""
+        """Zero every coupled parameter of the pruned channels (the reference for zero-then-prune tests). A
+        LayerNorm over pruned channels also gets a forward hook (it normalises over the kept ones), which no
+        state dict restores: zero a copy of the model."""
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for group, mask in zip(self.groups, pruned):

@@ -20,7 +20,7 @@ Kept in one place (shared/notes/torch-pruning.md asks for it), each piece with i
   when the module is imported (`install_reshape_mapping`), not only while tracing.
 - Concat sizes: torch-pruning infers each input's channel count by walking back to the nearest layer, which
   answers C for a depth fold that hands the concat C x D channels (camera channels then get mapped onto LiDAR
-  ones). While tracing, the real sizes of every channel concat are recorded (`concat_sizes_recorded`) and given
+  ones). While tracing, the real sizes of every channel concat are recorded (`trace_shapes_recorded`) and given
   to torch-pruning's concat mapping, which keeps them for the graph's life.
 - The LayerNorm pruner keeps the wrong channels: it calls `keep_idxs.sort()` on a tensor (a sorted copy, thrown
   away) and keeps the set's iteration order, which is not sorted once a LayerNorm loses most of its channels
@@ -147,37 +147,28 @@ def update_reshape_index_mapping(graph: Any, reshape_node: Any) -> None:
     if recorded is not None:
         reshape_node.module.altermoma_shapes = recorded  # torch-pruning rebuilds mappings for every group
     recorded = getattr(reshape_node.module, "altermoma_shapes", None)
-    if recorded is not None:
-        in_channels, out_channels = _neighbour_channels(graph, reshape_node)
-        fold = recorded_fold(recorded[0], recorded[1], in_channels, out_channels)
-        if fold is None:
-            return None
-        kind, d = fold
-        if kind == "last":
-            channels = recorded[0][-1]
-            mapping = InterleaveIndexMapping(channels, d, reverse=False), InterleaveIndexMapping(channels, d, True)
-            _set_mapping(reshape_node, reshape_node.inputs, *mapping)
-            return None
-        folding = kind == "first"
-        ends = reshape_node.inputs if folding else reshape_node.outputs
-        flatten = index_mapping._FlattenIndexMapping
-        _set_mapping(reshape_node, ends, flatten(stride=d, reverse=not folding), flatten(stride=d, reverse=folding))
-        return None
-    shape = _saved_input_shape(reshape_node)
-    if shape is None:
+    if recorded is None and (shape := _saved_input_shape(reshape_node)) is None:
         return _ORIGINAL_RESHAPE(graph, reshape_node)
     in_channels, out_channels = _neighbour_channels(graph, reshape_node)
-    if in_channels is None or out_channels is None:
+    if recorded is not None:
+        fold = recorded_fold(recorded[0], recorded[1], in_channels, out_channels)
+    elif in_channels is None or out_channels is None:
+        fold = None
+    else:
+        stride = fold_stride(shape, in_channels, out_channels)
+        fold = None if stride is None else ("first" if out_channels > in_channels else "unfold", stride)
+    if fold is None:
         return None
-    stride = fold_stride(shape, in_channels, out_channels)
-    if stride is None:
+    kind, d = fold
+    if kind == "last":
+        channels = recorded[0][-1]
+        mapping = InterleaveIndexMapping(channels, d, reverse=False), InterleaveIndexMapping(channels, d, True)
+        _set_mapping(reshape_node, reshape_node.inputs, *mapping)
         return None
-    folding = out_channels > in_channels
+    folding = kind == "first"
     ends = reshape_node.inputs if folding else reshape_node.outputs
     flatten = index_mapping._FlattenIndexMapping
-    _set_mapping(
-        reshape_node, ends, flatten(stride=stride, reverse=not folding), flatten(stride=stride, reverse=folding)
-    )
+    _set_mapping(reshape_node, ends, flatten(stride=d, reverse=not folding), flatten(stride=d, reverse=folding))
     return None
 
 
@@ -201,17 +192,18 @@ def _is_reshape(grad_fn: Any) -> bool:
     return "view" in name or "reshape" in name
 
 
-class _RecordConcats(TorchFunctionMode):
+class _RecordShapes(TorchFunctionMode):
     """Records channel concats' input sizes and reshapes' input and output shapes while torch-pruning traces."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return out
         source = args[0] if args else None
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None and isinstance(source, torch.Tensor):
-            if func not in _CONCATS and _is_reshape(out.grad_fn):
-                _RESHAPE_SHAPES.setdefault(out.grad_fn, ([int(s) for s in source.shape], [int(s) for s in out.shape]))
-        if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
+        if func not in _CONCATS and isinstance(source, torch.Tensor) and _is_reshape(out.grad_fn):
+            _RESHAPE_SHAPES.setdefault(out.grad_fn, ([int(s) for s in source.shape], [int(s) for s in out.shape]))
+        elif func in _CONCATS and out.dim() > 1:
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if isinstance(dim, int) and dim % out.dim() == 1:
@@ -222,10 +214,11 @@ class _RecordConcats(TorchFunctionMode):
 
 
 @contextmanager
-def concat_sizes_recorded() -> Iterator[None]:
-    """Record the true input sizes of every channel concat run inside (for torch-pruning's graph build)."""
+def trace_shapes_recorded() -> Iterator[None]:
+    """Record the true input sizes of every channel concat and the input and output shapes of every reshape run
+    inside (for torch-pruning's graph build)."""
     try:
-        with _RecordConcats():
+        with _RecordShapes():
             yield
     finally:
         _CONCAT_SIZES.clear()

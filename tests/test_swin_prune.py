@@ -12,6 +12,7 @@ import copy
 
 import torch
 from torch import nn
+from torch_pruning import _helpers as tp_helpers
 
 from common.task import Task
 from compress.structured import ChannelGraph
@@ -53,17 +54,11 @@ def test_recorded_shapes_decide_folds():
     assert recorded_fold([8, 2, 16, 16], [4, 2, 2, 16, 16], 2, 32) is None
     assert recorded_fold([2, 8, 8, 16], [2, 8, 2, 4, 16], 16, 16) is None  # a window split keeps channels
     assert recorded_fold([2, 16, 16], [2, 256], 16, None) is None  # (N, C, L) with L == C: two readings
+    hybrid = tp_helpers._HybridIndex
     mapping = InterleaveIndexMapping(channels=16, copies=4)
-    hybrid = type(mapping(_one(3))[0])
     assert [i.idx for i in mapping([hybrid(idx=3, root_idx=3)])] == [3, 19, 35, 51]
     back = InterleaveIndexMapping(channels=16, copies=4, reverse=True)
     assert [i.idx for i in back([hybrid(idx=k, root_idx=0) for k in (3, 19, 35)])] == [3]
-
-
-def _one(idx: int) -> list:
-    from torch_pruning import _helpers
-
-    return [_helpers._HybridIndex(idx=idx, root_idx=idx)]
 
 
 def test_residual_stream_and_patch_merging_prune_exactly():
