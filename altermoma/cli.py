@@ -31,7 +31,7 @@ from common.argtypes import Parser, non_negative_int, positive_float, positive_i
 from common.io import check_replaceable
 from compress.altereva import REACTIVATION_OPTIMIZERS, RERI_DATA, AlterEvaConfig
 from compress.partition import PartitionError
-from compress.scores import NORMALISE
+from compress.scores import NORMALISE, PENALTIES
 from compress.structured import PruningError
 from export.runtime import TensorRTUnavailable
 from fusion.checkpoint import CheckpointError
@@ -253,6 +253,9 @@ def prune_request(args: argparse.Namespace):
             mask_mode=args.mask_mode,
             floor=None if args.eq13 else args.floor,
             normalise=args.normalise,
+            penalty=args.penalty,
+            restarts=args.reactivation_restarts,
+            subtract_noise=args.subtract_noise,
         ),
     ).validate()
 
@@ -553,7 +556,26 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
         "--normalise",
         default=defaults.normalise,
         choices=NORMALISE,
-        help=f"AlterEva shares: per partition (Eq. 11-13) or over the whole model (default {defaults.normalise})",
+        help="AlterEva shares: per partition (Eq. 11-13), over the whole model, or per partition sized by the loss "
+        f"increase when it is masked (masked-loss, ours) (default {defaults.normalise})",
+    )
+    p.add_argument(
+        "--penalty",
+        default=defaults.penalty,
+        choices=PENALTIES,
+        help="AlterEva's penalty per unit: reri = |ReRI| (Eq. 10); ours: residual = ReRI beyond what DeCI predicts, "
+        f"signed = only units reactivation grew (default {defaults.penalty})",
+    )
+    p.add_argument(
+        "--reactivation-restarts",
+        type=int,
+        default=defaults.restarts,
+        help=f"AlterEva: average ReRI over this many reactivations from theta_0 (ours; default {defaults.restarts})",
+    )
+    p.add_argument(
+        "--subtract-noise",
+        action="store_true",
+        help="AlterEva: take the zero-step noise floor off every unit's penalty (ours; needs --reri-data paper)",
     )
     p.add_argument("--seed", type=int, default=0)
 

@@ -45,21 +45,42 @@ SWEEP_TARGET = 0.5
 EQ13 = "altereva-eq13"  # AlterEva with printed Eq. 13 scores; run at SWEEP_TARGET only
 
 
+PAPER_OPTIONS = {  # AlterEva as printed: Eq. 10 on D and D_B, SGD, Eq. 11-13's shares, |ReRI|, one reactivation
+    "reri_data": "paper",
+    "reactivation_optimizer": "sgd",
+    "normalise": "partition",
+    "penalty": "reri",
+    "restarts": 1,
+    "subtract_noise": False,
+}
+V2_RESTARTS = 4  # protocol v2: one restart per scoring batch (the scoring set has 4)
+
+
 def _altereva_variants() -> dict[str, dict]:
     """AlterEva estimator variants, run when named in --methods. Each names its departures from the paper
-    ("altereva-paper" has none: Eq. 10 as printed, SGD, Eq. 11-13) and sets all three options, so a name
-    means the same runs whatever AlterEvaConfig's defaults are; plain "altereva" is the toolkit default.
-    same: ReRI on D at both points; adamw: the reactivation optimiser; model: shares over the whole model."""
+    ("altereva-paper" has none) and sets every option, so a name means the same runs whatever
+    AlterEvaConfig's defaults are; plain "altereva" is the toolkit default.
+    Protocol v1 (issue 13): same: ReRI on D at both points; adamw: the reactivation optimiser; model: shares
+    over the whole model. Protocol v2 (issue 25), ours, each on the paper form with SGD: residual, signed
+    (penalties), budget (shares by masked-loss increase), restarts (4 reactivations averaged), denoised (the
+    zero-step floor taken off each unit's penalty), and v2 (signed + budget + restarts + denoised)."""
     variants = {}
     for same in (False, True):
         for adamw in (False, True):
             for model in (False, True):
                 name = "altereva" + "-same" * same + "-adamw" * adamw + "-model" * model
-                variants[name if name != "altereva" else "altereva-paper"] = {
+                variants[name if name != "altereva" else "altereva-paper"] = PAPER_OPTIONS | {
                     "reri_data": "same" if same else "paper",
                     "reactivation_optimizer": "adamw" if adamw else "sgd",
                     "normalise": "model" if model else "partition",
                 }
+    budget, restarts, denoised = {"normalise": "masked-loss"}, {"restarts": V2_RESTARTS}, {"subtract_noise": True}
+    variants["altereva-residual"] = PAPER_OPTIONS | {"penalty": "residual"}
+    variants["altereva-signed"] = PAPER_OPTIONS | {"penalty": "signed"}
+    variants["altereva-budget"] = PAPER_OPTIONS | budget
+    variants["altereva-restarts"] = PAPER_OPTIONS | restarts
+    variants["altereva-denoised"] = PAPER_OPTIONS | denoised
+    variants["altereva-v2"] = PAPER_OPTIONS | {"penalty": "signed"} | budget | restarts | denoised
     return variants
 
 

@@ -1,11 +1,16 @@
-"""Issue 13's pre-registered protocol (reports/protocol/PROTOCOL.md), applied to stored comparison runs.
+"""The pre-registered protocols, applied to stored comparison runs: the rule is code, so nobody applies it by eye.
 
+Protocol v1 (issue 13, reports/protocol/PROTOCOL.md):
     python -m benchmarks.protocol choose --dev reports/protocol/balanced-dev
     python -m benchmarks.protocol judge --confirm reports/protocol/balanced-confirm
+Protocol v2 (issue 25, reports/protocol-v2/PROTOCOL.md): the mechanism gate, then the rule, then the goal.
+    python -m benchmarks.protocol gate --methods altereva-paper,altereva-v2 --threads-check altereva-v2
+    python -m benchmarks.protocol choose-v2 --dev reports/protocol-v2/bevfusion-tiny-dev
+    python -m benchmarks.protocol judge-v2 --confirm reports/protocol-v2/bevfusion-tiny-confirm
 
-`choose` ranks the 8 AlterEva candidates by mean mAP over their development runs and applies the written
-rule (ties within 0.005 go to the fewest departures from the paper); `judge` checks the goal on the
-confirmation runs. Both read `compare.json` only: the rule is code, so nobody applies it by eye.
+`choose` ranks the AlterEva candidates by mean mAP over their development runs and applies the written
+rule (ties within 0.005 go to the fewest departures from the paper); v2 admits only candidates that pass
+the gate. `judge` checks the goal on the confirmation runs. Both read `compare.json` only.
 """
 
 from __future__ import annotations
@@ -19,11 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from altermoma.compare import ALTEREVA_VARIANTS
+from altermoma.compare import ALTEREVA_VARIANTS, PAPER_OPTIONS
 
 TIE = 0.005  # mAP: what three seeds resolve
 DEV_CELLS = (("structured", 0.5), ("unstructured", 0.9))
 BASELINES = ("snip", "magnitude", "random", "synflow", "prospr", "imp")
+PEERS = ("tp-magnitude", "tp-taylor", "tp-hessian")  # torch-pruning's own group importances (structured only)
+V2_CANDIDATES = (
+    "altereva",
+    "altereva-paper",
+    "altereva-same",
+    "altereva-residual",
+    "altereva-signed",
+    "altereva-budget",
+    "altereva-restarts",
+    "altereva-denoised",
+    "altereva-v2",
+)
+V2_GATE = Path("reports/protocol-v2/gate.json")
+V2_CHECKPOINT = "fusion/weights/bevfusion-tiny-fusion"
 GOAL_GAP_TO_UNPRUNED = 0.010  # within 1.0 mAP point at structured 50%
 GOAL_MARGIN = 0.015  # 1.5 points above the best baseline at structured 50% and unstructured 90%
 
@@ -37,13 +56,22 @@ class Candidate:
 
     @property
     def options(self) -> dict[str, str]:
-        return ALTEREVA_VARIANTS[self.method]
+        return options_of(self.method)
+
+
+def options_of(method: str) -> dict:
+    """A candidate's estimator options; plain "altereva" is the toolkit default (`AlterEvaConfig()`)."""
+    if method in ALTEREVA_VARIANTS:
+        return ALTEREVA_VARIANTS[method]
+    from compress.altereva import AlterEvaConfig
+
+    defaults = AlterEvaConfig()
+    return {key: getattr(defaults, key) for key in PAPER_OPTIONS}
 
 
 def departures(method: str) -> int:
-    """How many of the variant's options differ from the paper as printed (`altereva-paper`)."""
-    paper = ALTEREVA_VARIANTS["altereva-paper"]
-    return sum(value != paper[key] for key, value in ALTEREVA_VARIANTS[method].items())
+    """How many of the candidate's options differ from the paper as printed (`altereva-paper`)."""
+    return sum(value != PAPER_OPTIONS[key] for key, value in options_of(method).items())
 
 
 def map_by_cell(runs: list[dict]) -> dict[tuple[str, float, str], list[float]]:
@@ -56,14 +84,20 @@ def map_by_cell(runs: list[dict]) -> dict[tuple[str, float, str], list[float]]:
     return cells
 
 
-def candidates(runs: list[dict]) -> list[Candidate]:
+def candidates(runs: list[dict], names: tuple[str, ...] | None = None) -> list[Candidate]:
+    """Protocol v1's candidates (the 8 variants) or the `names` given, scored on their development runs."""
     cells = map_by_cell(runs)
     found = []
-    for method in ALTEREVA_VARIANTS:
+    for method in names or tuple(m for m in ALTEREVA_VARIANTS if m.count("-") and _is_v1(m)):
         values = [v for cell in DEV_CELLS for v in cells.get((*cell, method), [])]
         if values:
             found.append(Candidate(method, float(np.mean(values)), len(values), departures(method)))
     return sorted(found, key=lambda c: -c.score)
+
+
+def _is_v1(method: str) -> bool:
+    """Protocol v1's 8 variants: paper, same, adamw, model and their combinations."""
+    return set(method.split("-")[1:]) <= {"paper", "same", "adamw", "model"}
 
 
 def choose(found: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
@@ -76,6 +110,66 @@ def choose(found: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
     best = max(c.score for c in found)
     tied = [c for c in found if c.score >= best - TIE]
     return min(tied, key=lambda c: (c.departures, -c.score)), tied
+
+
+# ---- protocol v2: the mechanism gate -------------------------------------------------------------
+def threads_check(method: str, checkpoint: str = V2_CHECKPOINT) -> dict:
+    """`altermoma prune --target-gflops 0.5 --seed 0` with the candidate's options at 1 and at 2 threads, each in
+    a fresh process: the same selection digest, or not."""
+    import tempfile
+
+    from benchmarks.threads_repro import run_prune
+
+    args = ["--checkpoint", checkpoint, *cli_options(method)]
+    digests = {}
+    with tempfile.TemporaryDirectory() as work:
+        for threads in ("1", "2"):
+            row = run_prune(method, args, threads, Path(work))
+            digests[threads] = row.get("selection_digest")
+    same = digests["1"] is not None and digests["1"] == digests["2"]
+    return {"checkpoint": checkpoint, "selection_digest": digests, "same": same}
+
+
+def cli_options(method: str) -> list[str]:
+    """The `altermoma prune` options that give a candidate's estimator (every option spelled out)."""
+    o = options_of(method)
+    flags = ["--reri-data", o["reri_data"], "--reactivation-optimizer", o["reactivation_optimizer"]]
+    flags += ["--normalise", o["normalise"], "--penalty", o["penalty"], "--reactivation-restarts", str(o["restarts"])]
+    return flags + (["--subtract-noise"] if o["subtract_noise"] else [])
+
+
+def eligible(method: str, gate: dict) -> bool | None:
+    """Passed both parts of the gate (True), failed one (False), or a part not measured yet (None)."""
+    copy = gate.get("planted_copy", {}).get(method)
+    threads = gate.get("threads", {}).get(method)
+    if copy is not None and not copy["copy_last"]:
+        return False
+    if threads is not None and not threads["same"]:
+        return False
+    return None if copy is None or threads is None else True
+
+
+def choose_v2(found: list[Candidate], gate: dict) -> tuple[Candidate, list[Candidate], bool]:
+    """Protocol v2's rule: among candidates that pass the gate, the best score; ties within TIE go to the
+    fewest departures, then the higher score. No candidate passes: the rule over all (third value False)."""
+    if not found:
+        raise ValueError("no candidate runs in the development folder")
+    counts = {c.runs for c in found}
+    if len(counts) != 1:
+        raise ValueError(f"candidates have unequal numbers of runs ({sorted(counts)}): finish stage A")
+    status = {c.method: eligible(c.method, gate) for c in found}
+    passing = [c for c in found if status[c.method]]
+    best_passing = max((c.score for c in passing), default=-math.inf)
+    pending = [c.method for c in found if status[c.method] is None and c.score >= best_passing - TIE]
+    if pending:
+        raise ValueError(
+            f"the gate is not measured for {', '.join(pending)}, which could be chosen: run "
+            f"`python -m benchmarks.protocol gate --methods {','.join(pending)} --threads-check {','.join(pending)}`"
+        )
+    pool = passing or found
+    best = max(c.score for c in pool)
+    tied = [c for c in pool if c.score >= best - TIE]
+    return min(tied, key=lambda c: (c.departures, -c.score)), tied, bool(passing)
 
 
 def judge(runs: list[dict], unpruned_map: float, method: str = "altereva") -> dict:
@@ -104,11 +198,59 @@ def judge(runs: list[dict], unpruned_map: float, method: str = "altereva") -> di
     return verdict
 
 
+def judge_v2(runs: list[dict], method: str = "altereva") -> dict:
+    """Issue 25's goal: structured 50% at least 0.015 above the best baseline (peers included), unstructured 90%
+    at least equal to it."""
+    cells = map_by_cell(runs)
+    mean = {key: float(np.mean(v)) for key, v in cells.items()}
+    verdict = {}
+    for (kind, target), needed in (((("structured", 0.5)), GOAL_MARGIN), (("unstructured", 0.9), 0.0)):
+        ours = mean.get((kind, target, method), math.nan)
+        baselines = {b: mean[(kind, target, b)] for b in (*BASELINES, *PEERS) if (kind, target, b) in mean}
+        best = max(baselines, key=baselines.get) if baselines else None
+        margin = ours - baselines[best] if best else math.nan
+        verdict[f"{kind}-{target:g}"] = {
+            "altereva": ours,
+            "best_baseline": best,
+            "best_baseline_map": baselines.get(best, math.nan) if best else math.nan,
+            "margin": margin,
+            "needed": needed,
+            "met": bool(margin >= needed),
+        }
+    verdict["goal_met"] = all(v["met"] for v in verdict.values())
+    return verdict
+
+
 def _load(folder: Path) -> dict:
     path = folder / "compare.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (run the comparison first)")
     return json.loads(path.read_text())
+
+
+def gate_command(methods: list[str], threads_methods: list[str], out: Path, checkpoint: str) -> dict:
+    """Run the gate's parts for the named candidates and merge them into `out` (earlier entries are kept)."""
+    from benchmarks.planted_copy import gate as planted_copy_gate
+    from common.io import atomic_write_text
+
+    gate = json.loads(out.read_text()) if out.is_file() else {"planted_copy": {}, "threads": {}}
+    for method in methods:
+        gate["planted_copy"][method] = planted_copy_gate(method)
+        print(f"{method}: planted copy last on every seed: {gate['planted_copy'][method]['copy_last']}", flush=True)
+    for method in threads_methods:
+        gate["threads"][method] = threads_check(method, checkpoint)
+        print(f"{method}: same selection at 1 and 2 threads: {gate['threads'][method]['same']}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(gate, indent=2))
+    return gate
+
+
+def _names(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in V2_CANDIDATES]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a protocol v2 candidate (choose from {', '.join(V2_CANDIDATES)})")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +260,42 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("judge")
     p.add_argument("--confirm", type=Path, default=Path("reports/protocol/balanced-confirm"))
     p.add_argument("--method", default="altereva", help="the row judged (default: the toolkit default, altereva)")
+    p = sub.add_parser("gate", help="protocol v2's mechanism gate for the named candidates")
+    p.add_argument("--methods", default=",".join(V2_CANDIDATES), help="planted-copy check (default: every candidate)")
+    p.add_argument("--threads-check", default="", help="candidates to prune at 1 and 2 threads (minutes each)")
+    p.add_argument("--checkpoint", default=V2_CHECKPOINT)
+    p.add_argument("--out", type=Path, default=V2_GATE)
+    p = sub.add_parser("choose-v2")
+    p.add_argument("--dev", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-dev"))
+    p.add_argument("--gate", type=Path, default=V2_GATE)
+    p = sub.add_parser("judge-v2")
+    p.add_argument("--confirm", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-confirm"))
+    p.add_argument("--method", default="altereva")
     args = parser.parse_args(argv)
     try:
-        summary = _load(args.dev if args.step == "choose" else args.confirm)
-        if args.step == "choose":
-            found = candidates(summary["runs"])
+        if args.step == "gate":
+            import torch
+
+            torch.set_num_threads(1)
+            gate_command(_names(args.methods), _names(args.threads_check), args.out, args.checkpoint)
+        elif args.step == "choose-v2":
+            if not args.gate.is_file():
+                raise FileNotFoundError(f"{args.gate} does not exist (run `python -m benchmarks.protocol gate` first)")
+            gate = json.loads(args.gate.read_text())
+            found = candidates(_load(args.dev)["runs"], V2_CANDIDATES)
+            chosen, tied, any_passed = choose_v2(found, gate)
+            print(f"| candidate | mean mAP over {found[0].runs} runs | departures | gate | tied with the best |")
+            print("| --- | --- | --- | --- | --- |")
+            for c in found:
+                passed = {True: "passed", False: "failed", None: "not measured"}[eligible(c.method, gate)]
+                print(f"| {c.method} | {c.score:.4f} | {c.departures} | {passed} | {'yes' if c in tied else ''} |")
+            if not any_passed:
+                print("no candidate passes the mechanism gate: the rule picked among all of them")
+            print(f"chosen: {chosen.method} {json.dumps(chosen.options)}")
+        elif args.step == "judge-v2":
+            print(json.dumps(judge_v2(_load(args.confirm)["runs"], args.method), indent=2))
+        elif args.step == "choose":
+            found = candidates(_load(args.dev)["runs"])
             chosen, tied = choose(found)
             print(f"| candidate | mean mAP over {found[0].runs} runs | departures | tied with the best |")
             print("| --- | --- | --- | --- |")
@@ -130,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {c.method} | {c.score:.4f} | {c.departures} | {'yes' if c in tied else ''} |")
             print(f"chosen: {chosen.method} {json.dumps(chosen.options)}")
         else:
+            summary = _load(args.confirm)
             verdict = judge(summary["runs"], summary["unpruned"]["metrics"]["mAP"], args.method)
             print(json.dumps(verdict, indent=2))
     except (FileNotFoundError, ValueError, KeyError) as err:

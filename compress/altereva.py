@@ -46,7 +46,7 @@ from common import dist
 from common.progress import progress_bar
 from common.task import Task
 from compress.partition import Partition, PartitionError, masked_modality
-from compress.scores import NORMALISE
+from compress.scores import NORMALISE, PENALTIES
 
 Batch = object  # whatever the task's `inputs` and `loss` take
 Saliency = dict[str, torch.Tensor]  # parameter name -> signed theta * grad, same shape as the parameter
@@ -66,6 +66,16 @@ class AlterEvaConfig:
     since issue 13's pre-registered protocol chose it, reports/protocol/) or "sgd" (plain SGD, what the
     paper's description suggests), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step
     control: "paper" then scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
+
+    Ours, not the paper's (issue 25; each aimed at a mechanism measured in docs/method_comparison.md):
+    penalty "residual" keeps only the part of ReRI its DeCI does not predict (ReRI ranked like DeCI, so the
+    penalty fell on the top contributors); "signed" penalises only units that reactivation GREW toward what
+    the loss asked of them while the other modality was masked (|ReRI| also counts units it turned down); normalise "masked-loss" sizes
+    each partition's share by the loss increase when it is masked (equal shares kept a redundant camera);
+    restarts > 1 averages the reactivated gradient over that many restarts from theta_0, each with the
+    scoring batches in another rotation (the camera's ReRI stood 1.6-1.9x above its noise floor);
+    subtract_noise takes the zero-step noise floor off every unit's penalty (per weight for unstructured
+    pruning, where single weights' ReRI is mostly noise).
     """
 
     reactivation_steps: int = 8  # B
@@ -76,7 +86,10 @@ class AlterEvaConfig:
     beta: float = 1.0
     mask_mode: str = "parameters"  # or "feature" (ablation)
     floor: float | None = 1e-3  # ReRI discounts DeCI to no less than floor x DeCI; None: Eq. 13 as printed
-    normalise: str = "partition"  # Eq. 11-13's shares per partition, or "model": one total over every unit
+    normalise: str = "partition"  # Eq. 11-13's shares per partition, "model": one total, or "masked-loss"
+    penalty: str = "reri"  # "reri" (Eq. 10-13), "residual" or "signed" (ours)
+    restarts: int = 1  # reactivation restarts averaged (ours; 1 = the paper)
+    subtract_noise: bool = False  # take the zero-step noise floor off each unit's penalty (ours; paper data only)
 
     def validate(self) -> AlterEvaConfig:
         """One clear ValueError per bad option, before any gradient is taken."""
@@ -92,6 +105,13 @@ class AlterEvaConfig:
             raise ValueError(f"reactivation_steps must be a whole number >= 0, got {steps!r}")
         if not self.reactivation_lr > 0:
             raise ValueError(f"reactivation_lr must be > 0, got {self.reactivation_lr}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {self.penalty!r} (choose from {', '.join(PENALTIES)})")
+        restarts = self.restarts
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be a whole number >= 1, got {restarts!r}")
+        if self.subtract_noise and self.reri_data != "paper":
+            raise ValueError("subtract_noise needs reri_data 'paper': with 'same' the noise floor is 0 by construction")
         return self
 
 
@@ -103,6 +123,8 @@ class AlterEvaSaliency:
     # zero by construction (reri_data "same").
     noise: dict[str, Saliency | None] = field(default_factory=dict)
     noise_seconds: float = 0.0  # what the floor cost: the extra backward passes on D_B at theta_0
+    # normalise "masked-loss" only: the scoring set's mean loss with nothing, "camera", "lidar" or "both" masked
+    masked_loss: dict[str, float] = field(default_factory=dict)
 
 
 def loss_gradients(model: nn.Module, task: Task, batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -148,38 +170,97 @@ def reactivate(
     optimizer.zero_grad(set_to_none=True)
 
 
+def mean_loss(model: nn.Module, task: Task, batches: list[Batch]) -> float:
+    """The task loss averaged over `batches` (no gradients; shared out and summed under torchrun)."""
+    model.eval()
+    total = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for index in dist.shard_range(len(batches)):
+            batch = batches[index]
+            total += float(task.loss_of(task.forward(model, batch), batch)) / len(batches)
+    dist.all_reduce_sum_([total])
+    return float(total)
+
+
+def masked_losses(model: nn.Module, task: Task, partition: Partition, batches: list[Batch], mode: str) -> dict:
+    """Mean loss with nothing, the camera, the LiDAR and both masked: what each partition is worth to the
+    loss (normalise "masked-loss"). Fusion + heads are what both sensors go through, so their worth is
+    the loss increase with both masked."""
+    losses = {"none": mean_loss(model, task, batches)}
+    for masked in ("camera", "lidar"):
+        with masked_modality(model, partition, masked, mode):
+            losses[masked] = mean_loss(model, task, batches)
+    with masked_modality(model, partition, "camera", mode), masked_modality(model, partition, "lidar", mode):
+        losses["both"] = mean_loss(model, task, batches)
+    return losses
+
+
+def _mean_saliency(saliencies: list[Saliency]) -> Saliency:
+    """Element-wise mean in a fixed order (one saliency: itself, bit for bit)."""
+    if len(saliencies) == 1:
+        return saliencies[0]
+    return {name: sum(s[name] for s in saliencies) / len(saliencies) for name in saliencies[0]}
+
+
+def _reset_trainable(model: nn.Module, params0: dict[str, torch.Tensor], frozen: set[str]) -> None:
+    """Every parameter reactivation may move back to theta_0; the masked (frozen) ones stay masked."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in frozen:
+                p.copy_(params0[name])
+
+
 def altereva_saliency(
     model: nn.Module, task: Task, batches: list[Batch], config: AlterEvaConfig, progress: bool = True
 ) -> AlterEvaSaliency:
     """DeCI, both ReRI rounds and their zero-step noise floors. The model's parameters and buffers are
-    bit-identical afterwards."""
+    bit-identical afterwards.
+
+    With `restarts` R > 1 each round reactivates R times from theta_0, restart r with the scoring batches
+    rotated by r (so D_1..D_B and, in the paper form, D_B differ), and averages the end-point saliency; the
+    noise floor is then the same average taken at theta_0."""
     config.validate()
     partition = Partition.of(model, task.partition)
     if not (partition.has("camera") and partition.has("lidar")):
         raise PartitionError("AlterEva needs a fusion model with both a camera and a LiDAR partition")
+    if config.restarts > len(batches):
+        raise ValueError(
+            f"{config.restarts} reactivation restarts need at least as many scoring batches (got {len(batches)}): "
+            "more would repeat a batch order"
+        )
     theta0 = {name: t.detach().clone() for name, t in model.state_dict().items()}
     params0 = {name: p.detach().clone() for name, p in model.named_parameters()}
-    bar = progress_bar(total=5, desc="AlterEva", enabled=progress, leave=False)
+    bar = progress_bar(total=1 + 2 * (1 + config.restarts), desc="AlterEva", enabled=progress, leave=False)
+    steps, lr = config.reactivation_steps, config.reactivation_lr
     try:
         result = AlterEvaSaliency(deci=signed_saliency(model, task, batches))
+        if config.normalise == "masked-loss":
+            result.masked_loss = masked_losses(model, task, partition, batches, config.mask_mode)
         bar.update()
         for masked in ("lidar", "camera"):
             with masked_modality(model, partition, masked, config.mask_mode):
                 s0 = signed_saliency(model, task, batches, theta=params0)
-                last = [batches[(config.reactivation_steps - 1) % len(batches)]]  # D_B (with B = 0: D's last batch)
-                result.noise[masked] = None
-                if config.reri_data == "paper":  # the floor: the same estimator had reactivation changed nothing
-                    start = time.perf_counter()
-                    floor0 = signed_saliency(model, task, last, theta=params0)
-                    result.noise[masked] = {name: s0[name] - floor0[name] for name in s0}
-                    result.noise_seconds += time.perf_counter() - start
+                bar.update()
                 frozen = set(partition.parameters(model, masked))
-                steps, lr = config.reactivation_steps, config.reactivation_lr
-                reactivate(model, task, frozen, batches, steps, lr, config.reactivation_optimizer)
-                s_b = signed_saliency(model, task, last if config.reri_data == "paper" else batches, theta=params0)
+                ends, floors = [], []
+                for restart in range(config.restarts):
+                    order = batches[restart:] + batches[:restart]
+                    last = [order[(steps - 1) % len(order)]]  # D_B (with B = 0: the order's last batch)
+                    if config.reri_data == "paper":  # the floor: the same estimator had reactivation changed nothing
+                        start = time.perf_counter()
+                        floors.append(signed_saliency(model, task, last, theta=params0))
+                        result.noise_seconds += time.perf_counter() - start
+                    reactivate(model, task, frozen, order, steps, lr, config.reactivation_optimizer)
+                    ends.append(signed_saliency(model, task, last if config.reri_data == "paper" else batches, params0))
+                    _reset_trainable(model, params0, frozen)
+                    bar.update()
+                s_b = _mean_saliency(ends)
                 result.reri[masked] = {name: s0[name] - s_b[name] for name in s0}
+                result.noise[masked] = None
+                if floors:
+                    floor0 = _mean_saliency(floors)
+                    result.noise[masked] = {name: s0[name] - floor0[name] for name in s0}
             model.load_state_dict(theta0)  # reload theta_0 exactly before the next round
-            bar.update(2)
     finally:
         model.load_state_dict(theta0)
         bar.close()

@@ -43,7 +43,14 @@ from compress.latency import LatencyPredictor, load_table
 from compress.latency_select import select_for_latency
 from compress.partition import Partition
 from compress.request import PruneRequest, request_dict
-from compress.scores import altereva_scores, floored_fraction, in_float64, settled
+from compress.scores import (
+    altereva_scores,
+    floored_fraction,
+    in_float64,
+    masked_loss_budgets,
+    penalty_units,
+    settled,
+)
 from compress.sparse import needs_cuda_backward
 from compress.structured import ChannelGraph, PruningError, protected_layers
 from compress.unstructured import apply_masks, global_masks, prunable_weights, sparsity_of
@@ -118,22 +125,7 @@ def channel_scores(
     if method == "altereva":
         score = lambda m, b: altereva_saliency(m, task, b, request.altereva, progress)  # noqa: E731
         saliency = in_float64(score, model, batches, task, record, request.scoring_precision)
-        deci = settled([s.abs() for s in graph.channel_saliency(saliency.deci)])
-        reri = {
-            masked: settled([s.abs() for s in graph.channel_saliency(sal)]) for masked, sal in saliency.reri.items()
-        }
-        if diagnostics is not None:
-            diagnostics["reri_noise"] = _reri_noise(
-                saliency,
-                reri,
-                lambda sal: [s.abs() for s in graph.channel_saliency(sal)],
-                parts,
-                request,
-                "channels",
-                deci,
-            )
-        a = request.altereva
-        return altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
+        return _altereva_unit_scores(saliency, graph.channel_saliency, parts, request, "channels", diagnostics)
     if method == "snip":  # |sum theta * g|: AlterEva's DeCI alone (beta = 0)
         saliency = in_float64(
             lambda m, b: signed_saliency(m, task, b), model, batches, task, record, request.scoring_precision
@@ -291,17 +283,58 @@ def _scoring_record(scores: list[torch.Tensor], diagnostics: dict, seconds: floa
     }
 
 
+def _altereva_unit_scores(
+    saliency: AlterEvaSaliency,
+    signed_units,
+    parts: list[str],
+    request: PruneRequest,
+    kind: str,
+    diagnostics: dict | None,
+) -> list[torch.Tensor]:
+    """AlterEva's score per unit (`signed_units` sums a signed saliency per unit: channels or weights), with
+    the configured penalty and partition budget; the ReRI report goes into `diagnostics`."""
+    a = request.altereva
+
+    def units(sal):
+        return settled([u.abs() for u in signed_units(sal)])
+
+    deci = units(saliency.deci)
+    reri = {masked: units(sal) for masked, sal in saliency.reri.items()}
+    noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
+    signed = (
+        {masked: settled(signed_units(sal)) for masked, sal in saliency.reri.items()} if a.penalty == "signed" else None
+    )
+    penalty = penalty_units(a.penalty, reri, deci, parts, signed, noise if a.subtract_noise else None)
+    budgets = masked_loss_budgets(saliency.masked_loss) if a.normalise == "masked-loss" else None
+    if diagnostics is not None:
+        diagnostics["reri_noise"] = _reri_noise(saliency, reri, noise, penalty, budgets, parts, request, kind, deci)
+    return altereva_scores(deci, penalty, parts, a.alpha, a.beta, a.floor, a.normalise, budgets)
+
+
 def _reri_noise(
-    saliency: AlterEvaSaliency, reri: dict, units, parts: list[str], request: PruneRequest, kind: str, deci: list
+    saliency: AlterEvaSaliency,
+    reri: dict,
+    noise: dict,
+    penalty: dict,
+    budgets: dict | None,
+    parts: list[str],
+    request: PruneRequest,
+    kind: str,
+    deci: list,
 ):
     """The scoring report's ReRI signal-to-noise block; `seconds` is what the zero-step floor cost (its
-    extra backward passes plus this summary)."""
-    start = time.perf_counter()
-    noise = {masked: None if sal is None else units(sal) for masked, sal in saliency.noise.items()}
+    extra backward passes plus this summary). `floored` counts units by the penalty actually applied."""
+    started = time.perf_counter()
     a = request.altereva
     summary = reri_summary(reri, noise, parts, a, kind, deci)
-    summary["floored"] = floored_fraction(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)
-    summary["seconds"] = saliency.noise_seconds + time.perf_counter() - start
+    summary["floored"] = floored_fraction(deci, penalty, parts, a.alpha, a.beta, a.floor, a.normalise, budgets)
+    summary["penalty"] = a.penalty
+    summary["restarts"] = a.restarts
+    summary["subtract_noise"] = a.subtract_noise
+    if budgets is not None:
+        summary["budgets"] = budgets
+        summary["masked_loss"] = saliency.masked_loss
+    summary["seconds"] = saliency.noise_seconds + time.perf_counter() - started
     return summary
 
 
@@ -445,14 +478,8 @@ def weight_scores(
         saliency = in_float64(score, model, batches, task, record, request.scoring_precision)
         names = list(weights)
         parts = [partition.part_of(n) or "fusion" for n in names]
-        deci = settled([saliency.deci[n].abs() for n in names])
-        reri = {masked: settled([s[n].abs() for n in names]) for masked, s in saliency.reri.items()}
-        if diagnostics is not None:
-            diagnostics["reri_noise"] = _reri_noise(
-                saliency, reri, lambda sal: [sal[n].abs() for n in names], parts, request, "weights", deci
-            )
-        a = request.altereva
-        return dict(zip(names, altereva_scores(deci, reri, parts, a.alpha, a.beta, a.floor, a.normalise)))
+        signed = lambda sal: [sal[n] for n in names]  # noqa: E731
+        return dict(zip(names, _altereva_unit_scores(saliency, signed, parts, request, "weights", diagnostics)))
     if request.method == "snip":
         saliency = in_float64(
             lambda m, b: signed_saliency(m, task, b), model, batches, task, record, request.scoring_precision

@@ -54,14 +54,83 @@ def normalise_within_partitions(values: Units, parts: list[str]) -> Units:
     return [v / totals[part] if totals[part] > 0 else torch.zeros_like(v) for v, part in zip(values, parts)]
 
 
-NORMALISE = ("partition", "model")
+NORMALISE = ("partition", "model", "masked-loss")
 
 
 def _share_groups(parts: list[str], normalise: str) -> list[str]:
     """The group whose total each unit is divided by: its partition, or one group for the whole model."""
     if normalise not in NORMALISE:
         raise ValueError(f"unknown normalise {normalise!r} (choose from {', '.join(NORMALISE)})")
-    return parts if normalise == "partition" else ["model"] * len(parts)
+    return ["model"] * len(parts) if normalise == "model" else parts
+
+
+def masked_loss_budgets(masked_loss: Mapping[str, float]) -> dict[str, float]:
+    """Each partition's share of the scores (normalise "masked-loss", ours): the loss increase when it is
+    masked (fusion + heads: both sensors masked), over the sum of the three. Equal shares (Eq. 11-13) give a
+    partition the model can do without as much as one it cannot; these follow what masking it costs."""
+    base = masked_loss["none"]
+    rise = {"camera": masked_loss["camera"], "lidar": masked_loss["lidar"], "fusion": masked_loss["both"]}
+    rise = {part: max(value - base, 0.0) for part, value in rise.items()}
+    total = math.fsum(rise.values())
+    if not total > 0:
+        raise ValueError("masking the camera, the LiDAR or both does not raise the loss: no budget to share out")
+    return {part: value / total for part, value in rise.items()}
+
+
+PENALTIES = ("reri", "residual", "signed")
+
+
+def reri_residual(reri: Units, deci: Units, parts: list[str]) -> Units:
+    """ReRI less what DeCI predicts of it (penalty "residual", ours): per partition, log ReRI is fitted
+    on log DeCI by least squares over the units where both are positive, and only the excess of a unit's
+    ReRI over the fit is kept (zero below it). Where ReRI ranks like DeCI, plain ReRI penalises the top
+    contributors; this penalises a unit only for reactivation beyond what its contribution explains."""
+    result = [torch.zeros_like(r, dtype=torch.float64) for r in reri]
+    for part in dict.fromkeys(parts):
+        chosen = [i for i, p in enumerate(parts) if p == part]
+        r = torch.cat([reri[i].double().flatten() for i in chosen])
+        d = torch.cat([deci[i].double().flatten() for i in chosen])
+        live = (r > 0) & (d > 0)
+        if int(live.sum()) < 2:
+            continue
+        x, y = d[live].log().numpy(), r[live].log().numpy()
+        x_mean, y_mean = math.fsum(x) / len(x), math.fsum(y) / len(y)
+        spread = math.fsum((x - x_mean) ** 2)
+        slope = math.fsum((x - x_mean) * (y - y_mean)) / spread if spread > 0 else 0.0
+        intercept = y_mean - slope * x_mean
+        for i in chosen:
+            d_i = deci[i].double()
+            predicted = torch.where(d_i > 0, torch.exp(intercept + slope * d_i.clamp_min(1e-300).log()), 0.0)
+            result[i] = (reri[i].double() - predicted).clamp_min(0.0)
+    return result
+
+
+def penalty_units(
+    penalty: str,
+    reri: dict[str, Units],
+    deci: Units,
+    parts: list[str],
+    signed: dict[str, Units] | None = None,
+    noise: dict[str, Units | None] | None = None,
+) -> dict[str, Units]:
+    """Per masked modality, the penalty of every unit: |ReRI| ("reri", Eq. 10), its excess over what DeCI
+    predicts ("residual"), or only where reactivation grew the unit ("signed", ours: `signed` holds ReRI
+    per unit before the absolute value, S_0 - S_B with S the loss gradient of a mask on the unit; a unit the
+    masked loss pushed up and reactivation then gave more has S_B > S_0, a unit it turned down the opposite).
+    With `noise` (|zero-step floor| per unit), the floor is taken off every penalty, zero below it."""
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r} (choose from {', '.join(PENALTIES)})")
+    result = {}
+    for masked, values in reri.items():
+        if penalty == "residual":
+            values = reri_residual(values, deci, parts)
+        elif penalty == "signed":
+            values = [(-v.double()).clamp_min(0.0) for v in signed[masked]]
+        floor = (noise or {}).get(masked)
+        if floor is not None:
+            values = [(v.double() - f.double()).clamp_min(0.0) for v, f in zip(values, floor)]
+        result[masked] = values
+    return result
 
 
 def altereva_scores(
@@ -72,15 +141,22 @@ def altereva_scores(
     beta: float,
     floor: float | None = 1e-3,
     normalise: str = "partition",
+    budgets: Mapping[str, float] | None = None,
 ) -> Units:
     """Combine |DeCI| and |ReRI| (per masked modality) into AlterEva scores; higher means keep.
 
     `floor=None` is Eq. 13 as printed; a number bounds every score below by `floor * alpha * DeCI share`.
-    `normalise`: "partition" (Eq. 11-13) or "model" (one total per saliency over every unit).
+    `normalise`: "partition" (Eq. 11-13), "model" (one total per saliency over every unit) or "masked-loss"
+    (per partition, then each partition's shares scaled by its `budgets` entry: `masked_loss_budgets`).
     """
     groups = _share_groups(parts, normalise)
     deci_n = normalise_within_partitions(deci, groups)
     reri_n = {masked: normalise_within_partitions(v, groups) for masked, v in reri.items()}
+    if normalise == "masked-loss":
+        if budgets is None:
+            raise ValueError("normalise 'masked-loss' needs the partitions' budgets (masked_loss_budgets)")
+        deci_n = [v * budgets[part] for v, part in zip(deci_n, parts)]
+        reri_n = {masked: [v * budgets[part] for v, part in zip(vs, parts)] for masked, vs in reri_n.items()}
     scores = []
     for i, part in enumerate(parts):
         if part == "camera":
@@ -102,12 +178,15 @@ def floored_fraction(
     beta: float,
     floor: float | None,
     normalise: str = "partition",
+    budgets: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Per partition, the fraction of units whose ReRI penalty reaches the floor (printed Eq. 13: goes
     below it), so that their rank no longer follows their contribution. A high fraction in a partition
     that holds most of the FLOPs decides where a GFLOPs target is met."""
-    printed = altereva_scores(deci, reri, parts, alpha, beta, None, normalise)
+    printed = altereva_scores(deci, reri, parts, alpha, beta, None, normalise, budgets)
     shares = normalise_within_partitions(deci, _share_groups(parts, normalise))
+    if normalise == "masked-loss":
+        shares = [v * budgets[part] for v, part in zip(shares, parts)]
     bound = floor if floor is not None else 0.0
     hit: dict[str, list[int]] = {}
     for score, share, part in zip(printed, shares, parts):

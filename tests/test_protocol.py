@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from altermoma.compare import ALTEREVA_VARIANTS
+from altermoma.compare import ALTEREVA_VARIANTS, PAPER_OPTIONS
 from benchmarks.protocol import candidates, choose, departures, judge, main
 
 
@@ -34,7 +34,11 @@ def test_the_best_candidate_wins_when_nothing_ties_with_it():
     chosen, tied = choose(candidates(_dev(scores) + _dev({"snip": 0.99})))  # baselines are not candidates
     assert chosen.method == "altereva-same-adamw-model" and [c.method for c in tied] == [chosen.method]
     assert chosen.score == pytest.approx(0.801) and chosen.runs == 6
-    assert chosen.options == {"reri_data": "same", "reactivation_optimizer": "adamw", "normalise": "model"}
+    assert chosen.options == PAPER_OPTIONS | {
+        "reri_data": "same",
+        "reactivation_optimizer": "adamw",
+        "normalise": "model",
+    }
 
 
 def test_a_tie_goes_to_the_fewest_departures_then_the_higher_score():
@@ -80,7 +84,9 @@ def test_the_command_line_prints_the_choice_and_refuses_a_missing_folder(tmp_pat
     (tmp_path / "compare.json").write_text(json.dumps({"runs": _dev(scores)}))
     assert main(["choose", "--dev", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert 'chosen: altereva-model {"reri_data": "paper", "reactivation_optimizer": "sgd", "normalise": "model"}' in out
+    assert (
+        'chosen: altereva-model {"reri_data": "paper", "reactivation_optimizer": "sgd", "normalise": "model", ' in out
+    )
     assert main(["judge", "--confirm", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "compare.json does not exist" in err[0]

@@ -10,14 +10,13 @@ the two apart where SNIP cannot.
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from common.task import Task
+from benchmarks.planted_copy import toy, toy_batches  # the planted redundant copy
 from compress.altereva import (
     AlterEvaConfig,
     altereva_saliency,
@@ -35,51 +34,6 @@ from fusion.config import BEVGrid, ConfigError, DataConfig, get_config
 from fusion.data.dataset import make_sample
 from fusion.data.render import gaussian_blur, render_cameras
 from fusion.data.scenes import MATERIAL_REFLECTIVITY, sample_scene
-
-SHARED = 2.0  # weight of z_s in the target: each modality's copy carries half
-TWIN = math.sqrt(2.0)  # camera-only channel 1: |E[h dL/dh]| equals the copy's (SNIP cannot tell them apart)
-CAMERA_ONLY = (TWIN, 0.5, 0.3)
-LIDAR_ONLY = (1.2, 0.6, 0.4)
-SHRINK = 0.8  # the fuser sits at 0.8 x its optimum (as weight decay leaves it), so gradients are not zero
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.camera = nn.Linear(4, 4)
-        self.lidar = nn.Linear(4, 4)
-        self.fuser = nn.Linear(8, 1)
-
-    def forward(self, camera: torch.Tensor, lidar: torch.Tensor) -> torch.Tensor:
-        return self.fuser(torch.cat([self.camera(camera), self.lidar(lidar)], dim=-1))
-
-
-def toy() -> tuple[Toy, Task]:
-    model = Toy()
-    with torch.no_grad():
-        for encoder in (model.camera, model.lidar):
-            encoder.weight.copy_(torch.eye(4))
-            encoder.bias.zero_()
-        weights = [SHARED / 2, *CAMERA_ONLY, SHARED / 2, *LIDAR_ONLY]
-        model.fuser.weight.copy_(SHRINK * torch.tensor([weights]))
-        model.fuser.bias.zero_()
-    task = Task(
-        partition={"camera": "camera", "lidar": "lidar", "fusion": "fuser"},
-        loss=lambda out, batch: ((out.squeeze(-1) - batch["y"]) ** 2).mean(),
-        inputs=lambda batch: (batch["camera"], batch["lidar"]),
-    )
-    return model, task
-
-
-def toy_batches(count: int = 4, size: int = 512, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """z = (z_s, camera-only x3, LiDAR-only x3) ~ N(0, 1); the camera sees (z_s, c), the LiDAR (z_s, l)."""
-    generator = torch.Generator().manual_seed(seed)
-    coefficients = torch.tensor([SHARED, *CAMERA_ONLY, *LIDAR_ONLY])
-    batches = []
-    for _ in range(count):
-        z = torch.randn(size, 7, generator=generator)
-        batches.append({"camera": z[:, :4], "lidar": torch.cat([z[:, :1], z[:, 4:]], 1), "y": z @ coefficients})
-    return batches
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -254,7 +208,7 @@ def test_rank_correlation_matches_spearman_with_ties():
         ({"reactivation_steps": -1}, "reactivation_steps must be a whole number >= 0, got -1"),
         ({"reactivation_steps": 2.5}, "reactivation_steps must be a whole number >= 0, got 2.5"),
         ({"reactivation_lr": 0.0}, "reactivation_lr must be > 0, got 0.0"),
-        ({"normalise": "global"}, "unknown normalise 'global' (choose from partition, model)"),
+        ({"normalise": "global"}, "unknown normalise 'global' (choose from partition, model, masked-loss)"),
     ],
 )
 def test_bad_options_fail_in_one_clear_line(options, message):
@@ -400,16 +354,27 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         assert all(getattr(request.altereva, k) == v for k, v in options.items())
     plain = prune_request(RunSpec("altereva", "structured", 0.5, 0), settings).altereva
     assert (plain.reri_data, plain.reactivation_optimizer, plain.normalise) == ("paper", "adamw", "partition")
-    assert ALTEREVA_VARIANTS["altereva-paper"] == {
+    paper = {
         "reri_data": "paper",
         "reactivation_optimizer": "sgd",
         "normalise": "partition",
+        "penalty": "reri",
+        "restarts": 1,
+        "subtract_noise": False,
     }
-    assert len(ALTEREVA_VARIANTS) == 8 and ALTEREVA_VARIANTS["altereva-same-adamw-model"] == {
+    assert ALTEREVA_VARIANTS["altereva-paper"] == paper
+    assert ALTEREVA_VARIANTS["altereva-same-adamw-model"] == paper | {
         "reri_data": "same",
         "reactivation_optimizer": "adamw",
         "normalise": "model",
     }
+    assert ALTEREVA_VARIANTS["altereva-v2"] == paper | {
+        "penalty": "signed",
+        "normalise": "masked-loss",
+        "restarts": 4,
+        "subtract_noise": True,
+    }
+    assert len(ALTEREVA_VARIANTS) == 8 + 6  # protocol v1's 8, protocol v2's 6
 
 
 def test_the_summary_says_how_much_reri_ranks_like_deci():
