@@ -496,7 +496,9 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     p.add_argument(
         "--method",
         default="altereva",
-        help="altereva | snip | magnitude | random | synflow | prospr | imp (default: altereva)",
+        help="altereva | snip | magnitude | random | synflow | prospr | imp, or torch-pruning's own importances "
+        "tp-magnitude | tp-taylor | tp-hessian, or NVIDIA ModelOpt's fastnas (GFLOPs targets; needs the quant "
+        "extra) (structured only) (default: altereva)",
     )
     p.add_argument(
         "--target-gflops",

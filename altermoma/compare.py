@@ -38,6 +38,8 @@ from fusion.data.source import add_data_args, source_from_args
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
+# the peers a user would pick instead: torch-pruning's importances and NVIDIA ModelOpt's FastNAS (structured only)
+PEERS = ("tp-magnitude", "tp-taylor", "tp-hessian", "fastnas")
 STRUCTURED_TARGETS = (0.3, 0.5, 0.7)
 SPARSITIES = (0.8, 0.85, 0.9)
 BETAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # AlterEva beta/alpha, alpha = 1
@@ -154,7 +156,7 @@ def plan(
             runs += [RunSpec("altereva", "structured", SWEEP_TARGET, seed, beta) for beta in BETAS]
             runs.append(RunSpec(EQ13, "structured", SWEEP_TARGET, seed))
         for sparsity in sparsities:
-            runs += [RunSpec(m, "unstructured", sparsity, seed) for m in methods]
+            runs += [RunSpec(m, "unstructured", sparsity, seed) for m in methods if m not in PEERS]
     return list(dict.fromkeys(runs))
 
 
@@ -484,7 +486,7 @@ def plot_map_vs_gflops(runs: list[dict], reference: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         x_of = (lambda r: r["gflops"]) if kind == "structured" else (lambda r: r["sparsity"])
-        for method in (*METHODS, EQ13, *ALTEREVA_VARIANTS):
+        for method in (*METHODS, *PEERS, EQ13, *ALTEREVA_VARIANTS):
             points = sorted((k[1], v) for k, v in groups.items() if k[0] == kind and k[2] == method)
             if not points:
                 continue
@@ -666,9 +668,10 @@ def run_from_args(args: argparse.Namespace) -> dict | list:
     if args.scoring_cost:
         return scoring_cost(Path(args.out or "reports/compare"), args.threads, args.synflow_iterations)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = sorted(set(methods) - set(METHODS) - set(ALTEREVA_VARIANTS))
+    unknown = sorted(set(methods) - set(METHODS) - set(PEERS) - set(ALTEREVA_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r} (choose from {', '.join((*METHODS, *ALTEREVA_VARIANTS))})")
+        choices = ", ".join((*METHODS, *PEERS, *ALTEREVA_VARIANTS))
+        raise ValueError(f"unknown method {unknown[0]!r} (choose from {choices})")
     if not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     quick = args.quick

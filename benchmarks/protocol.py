@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from altermoma.compare import ALTEREVA_VARIANTS, PAPER_OPTIONS
+from altermoma.compare import ALTEREVA_VARIANTS, PAPER_OPTIONS, PEERS
 
 TIE = 0.005  # mAP: what three seeds resolve
 DEV_CELLS = (("structured", 0.5), ("unstructured", 0.9))
 BASELINES = ("snip", "magnitude", "random", "synflow", "prospr", "imp")
-PEERS = ("tp-magnitude", "tp-taylor", "tp-hessian")  # torch-pruning's own group importances (structured only)
+
 V2_CANDIDATES = (
     "altereva",
     "altereva-paper",

@@ -42,6 +42,7 @@ from compress.flops import count_flops
 from compress.latency import LatencyPredictor, load_table
 from compress.latency_select import select_for_latency
 from compress.partition import Partition
+from compress.peers import TP_PEERS, peer_gradients, tp_channel_scores
 from compress.request import PruneRequest, request_dict
 from compress.scores import (
     altereva_scores,
@@ -70,7 +71,7 @@ def measured_gflops(model: nn.Module, task: Task, example_batch: Any) -> float:
         model.train(was_training)
 
 
-GRADIENT_METHODS = ("altereva", "snip", "prospr", "synflow", "imp")  # imp fine-tunes between its levels
+GRADIENT_METHODS = ("altereva", "snip", "prospr", "synflow", "imp", "tp-taylor", "tp-hessian")  # imp: fine-tunes
 
 
 def check_gradients_possible(model: nn.Module, method: str) -> None:
@@ -145,6 +146,10 @@ def channel_scores(
     if method == "prospr":
         score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr)  # noqa: E731
         return in_float64(score, model, batches, task, record, request.scoring_precision)
+    if method in TP_PEERS:  # torch-pruning's own importances, on the same groups
+        gradients = lambda m, b: peer_gradients(method, m, task, b)  # noqa: E731
+        grads = in_float64(gradients, model, batches, task, record, request.scoring_precision)
+        return tp_channel_scores(method, model, graph, grads, record)
     generator = torch.Generator().manual_seed(request.seed)
     return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
 

@@ -47,6 +47,10 @@ def prune(
     if dist.is_distributed():
         dist.check_same(dist.digest(model.state_dict()), "the model's weights")
         dist.check_same(dist.digest(list(batches)), "the scoring set (give every rank the same, global set)")
+    if request.method == "fastnas":  # NVIDIA ModelOpt's own search and removal (compress.fastnas)
+        from compress.fastnas import prune_fastnas
+
+        return prune_fastnas(model, task, list(batches), request.target_gflops, request.round_to, example_batch)
     if request.method == "imp":
         return iterative_magnitude_prune(
             model,

@@ -8,6 +8,7 @@ from typing import Any
 
 from compress.altereva import AlterEvaConfig
 from compress.baselines import PROSPR_MODES, ProsprConfig, SynFlowConfig
+from compress.peers import TP_PEERS  # torch-pruning's own importances
 from compress.structured import PruningError
 
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
@@ -70,8 +71,13 @@ class PruneRequest:
             raise PruningError(
                 f"unknown scoring precision {self.scoring_precision!r} (choose from {', '.join(SCORING_PRECISIONS)})"
             )
-        if self.method not in METHODS:
-            raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        known = METHODS + TP_PEERS + ("fastnas",)
+        if self.method not in known:
+            raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(known)})")
+        if self.method in TP_PEERS and self.sparsity is not None:
+            raise PruningError(f"{self.method} scores channel groups: it prunes structured targets, not a sparsity")
+        if self.method == "fastnas" and self.target_gflops is None:
+            raise PruningError("fastnas (NVIDIA ModelOpt) prunes to a GFLOPs target only (--target-gflops)")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise PruningError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if not 0.0 < self.max_group_ratio < 1.0:

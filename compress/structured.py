@@ -516,6 +516,13 @@ class ChannelGraph:
         return dict(flops), max(0.0, self.flop_count.total - sum(flops.values()))
 
     # ---- scores -------------------------------------------------------------------------------
+    def torch_pruning_groups(self) -> list:
+        """torch-pruning's own group object for each of `groups`, all root channels (for its importances)."""
+        return [
+            self.dg.get_pruning_group(module, handler, list(range(group.channels)))
+            for group, (module, handler) in zip(self.groups, self._handlers)
+        ]
+
     def channel_saliency(self, saliency: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per group, the signed saliency sum of each root channel over every coupled layer."""
         modules = dict(self.model.named_modules())

@@ -258,6 +258,11 @@ def install_layer_norm_pruner() -> None:
     pruner = tp_function.LayernormPruner
     pruner.prune_out_channels = prune_layer_norm
     pruner.prune_in_channels = prune_layer_norm
+    # torch-pruning tells a LayerNorm's handler by equality with these module-level bound methods (its
+    # importances do): bind them anew, or every LayerNorm would look like an unknown layer to them.
+    box = tp_function.PrunerBox[tp_function.ops.OPTYPE.LN]
+    tp_function.prune_layernorm_out_channels = box.prune_out_channels
+    tp_function.prune_layernorm_in_channels = box.prune_in_channels
 
 
 def install_reshape_mapping() -> None:

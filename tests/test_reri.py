@@ -416,3 +416,101 @@ def test_prune_reports_the_floored_fraction_per_partition():
     floored = prune(model, task, toy_batches(), request, progress=False)["reri_noise"]["floored"]
     assert set(floored) <= {"camera", "lidar", "fusion"} and floored
     assert all(0.0 <= v <= 1.0 for v in floored.values())
+
+
+# ---- protocol v2's estimators (ours, issue 25) ------------------------------------------------------
+def test_restarts_average_the_reactivated_end_point_over_rotations_of_the_scoring_set():
+    model, task = toy()
+    batches = toy_batches()
+    rotated = batches[1:] + batches[:1]
+    config = AlterEvaConfig(reactivation_steps=3, reactivation_optimizer="sgd", reactivation_lr=1e-2)
+    two = altereva_saliency(model, task, batches, dataclasses.replace(config, restarts=2))
+    first = altereva_saliency(model, task, batches, config)
+    second = altereva_saliency(model, task, rotated, config)  # its s0 sums D in another order: ~1e-16 apart
+    for masked in ("lidar", "camera"):
+        for name in two.reri[masked]:
+            expected = (first.reri[masked][name] + second.reri[masked][name]) / 2
+            assert torch.allclose(two.reri[masked][name], expected, rtol=1e-5, atol=1e-9)
+            expected = (first.noise[masked][name] + second.noise[masked][name]) / 2
+            assert torch.allclose(two.noise[masked][name], expected, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(first.reri["lidar"]["camera.weight"], second.reri["lidar"]["camera.weight"])
+    with pytest.raises(ValueError, match="5 reactivation restarts need at least as many scoring batches"):
+        altereva_saliency(model, task, batches, dataclasses.replace(config, restarts=5))
+
+
+def test_masked_losses_price_each_partition_and_leave_the_model_untouched():
+    from compress.altereva import masked_losses
+
+    model, task = toy()
+    before = _state(model)
+    losses = masked_losses(model, task, Partition.of(model, task.partition), toy_batches(), "parameters")
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    # the target's variance is 4 + 2 + 0.34 + 1.44 + 0.52 = 8.3; masking a sensor loses its latents' share
+    assert losses["none"] < losses["camera"] < losses["both"] and losses["none"] < losses["lidar"] < losses["both"]
+    assert losses["both"] == pytest.approx(float(sum(b["y"].pow(2).mean() for b in toy_batches()) / 4), rel=1e-6)
+
+
+def test_masked_loss_budgets_size_each_partitions_share():
+    from compress.scores import altereva_scores, masked_loss_budgets
+
+    budgets = masked_loss_budgets({"none": 1.0, "camera": 1.5, "lidar": 3.0, "both": 6.5})
+    assert budgets == pytest.approx({"camera": 0.5 / 8, "lidar": 2.0 / 8, "fusion": 5.5 / 8})
+    deci = [torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([2.0])]
+    zero = {m: [torch.zeros_like(d) for d in deci] for m in ("lidar", "camera")}
+    parts = ["camera", "lidar", "fusion"]
+    scores = altereva_scores(deci, zero, parts, 1.0, 1.0, normalise="masked-loss", budgets=budgets)
+    assert [float(s.sum()) for s in scores] == pytest.approx([budgets[p] for p in parts])
+    assert float(scores[0][0] / scores[0][1]) == pytest.approx(3.0)  # the order within a partition is DeCI's
+    with pytest.raises(ValueError, match="does not raise the loss"):
+        masked_loss_budgets({"none": 1.0, "camera": 0.9, "lidar": 1.0, "both": 0.5})
+    with pytest.raises(ValueError, match="needs the partitions' budgets"):
+        altereva_scores(deci, zero, parts, 1.0, 1.0, normalise="masked-loss")
+
+
+def test_signed_penalty_takes_only_what_reactivation_grew_and_the_floor_comes_off():
+    from compress.scores import penalty_units
+
+    reri = {"lidar": [torch.tensor([2.0, 3.0, 0.5])]}
+    signed = {"lidar": [torch.tensor([-2.0, 3.0, -0.5])]}  # S_0 - S_B: negative where reactivation grew the unit
+    deci = [torch.ones(3)]
+    assert penalty_units("reri", reri, deci, ["camera"])["lidar"][0].tolist() == [2.0, 3.0, 0.5]
+    assert penalty_units("signed", reri, deci, ["camera"], signed)["lidar"][0].tolist() == [2.0, 0.0, 0.5]
+    noise = {"lidar": [torch.tensor([0.5, 0.5, 1.0])]}
+    assert penalty_units("reri", reri, deci, ["camera"], noise=noise)["lidar"][0].tolist() == [1.5, 2.5, 0.0]
+    with pytest.raises(ValueError, match="unknown penalty 'abs'"):
+        penalty_units("abs", reri, deci, ["camera"])
+
+
+def test_residual_penalty_keeps_only_reactivation_beyond_what_deci_predicts():
+    from compress.scores import reri_residual
+
+    deci = [torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0])]
+    reri = [3.0 * deci[0] ** 1.5, torch.tensor([5.0, 1.0])]
+    reri[0][2] *= 4.0  # one camera unit reactivated 4x beyond the power law of its partition
+    residual = reri_residual(reri, deci, ["camera", "lidar"])
+    camera = residual[0]
+    assert int(camera.argmax()) == 2 and float(camera[2]) > 0
+    assert float(camera[3]) < 0.2 * float(camera[2]) and float(camera[4]) < float(reri[0][4])  # the top ones go free
+    # the LiDAR partition is fitted on its own: two units, the fit passes through both, nothing is left over
+    assert torch.allclose(residual[1], torch.zeros(2, dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"penalty": "abs"}, "unknown penalty 'abs' (choose from reri, residual, signed)"),
+        ({"restarts": 0}, "restarts must be a whole number >= 1, got 0"),
+        ({"reri_data": "same", "subtract_noise": True}, "subtract_noise needs reri_data 'paper'"),
+    ],
+)
+def test_v2_options_are_checked_before_any_gradient(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AlterEvaConfig(**options).validate()
+
+
+def test_the_mechanism_gate_separates_the_candidates_as_measured():
+    from benchmarks.planted_copy import gate
+
+    assert gate("altereva-v2")["copy_last"] and gate("altereva-restarts")["copy_last"]
+    paper = gate("altereva-paper")  # at lr 1e-3 the D vs D_B noise puts the weakest camera-only latent last
+    assert not paper["copy_last"] and {s["last"] for s in paper["seeds"].values()} == {3}

@@ -1,0 +1,206 @@
+"""NVIDIA ModelOpt's structured pruning (FastNAS) as a peer: where it runs on our fusion models, and why not.
+
+For each checkpoint and channel divisor, the model is converted to FastNAS's search space (ModelOpt traces
+it with torch.fx), the search space is profiled (configurable hparams, smallest and largest subnet's
+FLOPs by ModelOpt's own count), and `mtp.prune(mode="fastnas", constraints={"flops": "50%"})` is run with
+the task loss on a 2-scene batch as its score. Everything ModelOpt prints is kept in the report's log; the
+report says, measured, what FastNAS can and cannot reach on these models.
+
+    python -m benchmarks.fastnas_probe --out reports/protocol-v2/fastnas
+
+Needs `nvidia-modelopt` (the `quant` extra) and `torchprofile==0.0.4` (ModelOpt 0.47 reads
+`torchprofile.profile.handlers`, which 0.1.0 removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import inspect
+import io
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS = ("fusion/weights/tiny-fusion", "fusion/weights/bevfusion-tiny-fusion")
+DIVISORS = (32, 8)  # ModelOpt's default channel divisor, and our round_to
+TARGET = "50%"
+
+
+def positional_input(model: torch.nn.Module, kwargs: dict) -> tuple:
+    """The forward's arguments in signature order (None where not given), then an empty dict: ModelOpt's
+    form for "positional arguments only" when the last one may itself be a dict."""
+    names = list(inspect.signature(model.forward).parameters)
+    last = max(names.index(k) for k in kwargs)
+    return (*[kwargs.get(name) for name in names[: last + 1]], {})
+
+
+def fastnas_rules(divisor: int) -> dict:
+    """FastNAS's default rules with another channel divisor for convs, linears and norms."""
+    from modelopt.torch.prune.fastnas import _get_fastnas_default_rules
+
+    rules = _get_fastnas_default_rules()
+    for rule in rules.values():
+        for key in ("channel_divisor", "feature_divisor"):
+            if key in rule:
+                rule[key] = divisor
+    return rules
+
+
+def probe(checkpoint: str, divisor: int) -> dict:
+    import modelopt.torch.nas as mtn
+    import modelopt.torch.prune as mtp
+    from modelopt.torch.prune.pruning import PruneModeRegistry
+
+    from fusion.checkpoint import load_checkpoint
+    from fusion.task import first_sample, reference_task, scoring_set
+
+    base, _ = load_checkpoint(checkpoint)
+    base.eval()
+    batch = scoring_set(base.config, 1, 2, 0)[0]
+    task = reference_task(base)
+    args, kwargs = task.arguments(first_sample(batch))
+    assert not args, "the reference task passes keyword arguments"
+    dummy = positional_input(base, kwargs)
+    row = {"checkpoint": checkpoint, "channel_divisor": divisor, "target_flops": TARGET}
+    log = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            model = mtn.convert(copy.deepcopy(base), [("fastnas", fastnas_rules(divisor))], registry=PruneModeRegistry)
+            hparams = configurable_hparams(model)
+            row["configurable_hparams"] = len(hparams)
+            row["hparams"] = hparams
+            satisfiable, stats = mtn.profile(model, dummy, constraints={"flops": TARGET}, verbose=False)
+            row["flops"] = {k: float(stats[k]["flops"]) for k in ("max", "centroid", "min")}
+            row["search_space_size"] = float(stats.get("search space size", float("nan")))
+            row["satisfiable"] = bool(satisfiable)
+        except Exception as error:  # noqa: BLE001 - what ModelOpt raises is the finding
+            row["convert_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        with tempfile.TemporaryDirectory() as work:
+            config = {
+                "data_loader": [dummy],
+                "collect_func": lambda b: b,
+                "score_func": lambda m: -float(task.loss_of(task.forward(m, first_sample(batch)), first_sample(batch))),
+                "checkpoint": str(Path(work) / "search.pth"),
+                "verbose": True,
+            }
+            try:
+                pruned, _ = mtp.prune(
+                    copy.deepcopy(base), [("fastnas", fastnas_rules(divisor))], {"flops": TARGET}, dummy, config
+                )
+                row["pruned"] = True
+                row["params_after"] = sum(p.numel() for p in pruned.parameters())
+            except Exception as error:  # noqa: BLE001
+                row["pruned"] = False
+                row["prune_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+                row["prune_traceback"] = traceback.format_exc(limit=4).splitlines()[-6:]
+    row["params_before"] = sum(p.numel() for p in base.parameters())
+    row["seconds"] = time.perf_counter() - start
+    row["untraceable"] = untraceable_modules(log.getvalue())
+    row["log_tail"] = log.getvalue().splitlines()[-40:]
+    return row
+
+
+def configurable_hparams(model: torch.nn.Module) -> dict[str, list]:
+    """Every searchable hparam (more than one choice) of the converted modules, once each: the root of a
+    model ModelOpt cannot trace stays a plain module, so its children are asked."""
+    found, seen = {}, set()
+    for name, module in model.named_modules():
+        if not hasattr(module, "named_hparams"):
+            continue
+        for hname, hparam in module.named_hparams(configurable=True):
+            if id(hparam) not in seen:
+                seen.add(id(hparam))
+                found[f"{name}.{hname}" if name else hname] = list(hparam.choices)
+    return found
+
+
+def untraceable_modules(text: str) -> list[str]:
+    """Module names in ModelOpt's "cannot be traced" tables (first column of its boxed tables)."""
+    names = []
+    for line in text.splitlines():
+        if line.startswith("│"):
+            first = line.split("│")[1].strip().rstrip(",")
+            if first and not first.startswith(("Submodule", "flops", "params", "Constraint")):
+                names.append(first)
+    return list(dict.fromkeys(names))
+
+
+def markdown(rows: list[dict], threads: int) -> str:
+    lines = [
+        "# NVIDIA ModelOpt FastNAS on the fusion models (issue 25's peer)",
+        "",
+        f"`python -m benchmarks.fastnas_probe` ({threads} thread(s)); nvidia-modelopt "
+        f"{_version('nvidia-modelopt')}, torchprofile {_version('torchprofile')}, torch {torch.__version__}. "
+        f"Target: FLOPs at most {TARGET} of the model (ModelOpt's count).",
+        "",
+        "| checkpoint | channel divisor | configurable hparams | FLOPs max -> min subnet (G) | 50% reachable | mtp.prune |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        flops = r.get("flops", {})
+        span = (
+            f"{flops['max'] / 1e9:.3f} -> {flops['min'] / 1e9:.3f}" if "max" in flops else r.get("convert_error", "-")
+        )
+        result = r.get("prune_error", "-")
+        if r.get("pruned"):
+            result = f"pruned: parameters {r['params_before'] / 1e6:.3f} M -> {r['params_after'] / 1e6:.3f} M ({r['seconds']:.0f} s)"
+        lines.append(
+            f"| {r['checkpoint']} | {r['channel_divisor']} | {r.get('configurable_hparams', '-')} | {span} "
+            f"| {r.get('satisfiable', '-')} | {result} |"
+        )
+    lines += [
+        "",
+        "Modules ModelOpt's tracer could not trace (it skips them and searches only their traced children):",
+        "",
+    ]
+    for r in rows:
+        if r["channel_divisor"] == DIVISORS[0]:
+            shown = ", ".join(f"`{n}`" for n in r["untraceable"][:12])
+            more = f" and {len(r['untraceable']) - 12} more" if len(r["untraceable"]) > 12 else ""
+            lines.append(f"- {r['checkpoint']}: {shown}{more}")
+    return "\n".join(lines) + "\n"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fastnas_probe", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/protocol-v2/fastnas"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    from common.io import atomic_write_text
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for checkpoint in CHECKPOINTS:
+        for divisor in DIVISORS:
+            rows.append(probe(checkpoint, divisor))
+            r = rows[-1]
+            print(
+                f"{checkpoint} divisor {divisor}: hparams {r.get('configurable_hparams')}, satisfiable "
+                f"{r.get('satisfiable')}, pruned {r.get('pruned')} {r.get('prune_error', '')}",
+                flush=True,
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "fastnas.json", json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+    atomic_write_text(args.out / "fastnas.md", markdown(rows, args.threads))
+    print(markdown(rows, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
