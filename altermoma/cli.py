@@ -256,6 +256,7 @@ def prune_request(args: argparse.Namespace):
             penalty=args.penalty,
             restarts=args.reactivation_restarts,
             subtract_noise=args.subtract_noise,
+            failure_weight=args.failure_weight,
         ),
     ).validate()
 
@@ -434,6 +435,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         scenes=args.scenes,
         threads=threads_of(args),
         modality_dropout=args.modality_dropout,
+        seed=args.seed,
     )
     start = time.perf_counter()
     train_set = None if source.kind == "synthetic" else open_split(model.config, source, "train")
@@ -459,7 +461,7 @@ def finetune_user(args: argparse.Namespace) -> None:
     model = load_pruned(setup.model, args.checkpoint)
     torch.set_num_threads(threads_of(args))
     batches = setup.train_batches if setup.train_batches is not None else setup.scoring_batches
-    result = finetune(model, setup.task, batches, steps=args.steps, lr=args.lr, sync_bn=args.sync_bn)
+    result = finetune(model, setup.task, batches, steps=args.steps, lr=args.lr, sync_bn=args.sync_bn, seed=args.seed)
     dist.on_main(lambda: save_pruned(model, args.out, {**meta.get("report", {}), "finetune": result}))
     print(
         f"fine-tuned {result['steps']} steps in {result['seconds']:.1f} s: loss {result['first_loss']:.4f} -> "
@@ -579,6 +581,13 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
         action="store_true",
         help="AlterEva: take the zero-step noise floor off every unit's penalty (ours; needs --reri-data paper)",
     )
+    p.add_argument(
+        "--failure-weight",
+        type=float,
+        default=defaults.failure_weight,
+        help="AlterEva, fail-safety (ours): add this much of each unit's contribution while the other sensor is "
+        f"masked, so what carries the model through a sensor failure is kept (default {defaults.failure_weight:g})",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -664,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--scenes", type=positive_int, default=500, help="training scenes to render for fine-tuning")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="data order, modality-dropout draws and torch's RNG of the fine-tune (default 0)",
+    )
     p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an --out folder altermoma did not write")

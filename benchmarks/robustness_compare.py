@@ -64,17 +64,22 @@ class Step:
 # ---- steps -------------------------------------------------------------------------------------------------
 
 
+# methods beyond `prune --method`'s names: the fail-safe AlterEva option (issue 27), as prune options
+METHOD_OPTIONS = {"altereva-failsafe": ["--method", "altereva", "--failure-weight", "1"]}
+
+
 def prune_step(checkpoint: Path, method: str, seed: int, target: float, out: Path, threads: int) -> Step:
-    argv = ["prune", "--checkpoint", str(checkpoint), "--method", method, "--target-gflops", f"{target:g}"]
+    options = METHOD_OPTIONS.get(method, ["--method", method])
+    argv = ["prune", "--checkpoint", str(checkpoint), *options, "--target-gflops", f"{target:g}"]
     argv += ["--seed", str(seed), "--threads", str(threads), "--out", str(out)]
+    wanted = (options[1], seed, target, 1.0 if method in METHOD_OPTIONS else 0.0)
 
     def done() -> bool:
         meta = checkpoint_meta(out)
         request = (meta or {}).get("pruning", {}).get("request", {})
-        return bool(meta) and (request.get("method"), request.get("seed"), request.get("target_gflops")) == (
-            method,
-            seed,
-            target,
+        failure = float(request.get("altereva", {}).get("failure_weight", 0.0))
+        return (
+            bool(meta) and (request.get("method"), request.get("seed"), request.get("target_gflops"), failure) == wanted
         )
 
     return Step(f"prune {out.parent.name}", out, argv, done)

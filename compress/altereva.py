@@ -90,6 +90,9 @@ class AlterEvaConfig:
     penalty: str = "reri"  # "reri" (Eq. 10-13), "residual" or "signed" (ours)
     restarts: int = 1  # reactivation restarts averaged (ours; 1 = the paper)
     subtract_noise: bool = False  # take the zero-step noise floor off each unit's penalty (ours; paper data only)
+    # ours (issue 27): add this much of each unit's contribution share while the OTHER sensor is masked, so a
+    # unit that carries the model when a sensor fails is not scored redundant (0 = AlterEva as published)
+    failure_weight: float = 0.0
 
     def validate(self) -> AlterEvaConfig:
         """One clear ValueError per bad option, before any gradient is taken."""
@@ -110,6 +113,8 @@ class AlterEvaConfig:
         restarts = self.restarts
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts must be a whole number >= 1, got {restarts!r}")
+        if not (isinstance(self.failure_weight, int | float) and self.failure_weight >= 0):
+            raise ValueError(f"failure_weight must be a number >= 0, got {self.failure_weight!r}")
         if self.subtract_noise and self.reri_data != "paper":
             raise ValueError("subtract_noise needs reri_data 'paper': with 'same' the noise floor is 0 by construction")
         return self
@@ -123,6 +128,9 @@ class AlterEvaSaliency:
     # zero by construction (reri_data "same").
     noise: dict[str, Saliency | None] = field(default_factory=dict)
     noise_seconds: float = 0.0  # what the floor cost: the extra backward passes on D_B at theta_0
+    # failure_weight > 0 only: per round, DeCI with that modality masked (theta_0 * g on D): what each unit of the
+    # other sensor contributes while the masked one has failed
+    masked_deci: dict[str, Saliency] = field(default_factory=dict)
     # normalise "masked-loss" only: the scoring set's mean loss with nothing, "camera", "lidar" or "both" masked
     masked_loss: dict[str, float] = field(default_factory=dict)
 
@@ -240,6 +248,8 @@ def altereva_saliency(
         for masked in ("lidar", "camera"):
             with masked_modality(model, partition, masked, config.mask_mode):
                 s0 = signed_saliency(model, task, batches, theta=params0)
+                if config.failure_weight > 0:
+                    result.masked_deci[masked] = s0
                 bar.update()
                 frozen = set(partition.parameters(model, masked))
                 ends, floors = [], []

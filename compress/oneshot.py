@@ -313,7 +313,10 @@ def _altereva_unit_scores(
     budgets = masked_loss_budgets(saliency.masked_loss) if a.normalise == "masked-loss" else None
     if diagnostics is not None:
         diagnostics["reri_noise"] = _reri_noise(saliency, reri, noise, penalty, budgets, parts, request, kind, deci)
-    return altereva_scores(deci, penalty, parts, a.alpha, a.beta, a.floor, a.normalise, budgets)
+    failure = {masked: units(sal) for masked, sal in saliency.masked_deci.items()}
+    return altereva_scores(
+        deci, penalty, parts, a.alpha, a.beta, a.floor, a.normalise, budgets, failure, a.failure_weight
+    )
 
 
 def _reri_noise(

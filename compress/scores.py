@@ -142,12 +142,17 @@ def altereva_scores(
     floor: float | None = 1e-3,
     normalise: str = "partition",
     budgets: Mapping[str, float] | None = None,
+    failure: dict[str, Units] | None = None,
+    failure_weight: float = 0.0,
 ) -> Units:
     """Combine |DeCI| and |ReRI| (per masked modality) into AlterEva scores; higher means keep.
 
     `floor=None` is Eq. 13 as printed; a number bounds every score below by `floor * alpha * DeCI share`.
     `normalise`: "partition" (Eq. 11-13), "model" (one total per saliency over every unit) or "masked-loss"
     (per partition, then each partition's shares scaled by its `budgets` entry: `masked_loss_budgets`).
+    `failure` (ours, issue 27): per masked modality, each unit's |DeCI| with that modality masked; a camera
+    unit gains `failure_weight` times its share with the LiDAR masked, a LiDAR unit with the camera masked,
+    fusion the mean of both, so what carries the model through a sensor failure is not scored redundant.
     """
     groups = _share_groups(parts, normalise)
     deci_n = normalise_within_partitions(deci, groups)
@@ -157,6 +162,11 @@ def altereva_scores(
             raise ValueError("normalise 'masked-loss' needs the partitions' budgets (masked_loss_budgets)")
         deci_n = [v * budgets[part] for v, part in zip(deci_n, parts)]
         reri_n = {masked: [v * budgets[part] for v, part in zip(vs, parts)] for masked, vs in reri_n.items()}
+    fail_n = None
+    if failure and failure_weight > 0:
+        fail_n = {masked: normalise_within_partitions(v, groups) for masked, v in failure.items()}
+        if normalise == "masked-loss":
+            fail_n = {masked: [v * budgets[part] for v, part in zip(vs, parts)] for masked, vs in fail_n.items()}
     scores = []
     for i, part in enumerate(parts):
         if part == "camera":
@@ -166,6 +176,10 @@ def altereva_scores(
         else:
             penalty = 0.5 * (reri_n["lidar"][i] + reri_n["camera"][i])
         score = alpha * deci_n[i] - beta * penalty
+        if fail_n is not None:
+            other = {"camera": "lidar", "lidar": "camera"}.get(part)
+            carried = fail_n[other][i] if other else 0.5 * (fail_n["lidar"][i] + fail_n["camera"][i])
+            score = score + failure_weight * carried
         scores.append(score if floor is None else torch.maximum(score, floor * alpha * deci_n[i]))
     return scores
 

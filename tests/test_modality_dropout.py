@@ -137,3 +137,27 @@ def test_cli_refuses_dropout_where_it_does_not_apply(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
     assert not out.exists()
+
+
+def test_cli_finetune_seed_changes_the_data_order_and_is_recorded(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fusion.checkpoint import WEIGHTS, read_metadata
+
+    def tune(seed: str, name: str) -> dict:
+        out = tmp_path / name
+        argv = ["finetune", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(out), "--steps", "1"]
+        assert main([*argv, "--scenes", "4", "--threads", "1", "--seed", seed]) == 0
+        assert read_metadata(out)["finetune"]["seed"] == int(seed)
+        return load_file(out / WEIGHTS)
+
+    first, again, other = tune("0", "a"), tune("0", "b"), tune("3", "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same seed: the same weights
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # another seed: other batches
+    capsys.readouterr()
+    assert (
+        main(["finetune", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(tmp_path / "d"), "--seed", "-1"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--seed" in err[0]

@@ -514,3 +514,30 @@ def test_the_mechanism_gate_separates_the_candidates_as_measured():
     assert gate("altereva-v2")["copy_last"] and gate("altereva-restarts")["copy_last"]
     paper = gate("altereva-paper")  # at lr 1e-3 the D vs D_B noise puts the weakest camera-only latent last
     assert not paper["copy_last"] and {s["last"] for s in paper["seeds"].values()} == {3}
+
+
+def test_failure_weight_keeps_what_carries_the_model_when_the_other_sensor_fails():
+    """Issue 27's option: the planted copy is redundant while both sensors work (AlterEva ranks it last) but is
+    the camera's only carrier of z_s when the LiDAR fails; counting that contribution lifts it from last to
+    second, behind its camera-only twin only."""
+    batches = toy_batches(size=8192, seed=0)
+    config = AlterEvaConfig(reri_data="same", reactivation_lr=1e-2, reactivation_optimizer="sgd")
+    plain = _camera_scores("altereva", config, batches)
+    failsafe = _camera_scores("altereva", dataclasses.replace(config, failure_weight=1.0), batches)
+    assert int(plain.argmin()) == 0 and failsafe.argsort(descending=True).tolist()[:2] == [1, 0]
+    with pytest.raises(ValueError, match="failure_weight must be a number >= 0, got -1"):
+        AlterEvaConfig(failure_weight=-1).validate()
+
+
+def test_failure_shares_are_added_per_partition():
+    from compress.scores import altereva_scores
+
+    deci = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0])]
+    zero = {m: [torch.zeros(2), torch.zeros(2)] for m in ("lidar", "camera")}
+    failure = {
+        "lidar": [torch.tensor([3.0, 1.0]), torch.zeros(2)],
+        "camera": [torch.zeros(2), torch.tensor([2.0, 2.0])],
+    }
+    scores = altereva_scores(deci, zero, ["camera", "lidar"], 1.0, 1.0, failure=failure, failure_weight=0.5)
+    assert torch.allclose(scores[0], torch.tensor([0.5 + 0.5 * 0.75, 0.5 + 0.5 * 0.25]))
+    assert torch.allclose(scores[1], torch.tensor([0.25 + 0.25, 0.75 + 0.25]))

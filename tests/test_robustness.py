@@ -329,3 +329,14 @@ def test_sparse_encoder_and_a_nuscenes_root(tmp_path):
     cli = ["robustness", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--corruptions", "lidar_beams"]
     assert main([*cli, "--severity", "2", "--data", "nuscenes", "--dataroot", str(root), "--threads", "1"]) == 0
     assert json.loads((out / "robustness.json").read_text())["data"] == "nuscenes"
+
+
+def test_the_failsafe_method_of_the_robustness_benchmark_is_altereva_with_the_failure_weight(tmp_path):
+    from benchmarks.robustness_compare import prune_step
+
+    step = prune_step(Path("fusion/weights/tiny-fusion"), "altereva-failsafe", 2, 0.5, tmp_path / "p", 1)
+    argv = step.argv
+    assert argv[argv.index("--method") + 1] == "altereva" and argv[argv.index("--failure-weight") + 1] == "1"
+    assert argv[argv.index("--seed") + 1] == "2" and not step.done()
+    plain = prune_step(Path("fusion/weights/tiny-fusion"), "snip", 0, 0.5, tmp_path / "q", 1).argv
+    assert "--failure-weight" not in plain and plain[plain.index("--method") + 1] == "snip"
