@@ -228,6 +228,41 @@ def _load(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def stored_runs(folder: Path) -> list[dict]:
+    """The finished runs of a comparison folder, read one by one (compare.json is written only at the end)."""
+    runs = []
+    for path in sorted((folder / "runs").glob("*.json")):
+        if path.name != "unpruned.json":
+            runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def status_table(runs: list[dict], unpruned: float | None) -> str:
+    """Mean mAP (and the seeds done) per method and development cell: where a grid stands, before the rule."""
+    cells = map_by_cell(runs)
+    seeds: dict[tuple, list[int]] = {}
+    for run in runs:
+        s = run["spec"]
+        seeds.setdefault((s["kind"], s["target"], s["method"]), []).append(s["seed"])
+    columns = sorted({(k, t) for k, t, _ in cells}, key=lambda c: (c[0] != "structured", c[1]))
+    methods = list(dict.fromkeys(m for _, _, m in sorted(cells, key=lambda c: c[2])))
+    methods = [m for m in (*V2_CANDIDATES, *BASELINES, *PEERS) if m in methods] + [
+        m for m in methods if m not in (*V2_CANDIDATES, *BASELINES, *PEERS)
+    ]
+    head = " | ".join(f"{kind} {target:g}" for kind, target in columns)
+    lines = [f"| method | {head} |", "| --- |" + " --- |" * len(columns)]
+    for method in methods:
+        row = []
+        for kind, target in columns:
+            values = cells.get((kind, target, method), [])
+            done = ",".join(map(str, sorted(seeds.get((kind, target, method), []))))
+            row.append(f"{np.mean(values):.4f} (seeds {done})" if values else "-")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    if unpruned is not None:
+        lines.append(f"\nunpruned: {unpruned:.4f}")
+    return "\n".join(lines)
+
+
 def gate_command(methods: list[str], threads_methods: list[str], out: Path, checkpoint: str) -> dict:
     """Run the gate's parts for the named candidates and merge them into `out` (earlier entries are kept)."""
     from benchmarks.planted_copy import gate as planted_copy_gate
@@ -268,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("choose-v2")
     p.add_argument("--dev", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-dev"))
     p.add_argument("--gate", type=Path, default=V2_GATE)
+    p = sub.add_parser("status", help="mean mAP per method and cell of a (possibly unfinished) comparison folder")
+    p.add_argument("--dev", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-dev"))
     p = sub.add_parser("judge-v2")
     p.add_argument("--confirm", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-confirm"))
     p.add_argument("--method", default="altereva")
@@ -292,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             if not any_passed:
                 print("no candidate passes the mechanism gate: the rule picked among all of them")
             print(f"chosen: {chosen.method} {json.dumps(chosen.options)}")
+        elif args.step == "status":
+            runs = stored_runs(args.dev)
+            if not runs:
+                raise FileNotFoundError(f"no finished run in {args.dev / 'runs'}")
+            reference = args.dev / "runs" / "unpruned.json"
+            unpruned = json.loads(reference.read_text())["metrics"]["mAP"] if reference.is_file() else None
+            print(status_table(runs, unpruned))
         elif args.step == "judge-v2":
             print(json.dumps(judge_v2(_load(args.confirm)["runs"], args.method), indent=2))
         elif args.step == "choose":

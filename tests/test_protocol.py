@@ -90,3 +90,55 @@ def test_the_command_line_prints_the_choice_and_refuses_a_missing_folder(tmp_pat
     assert main(["judge", "--confirm", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "compare.json does not exist" in err[0]
+
+
+# ---- protocol v2 (issue 25): the gate first, then the rule ---------------------------------------------
+def _gate(copy_last: dict[str, bool], threads: dict[str, bool]) -> dict:
+    return {
+        "planted_copy": {m: {"copy_last": v} for m, v in copy_last.items()},
+        "threads": {m: {"same": v} for m, v in threads.items()},
+    }
+
+
+def test_v2_chooses_the_best_candidate_that_passes_the_gate():
+    from benchmarks.protocol import V2_CANDIDATES, choose_v2
+
+    scores = dict.fromkeys(V2_CANDIDATES, 0.60) | {"altereva": 0.70, "altereva-v2": 0.66, "altereva-same": 0.658}
+    found = candidates(_dev(scores), V2_CANDIDATES)
+    copy = dict.fromkeys(V2_CANDIDATES, False) | {"altereva-v2": True, "altereva-same": True, "altereva-denoised": True}
+    threads = {"altereva-v2": True, "altereva-same": True, "altereva-denoised": True}
+    chosen, tied, passed = choose_v2(found, _gate(copy, threads))
+    # AdamW (altereva) scores best but fails the gate; v2 and same tie within 0.005: one departure beats four
+    assert passed and chosen.method == "altereva-same" and {c.method for c in tied} == {"altereva-same", "altereva-v2"}
+    with pytest.raises(ValueError, match="gate is not measured for altereva-v2"):
+        choose_v2(found, _gate(copy, {"altereva-same": True}))
+    nobody = choose_v2(found, _gate(dict.fromkeys(V2_CANDIDATES, False), {}))
+    assert not nobody[2] and nobody[0].method == "altereva"  # no candidate passes: the rule over all
+
+
+def test_v2_goal_counts_the_peers_and_asks_for_equality_at_90_percent():
+    from benchmarks.protocol import judge_v2
+
+    runs = [
+        _run("altereva", "structured", 0.5, 6, 0.80),
+        _run("snip", "structured", 0.5, 6, 0.77),
+        _run("tp-taylor", "structured", 0.5, 6, 0.79),
+        _run("altereva", "unstructured", 0.9, 6, 0.70),
+        _run("magnitude", "unstructured", 0.9, 6, 0.70),
+    ]
+    verdict = judge_v2(runs)
+    assert verdict["structured-0.5"]["best_baseline"] == "tp-taylor" and not verdict["structured-0.5"]["met"]
+    assert verdict["unstructured-0.9"]["met"] and not verdict["goal_met"]
+    runs[2]["metrics"]["mAP"] = 0.785
+    assert judge_v2(runs)["goal_met"]
+
+
+def test_status_reads_an_unfinished_folder(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, run in enumerate(_dev({"altereva-v2": 0.7})[:4]):
+        (runs / f"r{i}.json").write_text(json.dumps(run))
+    (runs / "unpruned.json").write_text(json.dumps({"metrics": {"mAP": 0.79}}))
+    assert main(["status", "--dev", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| altereva-v2 | 0.7010 (seeds 0,1,2) | 0.7000 (seeds 0) |" in out and "unpruned: 0.7900" in out
