@@ -145,9 +145,10 @@ def markdown(rows: list[dict], threads: int) -> str:
     ]
     for r in rows:
         flops = r.get("flops", {})
-        span = (
-            f"{flops['max'] / 1e9:.3f} -> {flops['min'] / 1e9:.3f}" if "max" in flops else r.get("convert_error", "-")
-        )
+        span = r.get("convert_error", "-")
+        if "max" in flops:
+            reach = 1.0 - flops["min"] / flops["max"]
+            span = f"{flops['max'] / 1e9:.3f} -> {flops['min'] / 1e9:.3f} (at most {reach:.1%} less)"
         result = r.get("prune_error", "-")
         if r.get("pruned"):
             result = f"pruned: parameters {r['params_before'] / 1e6:.3f} M -> {r['params_after'] / 1e6:.3f} M ({r['seconds']:.0f} s)"
@@ -165,6 +166,20 @@ def markdown(rows: list[dict], threads: int) -> str:
             shown = ", ".join(f"`{n}`" for n in r["untraceable"][:12])
             more = f" and {len(r['untraceable']) - 12} more" if len(r["untraceable"]) > 12 else ""
             lines.append(f"- {r['checkpoint']}: {shown}{more}")
+    lines += [
+        "",
+        "FastNAS searches only the widths of modules its torch.fx tracer follows (the list above is what it skips:",
+    ]
+    lines += ["control flow on tensor shapes, spconv, optional inputs). In its finest steps:", ""]
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
+        finest = min((r for r in rows if r["checkpoint"] == checkpoint), key=lambda r: r["channel_divisor"])
+        if "max" in finest.get("flops", {}):
+            keeps = finest["flops"]["min"] / finest["flops"]["max"]
+            verdict = "reachable" if finest.get("satisfiable") else "refused before the search"
+            lines.append(
+                f"- {checkpoint}, steps of {finest['channel_divisor']}: the smallest subnet keeps {keeps:.1%} of the "
+                f"FLOPs; a {TARGET} FLOPs limit is {verdict}."
+            )
     return "\n".join(lines) + "\n"
 
 
