@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import io
 import json
 import tempfile
@@ -32,31 +31,12 @@ DIVISORS = (32, 8)  # ModelOpt's default channel divisor, and our round_to
 TARGET = "50%"
 
 
-def positional_input(model: torch.nn.Module, kwargs: dict) -> tuple:
-    """The forward's arguments in signature order (None where not given), then an empty dict: ModelOpt's
-    form for "positional arguments only" when the last one may itself be a dict."""
-    names = list(inspect.signature(model.forward).parameters)
-    last = max(names.index(k) for k in kwargs)
-    return (*[kwargs.get(name) for name in names[: last + 1]], {})
-
-
-def fastnas_rules(divisor: int) -> dict:
-    """FastNAS's default rules with another channel divisor for convs, linears and norms."""
-    from modelopt.torch.prune.fastnas import _get_fastnas_default_rules
-
-    rules = _get_fastnas_default_rules()
-    for rule in rules.values():
-        for key in ("channel_divisor", "feature_divisor"):
-            if key in rule:
-                rule[key] = divisor
-    return rules
-
-
 def probe(checkpoint: str, divisor: int) -> dict:
     import modelopt.torch.nas as mtn
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.pruning import PruneModeRegistry
 
+    from compress.fastnas import fastnas_rules, modelopt_input
     from fusion.checkpoint import load_checkpoint
     from fusion.task import first_sample, reference_task, scoring_set
 
@@ -64,9 +44,7 @@ def probe(checkpoint: str, divisor: int) -> dict:
     base.eval()
     batch = scoring_set(base.config, 1, 2, 0)[0]
     task = reference_task(base)
-    args, kwargs = task.arguments(first_sample(batch))
-    assert not args, "the reference task passes keyword arguments"
-    dummy = positional_input(base, kwargs)
+    dummy = modelopt_input(base, task, first_sample(batch))
     row = {"checkpoint": checkpoint, "channel_divisor": divisor, "target_flops": TARGET}
     log = io.StringIO()
     start = time.perf_counter()

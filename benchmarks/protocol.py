@@ -172,23 +172,26 @@ def choose_v2(found: list[Candidate], gate: dict) -> tuple[Candidate, list[Candi
     return min(tied, key=lambda c: (c.departures, -c.score)), tied, bool(passing)
 
 
+def against_baselines(runs: list[dict], kind: str, target: float, method: str, baselines: tuple[str, ...]) -> dict:
+    """One cell's means: the judged method, the best of `baselines`, and the margin between them."""
+    mean = {key: float(np.mean(v)) for key, v in map_by_cell(runs).items()}
+    ours = mean.get((kind, target, method), math.nan)
+    found = {b: mean[(kind, target, b)] for b in baselines if (kind, target, b) in mean}
+    best = max(found, key=found.get) if found else None
+    return {
+        "altereva": ours,
+        "best_baseline": best,
+        "best_baseline_map": found[best] if best else math.nan,
+        "margin": ours - found[best] if best else math.nan,
+    }
+
+
 def judge(runs: list[dict], unpruned_map: float, method: str = "altereva") -> dict:
     """The goal on the confirmation runs: gap to unpruned at structured 50%, margin over the best baseline."""
-    cells = map_by_cell(runs)
-    mean = {key: float(np.mean(v)) for key, v in cells.items()}
     verdict = {"unpruned": unpruned_map}
     for kind, target in (("structured", 0.5), ("unstructured", 0.9)):
-        ours = mean.get((kind, target, method), math.nan)
-        baselines = {b: mean[(kind, target, b)] for b in BASELINES if (kind, target, b) in mean}
-        best = max(baselines, key=baselines.get) if baselines else None
-        margin = ours - baselines[best] if best else math.nan
-        verdict[f"{kind}-{target:g}"] = {
-            "altereva": ours,
-            "best_baseline": best,
-            "best_baseline_map": baselines.get(best, math.nan) if best else math.nan,
-            "margin": margin,
-            "margin_met": bool(margin >= GOAL_MARGIN),
-        }
+        cell = against_baselines(runs, kind, target, method, BASELINES)
+        verdict[f"{kind}-{target:g}"] = cell | {"margin_met": bool(cell["margin"] >= GOAL_MARGIN)}
     gap = unpruned_map - verdict["structured-0.5"]["altereva"]
     verdict["gap_to_unpruned"] = gap
     verdict["gap_met"] = bool(gap <= GOAL_GAP_TO_UNPRUNED)
@@ -201,22 +204,10 @@ def judge(runs: list[dict], unpruned_map: float, method: str = "altereva") -> di
 def judge_v2(runs: list[dict], method: str = "altereva") -> dict:
     """Issue 25's goal: structured 50% at least 0.015 above the best baseline (peers included), unstructured 90%
     at least equal to it."""
-    cells = map_by_cell(runs)
-    mean = {key: float(np.mean(v)) for key, v in cells.items()}
     verdict = {}
-    for (kind, target), needed in (((("structured", 0.5)), GOAL_MARGIN), (("unstructured", 0.9), 0.0)):
-        ours = mean.get((kind, target, method), math.nan)
-        baselines = {b: mean[(kind, target, b)] for b in (*BASELINES, *PEERS) if (kind, target, b) in mean}
-        best = max(baselines, key=baselines.get) if baselines else None
-        margin = ours - baselines[best] if best else math.nan
-        verdict[f"{kind}-{target:g}"] = {
-            "altereva": ours,
-            "best_baseline": best,
-            "best_baseline_map": baselines.get(best, math.nan) if best else math.nan,
-            "margin": margin,
-            "needed": needed,
-            "met": bool(margin >= needed),
-        }
+    for kind, target, needed in (("structured", 0.5, GOAL_MARGIN), ("unstructured", 0.9, 0.0)):
+        cell = against_baselines(runs, kind, target, method, (*BASELINES, *PEERS))
+        verdict[f"{kind}-{target:g}"] = cell | {"needed": needed, "met": bool(cell["margin"] >= needed)}
     verdict["goal_met"] = all(v["met"] for v in verdict.values())
     return verdict
 
