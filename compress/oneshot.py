@@ -147,8 +147,10 @@ def channel_scores(
         score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr)  # noqa: E731
         return in_float64(score, model, batches, task, record, request.scoring_precision)
     if method in TP_PEERS:  # torch-pruning's own importances, on the same groups
-        gradients = lambda m, b: peer_gradients(method, m, task, b)  # noqa: E731
-        grads = in_float64(gradients, model, batches, task, record, request.scoring_precision)
+        grads = None  # tp-magnitude reads the weights alone
+        if method != "tp-magnitude":
+            gradients = lambda m, b: peer_gradients(method, m, task, b)  # noqa: E731
+            grads = in_float64(gradients, model, batches, task, record, request.scoring_precision)
         return tp_channel_scores(method, model, graph, grads, record)
     generator = torch.Generator().manual_seed(request.seed)
     return [torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph.groups]
