@@ -541,3 +541,36 @@ def test_failure_shares_are_added_per_partition():
     scores = altereva_scores(deci, zero, ["camera", "lidar"], 1.0, 1.0, failure=failure, failure_weight=0.5)
     assert torch.allclose(scores[0], torch.tensor([0.5 + 0.5 * 0.75, 0.5 + 0.5 * 0.25]))
     assert torch.allclose(scores[1], torch.tensor([0.25 + 0.25, 0.75 + 0.25]))
+
+
+def test_the_cli_spells_out_every_estimator_option_and_refuses_bad_ones(capsys):
+    from altermoma.cli import build_parser, main, prune_request
+    from benchmarks.protocol import cli_options
+
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--checkpoint",
+            "x",
+            "--out",
+            "y",
+            "--target-gflops",
+            "0.5",
+            *cli_options("altereva-v2"),
+            "--failure-weight",
+            "0.5",
+        ]
+    )
+    a = prune_request(args).altereva
+    assert (a.penalty, a.normalise, a.restarts, a.subtract_noise, a.reactivation_optimizer) == (
+        "signed",
+        "masked-loss",
+        4,
+        True,
+        "sgd",
+    )
+    assert a.failure_weight == 0.5
+    for bad, flag in ((["--reactivation-restarts", "0"], "restarts"), (["--penalty", "abs"], "--penalty")):
+        assert main(["prune", "--checkpoint", "x", "--out", "y", "--target-gflops", "0.5", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and flag in err[0]
