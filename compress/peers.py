@@ -84,7 +84,10 @@ def tp_channel_scores(
             if score is None:
                 unscored.append(group.root)
                 score = torch.full((group.channels,), UNSCORED, dtype=torch.float64)
-            scores.append(score.detach().double().cpu())
+            score = score.detach().double().cpu()
+            if not torch.isfinite(score).all():  # an all-zero group divided by its mean (tp's normaliser): dead
+                score = torch.nan_to_num(score, nan=0.0, posinf=UNSCORED, neginf=0.0)
+            scores.append(score)
     finally:
         with torch.no_grad():
             for name, p in params.items():

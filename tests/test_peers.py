@@ -211,3 +211,16 @@ def test_fastnas_prunes_in_place_to_its_flops_limit_and_refuses_what_it_cannot_r
         prune(model, task, batches, PruneRequest(method="fastnas", target_gflops=0.5, round_to=32), progress=False)
     with pytest.raises(PruningError, match="GFLOPs target only"):
         PruneRequest(method="fastnas", channel_ratio=0.5).validate()
+
+
+def test_a_dead_group_scores_zero_not_nan():
+    model, task = _net()
+    with torch.no_grad():  # every coupled weight of the camera's first group zero: tp divides 0 by its mean 0
+        model.camera[0].weight.zero_()
+        model.camera[0].bias.zero_()
+        model.camera[1].weight.zero_()
+        model.camera[1].bias.zero_()
+        model.camera[3].weight.zero_()
+    scores = _scores("tp-magnitude", model, task, _batches())
+    assert torch.equal(scores["camera.0"], torch.zeros(8, dtype=torch.float64))
+    assert torch.isfinite(scores["lidar.0"]).all()
