@@ -232,9 +232,12 @@ def status_table(runs: list[dict], unpruned: float | None) -> str:
     """Mean mAP (and the seeds done) per method and development cell: where a grid stands, before the rule."""
     cells = map_by_cell(runs)
     seeds: dict[tuple, list[int]] = {}
+    kept: dict[tuple, list[list[float]]] = {}
     for run in runs:
         s = run["spec"]
         seeds.setdefault((s["kind"], s["target"], s["method"]), []).append(s["seed"])
+        ratios = [run.get("kept_ratio", {}).get(part, math.nan) for part in ("camera", "lidar", "fusion")]
+        kept.setdefault((s["kind"], s["target"], s["method"]), []).append(ratios)
     columns = sorted({(k, t) for k, t, _ in cells}, key=lambda c: (c[0] != "structured", c[1]))
     methods = list(dict.fromkeys(m for _, _, m in sorted(cells, key=lambda c: c[2])))
     methods = [m for m in (*V2_CANDIDATES, *BASELINES, *PEERS) if m in methods] + [
@@ -247,10 +250,15 @@ def status_table(runs: list[dict], unpruned: float | None) -> str:
         for kind, target in columns:
             values = cells.get((kind, target, method), [])
             done = ",".join(map(str, sorted(seeds.get((kind, target, method), []))))
-            row.append(f"{np.mean(values):.4f} (seeds {done})" if values else "-")
+            shares = ""
+            if kind == "structured" and values:
+                means = np.mean(kept[(kind, target, method)], axis=0)
+                shares = "/".join(f"{m:.2f}".lstrip("0") for m in means) + "; "
+            row.append(f"{np.mean(values):.4f} ({shares}seeds {done})" if values else "-")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines.append("\nStructured cells: mean mAP (channels kept in camera/LiDAR/fusion+heads; seeds done).")
     if unpruned is not None:
-        lines.append(f"\nunpruned: {unpruned:.4f}")
+        lines.append(f"unpruned: {unpruned:.4f}")
     return "\n".join(lines)
 
 

@@ -137,8 +137,9 @@ def test_status_reads_an_unfinished_folder(tmp_path, capsys):
     runs = tmp_path / "runs"
     runs.mkdir()
     for i, run in enumerate(_dev({"altereva-v2": 0.7})[:4]):
+        run["kept_ratio"] = {"camera": 0.25, "lidar": 0.5, "fusion": 0.75}
         (runs / f"r{i}.json").write_text(json.dumps(run))
     (runs / "unpruned.json").write_text(json.dumps({"metrics": {"mAP": 0.79}}))
     assert main(["status", "--dev", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| altereva-v2 | 0.7010 (seeds 0,1,2) | 0.7000 (seeds 0) |" in out and "unpruned: 0.7900" in out
+    assert "| altereva-v2 | 0.7010 (.25/.50/.75; seeds 0,1,2) | 0.7000 (seeds 0) |" in out and "unpruned: 0.7900" in out
