@@ -3,7 +3,8 @@
 For each checkpoint and channel divisor, the model is converted to FastNAS's search space (ModelOpt traces
 it with torch.fx), the search space is profiled (configurable hparams, smallest and largest subnet's
 FLOPs by ModelOpt's own count), and `mtp.prune(mode="fastnas", constraints={"flops": "50%"})` is run with
-the task loss on a 2-scene batch as its score. Everything ModelOpt prints is kept in the report's log; the
+the task loss on the first scene of
+seed 0's first scoring batch as its score. Everything ModelOpt prints is kept in the report's log; the
 report says, measured, what FastNAS can and cannot reach on these models.
 
     python -m benchmarks.fastnas_probe --out reports/protocol-v2/fastnas

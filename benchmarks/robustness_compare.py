@@ -64,15 +64,17 @@ class Step:
 # ---- steps -------------------------------------------------------------------------------------------------
 
 
-# methods beyond `prune --method`'s names: the fail-safe AlterEva option (issue 27), as prune options
-METHOD_OPTIONS = {"altereva-failsafe": ["--method", "altereva", "--failure-weight", "1"]}
+# methods beyond `prune --method`'s names: AlterEva with the fail-safe option (issue 27), by its failure weight
+FAILURE_WEIGHTS = {"altereva-failsafe": 1.0}
 
 
 def prune_step(checkpoint: Path, method: str, seed: int, target: float, out: Path, threads: int) -> Step:
-    options = METHOD_OPTIONS.get(method, ["--method", method])
-    argv = ["prune", "--checkpoint", str(checkpoint), *options, "--target-gflops", f"{target:g}"]
+    weight = FAILURE_WEIGHTS.get(method, 0.0)
+    prune_method = "altereva" if method in FAILURE_WEIGHTS else method
+    argv = ["prune", "--checkpoint", str(checkpoint), "--method", prune_method, "--target-gflops", f"{target:g}"]
+    argv += ["--failure-weight", f"{weight:g}"] if weight else []
     argv += ["--seed", str(seed), "--threads", str(threads), "--out", str(out)]
-    wanted = (options[1], seed, target, 1.0 if method in METHOD_OPTIONS else 0.0)
+    wanted = (prune_method, seed, target, weight)
 
     def done() -> bool:
         meta = checkpoint_meta(out)

@@ -12,6 +12,7 @@ from compress.peers import TP_PEERS  # torch-pruning's own importances
 from compress.structured import PruningError
 
 METHODS = ("altereva", "snip", "magnitude", "random", "synflow", "prospr", "imp")
+PEERS = (*TP_PEERS, "fastnas")  # what a user would pick instead: torch-pruning's importances, ModelOpt's FastNAS
 SCORING_PRECISIONS = ("float64", "model")
 METHOD_OPTIONS = ("altereva", "imp", "synflow", "prospr")  # PruneRequest fields that belong to one method
 
@@ -71,7 +72,7 @@ class PruneRequest:
             raise PruningError(
                 f"unknown scoring precision {self.scoring_precision!r} (choose from {', '.join(SCORING_PRECISIONS)})"
             )
-        known = METHODS + TP_PEERS + ("fastnas",)
+        known = METHODS + PEERS
         if self.method not in known:
             raise PruningError(f"unknown method {self.method!r} (choose from {', '.join(known)})")
         if self.method in TP_PEERS and self.sparsity is not None:

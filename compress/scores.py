@@ -154,34 +154,39 @@ def altereva_scores(
     unit gains `failure_weight` times its share with the LiDAR masked, a LiDAR unit with the camera masked,
     fusion the mean of both, so what carries the model through a sensor failure is not scored redundant.
     """
-    groups = _share_groups(parts, normalise)
-    deci_n = normalise_within_partitions(deci, groups)
-    reri_n = {masked: normalise_within_partitions(v, groups) for masked, v in reri.items()}
-    if normalise == "masked-loss":
-        if budgets is None:
-            raise ValueError("normalise 'masked-loss' needs the partitions' budgets (masked_loss_budgets)")
-        deci_n = [v * budgets[part] for v, part in zip(deci_n, parts)]
-        reri_n = {masked: [v * budgets[part] for v, part in zip(vs, parts)] for masked, vs in reri_n.items()}
+    deci_n = shares(deci, parts, normalise, budgets)
+    reri_n = {masked: shares(v, parts, normalise, budgets) for masked, v in reri.items()}
     fail_n = None
     if failure and failure_weight > 0:
-        fail_n = {masked: normalise_within_partitions(v, groups) for masked, v in failure.items()}
-        if normalise == "masked-loss":
-            fail_n = {masked: [v * budgets[part] for v, part in zip(vs, parts)] for masked, vs in fail_n.items()}
+        fail_n = {masked: shares(v, parts, normalise, budgets) for masked, v in failure.items()}
     scores = []
     for i, part in enumerate(parts):
-        if part == "camera":
-            penalty = reri_n["lidar"][i]  # camera parameters reactivated while the LiDAR was masked
-        elif part == "lidar":
-            penalty = reri_n["camera"][i]
-        else:
-            penalty = 0.5 * (reri_n["lidar"][i] + reri_n["camera"][i])
-        score = alpha * deci_n[i] - beta * penalty
+        score = alpha * deci_n[i] - beta * _round_of_other_sensor(reri_n, i, part)
         if fail_n is not None:
-            other = {"camera": "lidar", "lidar": "camera"}.get(part)
-            carried = fail_n[other][i] if other else 0.5 * (fail_n["lidar"][i] + fail_n["camera"][i])
-            score = score + failure_weight * carried
+            score = score + failure_weight * _round_of_other_sensor(fail_n, i, part)
         scores.append(score if floor is None else torch.maximum(score, floor * alpha * deci_n[i]))
     return scores
+
+
+def shares(values: Units, parts: list[str], normalise: str, budgets: Mapping[str, float] | None = None) -> Units:
+    """Every unit as a share of its partition's total (or the model's, `normalise="model"`); with "masked-loss",
+    each partition's shares then scaled by its budget (`masked_loss_budgets`)."""
+    normalised = normalise_within_partitions(values, _share_groups(parts, normalise))
+    if normalise != "masked-loss":
+        return normalised
+    if budgets is None:
+        raise ValueError("normalise 'masked-loss' needs the partitions' budgets (masked_loss_budgets)")
+    return [v * budgets[part] for v, part in zip(normalised, parts)]
+
+
+def _round_of_other_sensor(per_round: dict[str, Units], i: int, part: str) -> torch.Tensor:
+    """Unit i's value from the round that masked the OTHER sensor (camera units: the LiDAR-masked round, and
+    the reverse); fusion units sit behind both, so they take the mean of both rounds (Eq. 13's beta/2 each)."""
+    if part == "camera":
+        return per_round["lidar"][i]
+    if part == "lidar":
+        return per_round["camera"][i]
+    return 0.5 * (per_round["lidar"][i] + per_round["camera"][i])
 
 
 def floored_fraction(
@@ -198,12 +203,9 @@ def floored_fraction(
     below it), so that their rank no longer follows their contribution. A high fraction in a partition
     that holds most of the FLOPs decides where a GFLOPs target is met."""
     printed = altereva_scores(deci, reri, parts, alpha, beta, None, normalise, budgets)
-    shares = normalise_within_partitions(deci, _share_groups(parts, normalise))
-    if normalise == "masked-loss":
-        shares = [v * budgets[part] for v, part in zip(shares, parts)]
     bound = floor if floor is not None else 0.0
     hit: dict[str, list[int]] = {}
-    for score, share, part in zip(printed, shares, parts):
+    for score, share, part in zip(printed, shares(deci, parts, normalise, budgets), parts):
         counts = hit.setdefault(part, [0, 0])
         counts[0] += int(((score <= bound * alpha * share) & (share > 0)).sum())  # dead units are not overridden
         counts[1] += score.numel()

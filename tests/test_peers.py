@@ -224,3 +224,11 @@ def test_a_dead_group_scores_zero_not_nan():
     scores = _scores("tp-magnitude", model, task, _batches())
     assert torch.equal(scores["camera.0"], torch.zeros(8, dtype=torch.float64))
     assert torch.isfinite(scores["lidar.0"]).all()
+
+
+def test_compare_names_the_same_methods_and_peers_as_the_request():
+    """altermoma.compare keeps its own tuples (it imports no torch at start-up): they must not drift."""
+    from altermoma import compare
+    from compress import request
+
+    assert compare.METHODS == request.METHODS and compare.PEERS == request.PEERS
