@@ -262,6 +262,16 @@ def load_run(path: Path, settings: Settings) -> dict | None:
     return run if run.get("settings") == settings.stored() else None
 
 
+def changed_options(run: dict, spec: RunSpec, settings: Settings) -> str:
+    """The AlterEva options (`name stored -> now`) on which a stored run differs from what `spec` asks now;
+    options a run predates are not compared (each was added with its neutral value as the default)."""
+    stored = run.get("pruning", {}).get("request", {}).get("altereva")
+    if stored is None or not (spec.method == EQ13 or spec.method in ALTEREVA_VARIANTS or spec.method == "altereva"):
+        return ""
+    now = dataclasses.asdict(prune_request(spec, settings).altereva)
+    return ", ".join(f"{k} {stored[k]!r} -> {now[k]!r}" for k in stored if k in now and stored[k] != now[k])
+
+
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
     """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
     from common.io import atomic_write_text
@@ -311,6 +321,12 @@ def compare(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     specs = plan(methods, seed_list, quick, **grid)
     stored = {spec.key: load_run(runs_dir / f"{spec.key}.json", settings) for spec in specs}
+    for spec in specs:  # a stored run is reused only if it asked for what this spec asks now (defaults move)
+        if stored[spec.key] is not None and (changed := changed_options(stored[spec.key], spec, settings)):
+            raise ValueError(
+                f"{runs_dir / spec.key}.json was made with other AlterEva options ({changed}; AlterEva's defaults "
+                f"changed since?): give --out another folder, or name the variant that made it"
+            )
     todo = [spec for spec in specs if stored[spec.key] is None]
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done", flush=True)
     reference = unpruned(settings, base, None, runs_dir)

@@ -2,9 +2,10 @@
 
 For each checkpoint and channel divisor, the model is converted to FastNAS's search space (ModelOpt traces
 it with torch.fx), the search space is profiled (configurable hparams, smallest and largest subnet's
-FLOPs by ModelOpt's own count), and `mtp.prune(mode="fastnas", constraints={"flops": "50%"})` is run with
-the task loss on the first scene of
-seed 0's first scoring batch as its score. Everything ModelOpt prints is kept in the report's log; the
+FLOPs by ModelOpt's own count), and `altermoma prune --method fastnas`'s own call
+(`compress.fastnas.prune_fastnas`: `mtp.prune(mode="fastnas", constraints={"flops": "50%"})`, refused
+before the search when the space cannot reach it) is run with the task loss on the first scene of seed 0's
+first scoring batch as its score. Everything ModelOpt prints is kept in the report's log; the
 report says, measured, what FastNAS can and cannot reach on these models.
 
     python -m benchmarks.fastnas_probe --out reports/protocol-v2/fastnas
@@ -16,99 +17,52 @@ Needs `nvidia-modelopt` (the `quant` extra) and `torchprofile==0.0.4` (ModelOpt 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 CHECKPOINTS = ("fusion/weights/tiny-fusion", "fusion/weights/bevfusion-tiny-fusion")
 DIVISORS = (32, 8)  # ModelOpt's default channel divisor, and our round_to
-TARGET = "50%"
+TARGET = "50%"  # of the FLOPs kept, as ModelOpt's constraint reads
+TARGET_REDUCTION = 0.5
 
 
 def probe(checkpoint: str, divisor: int) -> dict:
-    import modelopt.torch.nas as mtn
-    import modelopt.torch.prune as mtp
-    from modelopt.torch.prune.pruning import PruneModeRegistry
-
-    from compress.fastnas import fastnas_rules, modelopt_input
+    from compress.fastnas import modelopt_input, prune_fastnas, search_space
+    from compress.structured import PruningError
     from fusion.checkpoint import load_checkpoint
     from fusion.task import first_sample, reference_task, scoring_set
 
     base, _ = load_checkpoint(checkpoint)
     base.eval()
-    batch = scoring_set(base.config, 1, 2, 0)[0]
+    sample = first_sample(scoring_set(base.config, 1, 2, 0)[0])
     task = reference_task(base)
-    dummy = modelopt_input(base, task, first_sample(batch))
     row = {"checkpoint": checkpoint, "channel_divisor": divisor, "target_flops": TARGET}
-    log = io.StringIO()
     start = time.perf_counter()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            model = mtn.convert(copy.deepcopy(base), [("fastnas", fastnas_rules(divisor))], registry=PruneModeRegistry)
-            hparams = configurable_hparams(model)
-            row["configurable_hparams"] = len(hparams)
-            row["hparams"] = hparams
-            satisfiable, stats = mtn.profile(model, dummy, constraints={"flops": TARGET}, verbose=False)
-            row["flops"] = {k: float(stats[k]["flops"]) for k in ("max", "centroid", "min")}
-            row["search_space_size"] = float(stats.get("search space size", float("nan")))
-            row["satisfiable"] = bool(satisfiable)
-        except Exception as error:  # noqa: BLE001 - what ModelOpt raises is the finding
-            row["convert_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-        with tempfile.TemporaryDirectory() as work:
-            config = {
-                "data_loader": [dummy],
-                "collect_func": lambda b: b,
-                "score_func": lambda m: -float(task.loss_of(task.forward(m, first_sample(batch)), first_sample(batch))),
-                "checkpoint": str(Path(work) / "search.pth"),
-                "verbose": True,
-            }
-            try:
-                pruned, _ = mtp.prune(
-                    copy.deepcopy(base), [("fastnas", fastnas_rules(divisor))], {"flops": TARGET}, dummy, config
-                )
-                row["pruned"] = True
-                row["params_after"] = sum(p.numel() for p in pruned.parameters())
-            except Exception as error:  # noqa: BLE001
-                row["pruned"] = False
-                row["prune_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-                row["prune_traceback"] = traceback.format_exc(limit=4).splitlines()[-6:]
+    space = search_space(base, modelopt_input(base, task, sample), divisor)
+    row["configurable_hparams"] = len(space.hparams)
+    row["hparams"] = space.hparams
+    row["flops"] = space.flops
+    if space.error:
+        row["convert_error"] = space.error
+    row["satisfiable"] = space.refusal(TARGET_REDUCTION) is None
+    model = copy.deepcopy(base)
+    try:  # the product's own call: refuses out-of-reach targets before the search
+        report = prune_fastnas(model, task, [sample], TARGET_REDUCTION, divisor)
+        row["pruned"] = True
+        row["gflops_reduction"] = report["gflops_reduction"]
+        row["params_after"] = sum(p.numel() for p in model.parameters())
+    except PruningError as error:
+        row["pruned"] = False
+        row["prune_error"] = str(error)
     row["params_before"] = sum(p.numel() for p in base.parameters())
     row["seconds"] = time.perf_counter() - start
-    row["untraceable"] = untraceable_modules(log.getvalue())
-    row["log_tail"] = log.getvalue().splitlines()[-40:]
+    row["untraceable"] = space.untraceable
+    row["log_tail"] = space.log.splitlines()[-40:]
     return row
-
-
-def configurable_hparams(model: torch.nn.Module) -> dict[str, list]:
-    """Every searchable hparam (more than one choice) of the converted modules, once each: the root of a
-    model ModelOpt cannot trace stays a plain module, so its children are asked."""
-    found, seen = {}, set()
-    for name, module in model.named_modules():
-        if not hasattr(module, "named_hparams"):
-            continue
-        for hname, hparam in module.named_hparams(configurable=True):
-            if id(hparam) not in seen:
-                seen.add(id(hparam))
-                found[f"{name}.{hname}" if name else hname] = list(hparam.choices)
-    return found
-
-
-def untraceable_modules(text: str) -> list[str]:
-    """Module names in ModelOpt's "cannot be traced" tables (first column of its boxed tables)."""
-    names = []
-    for line in text.splitlines():
-        if line.startswith("│"):
-            first = line.split("│")[1].strip().rstrip(",")
-            if first and not first.startswith(("Submodule", "flops", "params", "Constraint")):
-                names.append(first)
-    return list(dict.fromkeys(names))
 
 
 def markdown(rows: list[dict], threads: int) -> str:
@@ -119,7 +73,7 @@ def markdown(rows: list[dict], threads: int) -> str:
         f"{_version('nvidia-modelopt')}, torchprofile {_version('torchprofile')}, torch {torch.__version__}. "
         f"Target: FLOPs at most {TARGET} of the model (ModelOpt's count).",
         "",
-        "| checkpoint | channel divisor | configurable hparams | FLOPs max -> min subnet (G) | 50% reachable | mtp.prune |",
+        "| checkpoint | channel divisor | configurable hparams | FLOPs max -> min subnet (G) | 50% reachable | `prune --method fastnas` |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -130,7 +84,10 @@ def markdown(rows: list[dict], threads: int) -> str:
             span = f"{flops['max'] / 1e9:.3f} -> {flops['min'] / 1e9:.3f} (at most {reach:.1%} less)"
         result = r.get("prune_error", "-")
         if r.get("pruned"):
-            result = f"pruned: parameters {r['params_before'] / 1e6:.3f} M -> {r['params_after'] / 1e6:.3f} M ({r['seconds']:.0f} s)"
+            result = (
+                f"pruned: parameters {r['params_before'] / 1e6:.3f} M -> {r['params_after'] / 1e6:.3f} M, "
+                f"GFLOPs {r['gflops_reduction']:.1%} less by our count ({r['seconds']:.0f} s)"
+            )
         lines.append(
             f"| {r['checkpoint']} | {r['channel_divisor']} | {r.get('configurable_hparams', '-')} | {span} "
             f"| {r.get('satisfiable', '-')} | {result} |"

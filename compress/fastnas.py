@@ -5,7 +5,8 @@ width's effect on `score_func` (here: minus the task loss on the scoring set), a
 that best meets a FLOPs constraint, counted by ModelOpt itself. It prunes in place; widths move in
 steps of `round_to` (ModelOpt's default is 32). What the tracer cannot follow (data-dependent control
 flow, spconv, optional inputs) stays out of the search space, so a target can be out of its reach:
-that is refused in one line naming the reachable reduction, before the search starts.
+that is refused in one line naming the reachable reduction, before the search starts. The modules
+it skipped are named in the report.
 
 Requires the `quant` extra (nvidia-modelopt 0.47, torchprofile 0.0.4). GFLOPs targets only.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import io
 import tempfile
@@ -55,6 +57,86 @@ def fastnas_rules(divisor: int) -> dict:
     return rules
 
 
+@dataclasses.dataclass
+class SearchSpace:
+    """What FastNAS can search on a model: its widths, its FLOPs span, and the modules it could not trace."""
+
+    round_to: int
+    hparams: dict[str, list]  # searchable width -> its choices
+    flops: dict[str, float]  # ModelOpt's count: "max", "centroid", "min" subnet (empty when nothing converts)
+    untraceable: list[str]  # module names ModelOpt's tracer skipped ("" is the root)
+    log: str  # everything ModelOpt printed
+    error: str = ""  # why conversion found nothing to search, when it did not
+
+    def reachable(self) -> float:
+        """The largest FLOPs reduction the search space holds (0 when it holds nothing)."""
+        return 1.0 - self.flops["min"] / self.flops["max"] if self.flops else 0.0
+
+    def refusal(self, target_gflops: float) -> str | None:
+        """The one-line reason a `target_gflops` reduction is out of reach, or None when it is in reach."""
+        head = f"FastNAS cannot reach a {target_gflops:.0%} FLOPs reduction on this model: its traced search space"
+        if self.error:
+            return f"{head} has no searchable width in steps of {self.round_to} ({self.error})"
+        if self.reachable() < target_gflops:
+            return (
+                f"{head} ({len(self.hparams)} searchable widths in steps of {self.round_to}) reaches at most "
+                f"{self.reachable():.1%} by ModelOpt's count"
+            )
+        return None
+
+
+def search_space(model: nn.Module, dummy: tuple, round_to: int) -> SearchSpace:
+    """Convert a copy of `model` to FastNAS's search space and profile it on `dummy` (the model is untouched)."""
+    import modelopt.torch.nas as mtn
+    from modelopt.torch.opt.conversion import ApplyModeError
+    from modelopt.torch.prune.pruning import PruneModeRegistry
+
+    log = io.StringIO()  # ModelOpt prints its search-space tables and warns with its untraceable-module table
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            rules = [("fastnas", fastnas_rules(round_to))]
+            converted = mtn.convert(copy.deepcopy(model), rules, registry=PruneModeRegistry)
+        except ApplyModeError as error:  # nothing it can trace has a smaller width to try
+            text = _with_warnings(log.getvalue(), seen)
+            return SearchSpace(round_to, {}, {}, untraceable_modules(text), text, str(error).splitlines()[0])
+        hparams = configurable_hparams(converted)
+        _, stats = mtn.profile(converted, dummy, verbose=False)
+    text = _with_warnings(log.getvalue(), seen)
+    flops = {k: float(stats[k]["flops"]) for k in ("max", "centroid", "min") if k in stats}
+    return SearchSpace(round_to, hparams, flops, untraceable_modules(text), text)
+
+
+def _with_warnings(text: str, seen: list) -> str:
+    return text + "".join(f"{w.category.__name__}: {w.message}\n" for w in seen)
+
+
+def configurable_hparams(model: nn.Module) -> dict[str, list]:
+    """Every searchable hparam (more than one choice) of the converted modules, once each: the root of a
+    model ModelOpt cannot trace stays a plain module, so its children are asked."""
+    found, seen = {}, set()
+    for name, module in model.named_modules():
+        if not hasattr(module, "named_hparams"):
+            continue
+        for hname, hparam in module.named_hparams(configurable=True):
+            if id(hparam) not in seen:
+                seen.add(id(hparam))
+                found[f"{name}.{hname}" if name else hname] = list(hparam.choices)
+    return found
+
+
+def untraceable_modules(text: str) -> list[str]:
+    """Module names in ModelOpt's "cannot be traced" tables (first column of its boxed tables)."""
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("│"):
+            first = line.split("│")[1].strip().rstrip(",")
+            if first and not first.startswith(("Submodule", "flops", "params", "Constraint")):
+                names.append(first)
+    return list(dict.fromkeys(names))
+
+
 def _out_channels(model: nn.Module, partition: Partition) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -70,10 +152,7 @@ def prune_fastnas(
 ) -> dict:
     """Run FastNAS to keep at most (1 - target_gflops) of the FLOPs; the model is pruned in place."""
     try:
-        import modelopt.torch.nas as mtn
         import modelopt.torch.prune as mtp
-        from modelopt.torch.opt.conversion import ApplyModeError
-        from modelopt.torch.prune.pruning import PruneModeRegistry
     except ImportError as error:
         raise PruningError(f"FastNAS needs NVIDIA ModelOpt (pip install -e '.[quant]'): {error}") from None
     from compress.oneshot import measured_gflops
@@ -82,42 +161,28 @@ def prune_fastnas(
     dummy = modelopt_input(model, task, example_batch)
     partition = Partition.of(model, task.partition)
     keep = f"{100 * (1.0 - target_gflops):.6g}%"
-    rules = [("fastnas", fastnas_rules(round_to))]
     before = {"gflops": measured_gflops(model, task, example_batch), "channels": _out_channels(model, partition)}
-    log = io.StringIO()  # ModelOpt prints its search-space tables; what matters goes into the report
-    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+    space = search_space(model, dummy, round_to)
+    refusal = space.refusal(target_gflops)
+    if refusal:
+        raise PruningError(refusal)
+
+    def score(net: nn.Module) -> float:
+        with torch.no_grad():
+            return -sum(float(task.loss_of(task.forward(net, b), b)) for b in batches) / len(batches)
+
+    log = io.StringIO()  # the search's own printing; what matters goes into the report
+    with contextlib.redirect_stdout(log), warnings.catch_warnings(), tempfile.TemporaryDirectory() as work:
         for message in ("Per-rank checkpoint", "Checkpoint .* does not exist"):  # our temporary search state
             warnings.filterwarnings("ignore", message=message)
-        try:
-            probe = mtn.convert(copy.deepcopy(model), rules, registry=PruneModeRegistry)
-        except ApplyModeError as error:  # nothing it can trace has a smaller width to try
-            raise PruningError(
-                f"FastNAS cannot reach a {target_gflops:.0%} FLOPs reduction on this model: its traced search space "
-                f"has no searchable width in steps of {round_to} ({str(error).splitlines()[0]})"
-            ) from None
-        satisfiable, stats = mtn.profile(probe, dummy, constraints={"flops": keep}, verbose=False)
-        del probe
-        if not satisfiable:
-            reachable = 1.0 - stats["min"]["flops"] / stats["max"]["flops"]
-            raise PruningError(
-                f"FastNAS cannot reach a {target_gflops:.0%} FLOPs reduction on this model: its traced search space "
-                f"({int(stats.get('number of configurable hparams', 0))} searchable widths in steps of {round_to}) "
-                f"reaches at most {reachable:.1%} by ModelOpt's count"
-            )
-
-        def score(net: nn.Module) -> float:
-            with torch.no_grad():
-                return -sum(float(task.loss_of(task.forward(net, b), b)) for b in batches) / len(batches)
-
-        with tempfile.TemporaryDirectory() as work:
-            config = {
-                "data_loader": [modelopt_input(model, task, b) for b in batches],
-                "collect_func": lambda inputs: inputs,
-                "score_func": score,
-                "checkpoint": str(Path(work) / "search.pth"),
-                "verbose": False,
-            }
-            pruned, _ = mtp.prune(model, rules, {"flops": keep}, dummy, config)
+        config = {
+            "data_loader": [modelopt_input(model, task, b) for b in batches],
+            "collect_func": lambda inputs: inputs,
+            "score_func": score,
+            "checkpoint": str(Path(work) / "search.pth"),
+            "verbose": False,
+        }
+        pruned, _ = mtp.prune(model, [("fastnas", fastnas_rules(round_to))], {"flops": keep}, dummy, config)
     if pruned is not model:  # ModelOpt documents in-place pruning; hold it to that
         raise PruningError("FastNAS returned a new model instead of pruning in place")
     model.eval()
@@ -140,7 +205,8 @@ def prune_fastnas(
         "fastnas": {
             "channel_divisor": round_to,
             "flops_limit": keep,
-            "search_space": {k: stats[k] for k in ("min", "max") if k in stats},
-            "configurable_hparams": int(stats.get("number of configurable hparams", 0)),
+            "search_space": {k: {"flops": v} for k, v in space.flops.items()},
+            "configurable_hparams": len(space.hparams),
+            "untraceable_modules": space.untraceable,  # what it skipped, named (its children may still be searched)
         },
     }

@@ -425,3 +425,30 @@ def test_two_compare_invocations_can_share_a_folder(tmp_path, monkeypatch):
     assert calls == ["structured-0.5-snip-seed0"]
     assert [r["key"] for r in summary["runs"]] == ["structured-0.5-snip-seed0", "structured-0.5-magnitude-seed0"]
     assert summary["seed_list"] == [0] and (tmp_path / "compare.md").is_file()
+
+
+def test_compare_refuses_a_stored_altereva_run_made_with_other_options(tmp_path, monkeypatch):
+    """When AlterEva's defaults move, a folder's plain "altereva" runs were made by the old ones: never mixed in."""
+    import dataclasses
+    import json
+    import random
+
+    import altermoma.compare as compare_module
+    from altermoma.compare import RunSpec, Settings, changed_options, compare, prune_request
+
+    settings = Settings(checkpoint=str(compare_module.SHIPPED), val_scenes=1, train_scenes=1, threads=1)
+    spec = RunSpec("altereva-paper", "structured", 0.5, 0)
+    options = dataclasses.asdict(prune_request(spec, settings).altereva)
+    run = {**_fake_run(spec, random.Random(0)), "settings": settings.stored(), "seconds": {"prune": 1.0}}
+    run["pruning"] = {"request": {"altereva": options}}
+    assert changed_options(run, spec, settings) == ""
+    old = {k: v for k, v in options.items() if k != "failure_weight"}  # a run made before an option existed
+    assert changed_options({"pruning": {"request": {"altereva": old}}}, spec, settings) == ""
+    run["pruning"]["request"]["altereva"] = options | {"reactivation_optimizer": "adamw"}
+    assert changed_options(run, spec, settings) == "reactivation_optimizer 'adamw' -> 'sgd'"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{spec.key}.json").write_text(json.dumps(run))
+    monkeypatch.setattr(compare_module, "run_one", lambda *a: pytest.fail("no run may start"))
+    with pytest.raises(ValueError, match="made with other AlterEva options"):
+        compare(tmp_path, settings, ("altereva-paper",), [0], False, False, structured_targets=(0.5,), sparsities=())
+    assert json.loads((tmp_path / "runs" / f"{spec.key}.json").read_text()) == run  # untouched

@@ -232,3 +232,28 @@ def test_compare_names_the_same_methods_and_peers_as_the_request():
     from compress import request
 
     assert compare.METHODS == request.METHODS and compare.PEERS == request.PEERS
+
+
+class _GatedLidar(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it, so FastNAS must skip (and we must name) it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+
+    def forward(self, bev):
+        return self.conv(bev) if bool(bev.abs().sum() > 0) else self.conv(bev).mul(0)
+
+
+def test_fastnas_names_the_modules_its_tracer_skipped():
+    pytest.importorskip("modelopt.torch.prune", reason="NVIDIA ModelOpt is not installed (the quant extra)")
+    pytest.importorskip("torchprofile", reason="torchprofile is not installed (the quant extra)")
+    from compress.fastnas import modelopt_input, search_space
+
+    model, task, batches = _conv_fusion()
+    model.lidar = _GatedLidar().eval()
+    space = search_space(model, modelopt_input(model, task, batches[0]), 16)
+    assert "lidar" in space.untraceable and "camera" not in space.untraceable
+    assert not any(name.startswith("lidar.") for name in space.hparams)  # its widths are outside the search
+    assert any(name.startswith("camera.") for name in space.hparams)
+    assert 0.0 < space.reachable() < 1.0 and space.refusal(0.99) and space.refusal(0.01) is None
