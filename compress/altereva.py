@@ -36,6 +36,7 @@ SGD and the camera masked, the 8th step's loss was 2.009 in float32 and 1.801 in
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -133,6 +134,10 @@ class AlterEvaSaliency:
     masked_deci: dict[str, Saliency] = field(default_factory=dict)
     # normalise "masked-loss" only: the scoring set's mean loss with nothing, "camera", "lidar" or "both" masked
     masked_loss: dict[str, float] = field(default_factory=dict)
+    # per round, the scoring set's mean loss with that modality masked at theta_0 ("before") and after the B
+    # reactivation steps ("after", averaged over restarts): reactivation is meant to LOWER it; where it rises
+    # the steps diverged, and ReRI measures the divergence (lower reactivation_lr)
+    reactivation_loss: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def loss_gradients(model: nn.Module, task: Task, batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -252,7 +257,8 @@ def altereva_saliency(
                     result.masked_deci[masked] = s0
                 bar.update()
                 frozen = set(partition.parameters(model, masked))
-                ends, floors = [], []
+                ends, floors, after = [], [], []
+                before = mean_loss(model, task, batches) if steps > 0 else None
                 for restart in range(config.restarts):
                     order = batches[restart:] + batches[:restart]
                     last = [order[(steps - 1) % len(order)]]  # D_B (with B = 0: the order's last batch)
@@ -261,9 +267,13 @@ def altereva_saliency(
                         floors.append(signed_saliency(model, task, last, theta=params0))
                         result.noise_seconds += time.perf_counter() - start
                     reactivate(model, task, frozen, order, steps, lr, config.reactivation_optimizer)
+                    if before is not None:
+                        after.append(mean_loss(model, task, batches))
                     ends.append(signed_saliency(model, task, last if config.reri_data == "paper" else batches, params0))
                     _reset_trainable(model, params0, frozen)
                     bar.update()
+                if before is not None:
+                    result.reactivation_loss[masked] = {"before": before, "after": math.fsum(after) / len(after)}
                 s_b = _mean_saliency(ends)
                 result.reri[masked] = {name: s0[name] - s_b[name] for name in s0}
                 result.noise[masked] = None

@@ -10,6 +10,7 @@ the two apart where SNIP cannot.
 
 import dataclasses
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -574,3 +575,32 @@ def test_the_cli_spells_out_every_estimator_option_and_refuses_bad_ones(capsys):
         assert main(["prune", "--checkpoint", "x", "--out", "y", "--target-gflops", "0.5", *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and flag in err[0]
+
+
+def test_prune_records_the_masked_loss_around_reactivation_and_warns_when_it_rose():
+    """Reactivation is meant to lower the masked loss; a step size that raises it is named, not hidden."""
+    from compress.altereva import mean_loss
+
+    model, task = toy()
+    batches = toy_batches()
+    partition = Partition.of(model, task.partition)
+    with masked_modality(model, partition, "lidar", "parameters"):
+        expected_before = mean_loss(model, task, batches)
+    gentle = AlterEvaConfig(reactivation_steps=4, reactivation_optimizer="sgd", reactivation_lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when the loss went down
+        report = prune(
+            model, task, batches, PruneRequest(channel_ratio=0.25, round_to=1, altereva=gentle), progress=False
+        )
+    loss = report["reri_noise"]["reactivation_loss"]
+    assert set(loss) == {"lidar", "camera"} and loss["lidar"]["before"] == pytest.approx(
+        expected_before, rel=1e-6
+    )  # float64 copy vs float32
+    assert all(v["after"] < v["before"] for v in loss.values())
+    model, task = toy()
+    wild = dataclasses.replace(gentle, reactivation_lr=1e3)  # SGD at lr 1e3 overshoots a quadratic loss
+    with pytest.warns(UserWarning, match=r"reactivation with the \w+ masked raised the scoring set's loss"):
+        report = prune(
+            model, task, batches, PruneRequest(channel_ratio=0.25, round_to=1, altereva=wild), progress=False
+        )
+    assert any(v["after"] > v["before"] for v in report["reri_noise"]["reactivation_loss"].values())
