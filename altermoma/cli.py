@@ -540,7 +540,7 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
         default=defaults.reactivation_optimizer,
         choices=REACTIVATION_OPTIMIZERS,
         help=f"AlterEva's reactivation optimiser (default {defaults.reactivation_optimizer}, chosen by "
-        "reports/protocol/PROTOCOL.md; sgd: plain SGD)",
+        "reports/protocol-v2/PROTOCOL.md; adamw: protocol v1's choice)",
     )
     p.add_argument(
         "--reri-data",
@@ -578,8 +578,10 @@ def add_prune_args(p: argparse.ArgumentParser, default_target: float | None = No
     )
     p.add_argument(
         "--subtract-noise",
-        action="store_true",
-        help="AlterEva: take the zero-step noise floor off every unit's penalty (ours; needs --reri-data paper)",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.subtract_noise,
+        help="AlterEva: take the zero-step noise floor off every unit's penalty (ours; chosen by protocol v2; "
+        f"a no-op with --reri-data same, whose floor is 0) (default {'on' if defaults.subtract_noise else 'off'})",
     )
     p.add_argument(
         "--failure-weight",

@@ -30,8 +30,10 @@ TIE = 0.005  # mAP: what three seeds resolve
 DEV_CELLS = (("structured", 0.5), ("unstructured", 0.9))
 BASELINES = ("snip", "magnitude", "random", "synflow", "prospr", "imp")
 
+# "altereva-adamw" is the candidate PROTOCOL.md calls `altereva` (protocol v1's default, AdamW): the rule moved
+# the default to altereva-denoised, so plain "altereva" no longer names those options
 V2_CANDIDATES = (
-    "altereva",
+    "altereva-adamw",
     "altereva-paper",
     "altereva-same",
     "altereva-residual",
@@ -135,7 +137,7 @@ def cli_options(method: str) -> list[str]:
     o = options_of(method)
     flags = ["--reri-data", o["reri_data"], "--reactivation-optimizer", o["reactivation_optimizer"]]
     flags += ["--normalise", o["normalise"], "--penalty", o["penalty"], "--reactivation-restarts", str(o["restarts"])]
-    return flags + (["--subtract-noise"] if o["subtract_noise"] else [])
+    return flags + (["--subtract-noise"] if o["subtract_noise"] else ["--no-subtract-noise"])
 
 
 def eligible(method: str, gate: dict) -> bool | None:

@@ -12,7 +12,9 @@ S_B - S_0 has the sign of -S_0, how often |S_B| < |S_0|, the ratio of total |S_B
 of each penalty's mass on weights with S_0 < 0, the fraction floored; and, at the given sparsity
 (one global threshold, as `prune --sparsity` selects), how many of the kept weights each penalty kept
 with S_0 < 0 and its overlap with the paper form's kept set. "grown" = max(0, |S_B| - |S_0|) is the
-reading the signed penalty was meant to have; it is measured here only, not a product option.
+reading the signed penalty was meant to have; it is measured here only, not a product option. Last, the
+masked loss before and after reactivation for a few optimisers and learning rates: whether the B steps
+lower it at all.
 
     python -m benchmarks.reactivation_signs --checkpoint fusion/weights/bevfusion-tiny-fusion --seed 0 \\
         --out reports/protocol-v2/reactivation-signs
@@ -28,9 +30,37 @@ from pathlib import Path
 import torch
 
 PENALTIES = ("reri", "signed", "grown")
+SWEEP = (("sgd", 1e-3), ("sgd", 1e-4), ("sgd", 1e-5), ("adamw", 1e-3), ("adamw", 1e-4), ("adamw", 1e-5))
 
 
-def measure(checkpoint: str, seed: int, sparsity: float, threads: int) -> dict:
+def lr_sweep(model, task, batches, steps: int = 8) -> dict:
+    """Per masked modality: the largest per-parameter gradient norms at theta_0, and the scoring set's masked
+    loss before and after `steps` reactivation steps for each (optimiser, lr) in SWEEP."""
+    from compress.altereva import loss_gradients, mean_loss, reactivate
+    from compress.partition import Partition, masked_modality
+
+    partition = Partition.of(model, task.partition)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = {}
+    for masked in ("lidar", "camera"):
+        with masked_modality(model, partition, masked, "parameters"):
+            grads = loss_gradients(model, task, batches)
+            norms = sorted(((float(g.double().norm()), n) for n, g in grads.items()), reverse=True)
+            row = {"top_gradients": [{"parameter": n, "norm": v} for v, n in norms[:3]], "runs": []}
+            before = mean_loss(model, task, batches)
+            frozen = set(partition.parameters(model, masked))
+            masked_state = {k: v.clone() for k, v in model.state_dict().items()}
+            for optimizer, lr in SWEEP:
+                reactivate(model, task, frozen, batches, steps, lr, optimizer)
+                after = mean_loss(model, task, batches)
+                row["runs"].append({"optimizer": optimizer, "lr": lr, "before": before, "after": after})
+                model.load_state_dict(masked_state)
+        model.load_state_dict(theta0)
+        result[masked] = row
+    return result
+
+
+def measure(checkpoint: str, seed: int, sparsity: float, threads: int, sweep: bool = True) -> dict:
     from compress.altereva import AlterEvaConfig, altereva_saliency
     from compress.partition import Partition
     from compress.scores import altereva_scores, in_float64, shares
@@ -88,6 +118,7 @@ def measure(checkpoint: str, seed: int, sparsity: float, threads: int) -> dict:
             / max(sum(int(masks[n].sum()) for i, n in enumerate(names) if parts[i] != "lidar"), 1),
         }
     return {
+        "lr_sweep": lr_sweep(model, task, batches) if sweep else None,
         "checkpoint": checkpoint,
         "seed": seed,
         "sparsity": sparsity,
@@ -156,6 +187,19 @@ def markdown(result: dict) -> str:
         f = s["floored"]
         floored = " / ".join(f"{f.get(p, float('nan')):.2f}" for p in ("camera", "lidar", "fusion"))
         lines.append(f"| {name} | {floored} | {s['kept_useful_lidar_masked']:.3f} | {s['overlap_with_reri']:.3f} |")
+    if result.get("lr_sweep"):
+        lines += [
+            "",
+            "Reactivation is meant to lower the masked loss. The scoring set's mean loss with one sensor masked, at "
+            "theta_0 and after 8 steps (the largest gradient norm at theta_0 in brackets):",
+            "",
+            "| masked | " + " | ".join(f"{o} {lr:g}" for o, lr in SWEEP) + " |",
+            "| --- | " + " | ".join("---:" for _ in SWEEP) + " |",
+        ]
+        for masked, row in result["lr_sweep"].items():
+            top = row["top_gradients"][0]
+            cells = " | ".join(f"{r['before']:.3f} -> {r['after']:.3f}" for r in row["runs"])
+            lines.append(f"| {masked} ({top['parameter']}: {top['norm']:.0f}) | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-lr-sweep", action="store_true", help="skip the reactivation loss per optimiser and lr")
     parser.add_argument("--out", type=Path, default=Path("reports/protocol-v2/reactivation-signs"))
     args = parser.parse_args(argv)
     from common.io import atomic_write_text
 
-    result = measure(args.checkpoint, args.seed, args.sparsity, args.threads)
+    result = measure(args.checkpoint, args.seed, args.sparsity, args.threads, not args.no_lr_sweep)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"seed{args.seed}.json", json.dumps(result, indent=2))
-    atomic_write_text(args.out / f"seed{args.seed}.md", markdown(result))
+    stem = f"{Path(args.checkpoint).name}-seed{args.seed}"
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / f"{stem}.md", markdown(result))
     print(markdown(result))
     return 0
 

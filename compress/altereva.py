@@ -61,12 +61,16 @@ REACTIVATION_OPTIMIZERS = ("sgd", "adamw")
 class AlterEvaConfig:
     """AlterEva's options; the defaults are the shipped behaviour.
 
+    The defaults are protocol v2's choice (reports/protocol-v2/PROTOCOL.md, issue 25): the paper's form with
+    plain SGD and the zero-step noise floor taken off each unit's penalty ("altereva-denoised"), the one
+    candidate that passed the mechanism gate with the best development score on bevfusion-tiny.
+
     reri_data: "paper" (g0 on D at theta_0, gB on D_B at theta_B: Eq. 10 as printed) or "same" (g0
-    and gB both on D: only the parameter change remains). reactivation_optimizer: "adamw" (the
-    reference training optimiser; torch's default weight decay 0.01, the training recipe's; the default
-    since issue 13's pre-registered protocol chose it, reports/protocol/) or "sgd" (plain SGD, what the
-    paper's description suggests), both at `reactivation_lr`. reactivation_steps = 0 is the zero-step
-    control: "paper" then scores pure batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
+    and gB both on D: only the parameter change remains). reactivation_optimizer: "sgd" (plain SGD, what
+    the paper's description suggests) or "adamw" (the reference training optimiser, torch's default weight
+    decay 0.01; protocol v1's choice, which fails protocol v2's planted-copy gate), both at
+    `reactivation_lr`. reactivation_steps = 0 is the zero-step control: "paper" then scores pure
+    batch-to-batch noise, "same" gives ReRI = 0 (AlterEva = DeCI = SNIP).
 
     Ours, not the paper's (issue 25; each aimed at a mechanism measured in docs/method_comparison.md):
     penalty "residual" keeps only the part of ReRI its DeCI does not predict (ReRI ranked like DeCI, so the
@@ -76,12 +80,13 @@ class AlterEvaConfig:
     restarts > 1 averages the reactivated gradient over that many restarts from theta_0, each with the
     scoring batches in another rotation (the camera's ReRI stood 1.6-1.9x above its noise floor);
     subtract_noise takes the zero-step noise floor off every unit's penalty (per weight for unstructured
-    pruning, where single weights' ReRI is mostly noise).
+    pruning, where single weights' ReRI is mostly noise); with reri_data "same" that floor is exactly 0,
+    so there is nothing to take off.
     """
 
     reactivation_steps: int = 8  # B
     reactivation_lr: float = 1e-3  # shared by both optimisers
-    reactivation_optimizer: str = "adamw"  # or "sgd" (chosen by reports/protocol/PROTOCOL.md)
+    reactivation_optimizer: str = "sgd"  # or "adamw" (protocol v1's choice; v2 chose sgd + subtract_noise)
     reri_data: str = "paper"  # or "same"
     alpha: float = 1.0
     beta: float = 1.0
@@ -90,7 +95,7 @@ class AlterEvaConfig:
     normalise: str = "partition"  # Eq. 11-13's shares per partition, "model": one total, or "masked-loss"
     penalty: str = "reri"  # "reri" (Eq. 10-13), "residual" or "signed" (ours)
     restarts: int = 1  # reactivation restarts averaged (ours; 1 = the paper)
-    subtract_noise: bool = False  # take the zero-step noise floor off each unit's penalty (ours; paper data only)
+    subtract_noise: bool = True  # take the zero-step noise floor off each unit's penalty (ours; chosen by protocol v2)
     # ours (issue 27): add this much of each unit's contribution share while the OTHER sensor is masked, so a
     # unit that carries the model when a sensor fails is not scored redundant (0 = AlterEva as published)
     failure_weight: float = 0.0
@@ -116,8 +121,6 @@ class AlterEvaConfig:
             raise ValueError(f"restarts must be a whole number >= 1, got {restarts!r}")
         if not (isinstance(self.failure_weight, int | float) and self.failure_weight >= 0):
             raise ValueError(f"failure_weight must be a number >= 0, got {self.failure_weight!r}")
-        if self.subtract_noise and self.reri_data != "paper":
-            raise ValueError("subtract_noise needs reri_data 'paper': with 'same' the noise floor is 0 by construction")
         return self
 
 

@@ -103,17 +103,17 @@ def _gate(copy_last: dict[str, bool], threads: dict[str, bool]) -> dict:
 def test_v2_chooses_the_best_candidate_that_passes_the_gate():
     from benchmarks.protocol import V2_CANDIDATES, choose_v2
 
-    scores = dict.fromkeys(V2_CANDIDATES, 0.60) | {"altereva": 0.70, "altereva-v2": 0.66, "altereva-same": 0.658}
+    scores = dict.fromkeys(V2_CANDIDATES, 0.60) | {"altereva-adamw": 0.70, "altereva-v2": 0.66, "altereva-same": 0.658}
     found = candidates(_dev(scores), V2_CANDIDATES)
     copy = dict.fromkeys(V2_CANDIDATES, False) | {"altereva-v2": True, "altereva-same": True, "altereva-denoised": True}
     threads = {"altereva-v2": True, "altereva-same": True, "altereva-denoised": True}
     chosen, tied, passed = choose_v2(found, _gate(copy, threads))
-    # AdamW (altereva) scores best but fails the gate; v2 and same tie within 0.005: one departure beats four
+    # AdamW (altereva-adamw) scores best but fails the gate; v2 and same tie within 0.005: one departure beats four
     assert passed and chosen.method == "altereva-same" and {c.method for c in tied} == {"altereva-same", "altereva-v2"}
     with pytest.raises(ValueError, match="gate is not measured for altereva-v2"):
         choose_v2(found, _gate(copy, {"altereva-same": True}))
     nobody = choose_v2(found, _gate(dict.fromkeys(V2_CANDIDATES, False), {}))
-    assert not nobody[2] and nobody[0].method == "altereva"  # no candidate passes: the rule over all
+    assert not nobody[2] and nobody[0].method == "altereva-adamw"  # no candidate passes: the rule over all
 
 
 def test_v2_goal_counts_the_peers_and_asks_for_equality_at_90_percent():

@@ -156,7 +156,7 @@ def test_prune_reports_signal_to_noise_per_partition():
     request = PruneRequest(channel_ratio=0.25, round_to=1, altereva=AlterEvaConfig(reactivation_steps=4))
     report = prune(model, task, batches, request, progress=False)
     noise = report["reri_noise"]
-    assert (noise["reri_data"], noise["optimizer"], noise["steps"], noise["units"]) == ("paper", "adamw", 4, "channels")
+    assert (noise["reri_data"], noise["optimizer"], noise["steps"], noise["units"]) == ("paper", "sgd", 4, "channels")
     assert set(noise["rounds"]) == {"lidar", "camera"}
     # the fuser is the output layer (never pruned), so each round reports the one backbone it scores
     assert set(noise["rounds"]["lidar"]) == {"camera"} and set(noise["rounds"]["camera"]) == {"lidar"}
@@ -354,7 +354,7 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         assert request.method == "altereva"
         assert all(getattr(request.altereva, k) == v for k, v in options.items())
     plain = prune_request(RunSpec("altereva", "structured", 0.5, 0), settings).altereva
-    assert (plain.reri_data, plain.reactivation_optimizer, plain.normalise) == ("paper", "adamw", "partition")
+    assert (plain.reri_data, plain.reactivation_optimizer, plain.subtract_noise) == ("paper", "sgd", True)  # protocol v2
     paper = {
         "reri_data": "paper",
         "reactivation_optimizer": "sgd",
@@ -501,7 +501,6 @@ def test_residual_penalty_keeps_only_reactivation_beyond_what_deci_predicts():
     [
         ({"penalty": "abs"}, "unknown penalty 'abs' (choose from reri, residual, signed)"),
         ({"restarts": 0}, "restarts must be a whole number >= 1, got 0"),
-        ({"reri_data": "same", "subtract_noise": True}, "subtract_noise needs reri_data 'paper'"),
     ],
 )
 def test_v2_options_are_checked_before_any_gradient(options, message):
@@ -604,3 +603,18 @@ def test_prune_records_the_masked_loss_around_reactivation_and_warns_when_it_ros
             model, task, batches, PruneRequest(channel_ratio=0.25, round_to=1, altereva=wild), progress=False
         )
     assert any(v["after"] > v["before"] for v in report["reri_noise"]["reactivation_loss"].values())
+
+
+def test_the_default_takes_the_noise_floor_off_and_same_data_has_none_to_take():
+    """Protocol v2's default (SGD, floor subtracted) differs from the paper form; with same-data ReRI the floor
+    is exactly 0, so subtracting it is a no-op rather than an error."""
+    batches = toy_batches()
+    default = _camera_scores("altereva", AlterEvaConfig(), batches)
+    paper = _camera_scores("altereva", AlterEvaConfig(subtract_noise=False), batches)
+    assert not torch.equal(default, paper)
+    same = AlterEvaConfig(reri_data="same").validate()
+    assert same.subtract_noise
+    assert torch.equal(
+        _camera_scores("altereva", same, batches),
+        _camera_scores("altereva", dataclasses.replace(same, subtract_noise=False), batches),
+    )
