@@ -21,6 +21,9 @@ Choices made here, and why:
 - Kept as torch-pruning computes them, quirks included, since that is what its users get: 1.6's Taylor
   importance has no BatchNorm rule (its "BN" branch tests GroupNorm's handler), so BN scales add nothing
   to Taylor scores (tests/test_peers.py pins this).
+- torch-pruning 1.6 sizes a group's scores by the first layer it scores; after a channels-to-BEV fold
+  that layer sees more channels than the group has, and the unwritten tail is cut off before the
+  normalisation (`_root_scores`; the groups are named in `tp_importance.padding_cut`).
 - torch-pruning's importances know convolutions, linears, BatchNorm and LayerNorm. A group layer they do
   not know (a spconv sparse convolution, an attention's in-projection) adds nothing to its group's
   score; a group with no known layer at all gets no score from torch-pruning and is left whole, named
@@ -53,13 +56,33 @@ def batch_fisher(model: nn.Module, task: Task, batches: list) -> dict[str, torch
 
 
 def _importance(kind: str):
+    """torch-pruning's importance with its defaults, except the normaliser: applied by us after the
+    reduction's padding is cut off (`_root_scores`), as torch-pruning's default "mean" normaliser does."""
     if kind == "tp-magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     if kind == "tp-taylor":
-        return tp.importance.GroupTaylorImportance()
+        return tp.importance.GroupTaylorImportance(normalizer=None)
     if kind == "tp-hessian":
-        return tp.importance.GroupHessianImportance()
+        return tp.importance.GroupHessianImportance(normalizer=None)
     raise ValueError(f"unknown peer {kind!r} (choose from {', '.join(TP_PEERS)})")
+
+
+def _root_scores(score: torch.Tensor, channels: int, root: str, padded: list[str]) -> torch.Tensor:
+    """One score per root channel, divided by their mean (torch-pruning's default normaliser).
+
+    torch-pruning 1.6 sizes a group's reduced importance by the FIRST layer it scores and scatters every
+    layer's scores onto root indices: when that layer sees the channels expanded (the input of the conv
+    after a channels-to-BEV fold: 32 channels x 2 heights = 64), the result is longer than the group and
+    its tail is never written. The tail is checked to be empty and cut off before normalising, so the
+    group's mean is over its own channels."""
+    if score.numel() > channels:
+        if torch.count_nonzero(score[channels:]):
+            raise RuntimeError(f"torch-pruning scored {score.numel()} channels for {root}'s group of {channels}")
+        padded.append(root)
+        score = score[:channels]
+    elif score.numel() < channels:
+        raise RuntimeError(f"torch-pruning scored {score.numel()} channels for {root}'s group of {channels}")
+    return score / score.mean()
 
 
 def tp_channel_scores(
@@ -73,7 +96,7 @@ def tp_channel_scores(
     importance = _importance(kind)
     params = dict(model.named_parameters())
     dtypes = {name: p.dtype for name, p in params.items()}
-    scores, unscored = [], []
+    scores, unscored, padded = [], [], []
     try:
         with torch.no_grad():
             for name, p in params.items():
@@ -84,6 +107,8 @@ def tp_channel_scores(
             if score is None:
                 unscored.append(group.root)
                 score = torch.full((group.channels,), UNSCORED, dtype=torch.float64)
+            else:
+                score = _root_scores(score.detach().double().cpu(), group.channels, group.root, padded)
             score = score.detach().double().cpu()
             if not torch.isfinite(score).all():  # an all-zero group divided by its mean (tp's normaliser): dead
                 score = torch.nan_to_num(score, nan=0.0, posinf=UNSCORED, neginf=0.0)
@@ -93,7 +118,7 @@ def tp_channel_scores(
             for name, p in params.items():
                 p.grad = None
                 p.data = p.data.to(dtypes[name])
-    record["tp_importance"] = {"kind": kind, "unscored": unscored}
+    record["tp_importance"] = {"kind": kind, "unscored": unscored, "padding_cut": padded}
     return scores
 
 

@@ -126,7 +126,7 @@ def test_a_peer_prunes_through_the_shared_harness_and_is_refused_a_sparsity():
     )
     assert abs(report["gflops_reduction"] - 0.15) <= 0.02
     assert report["zero_then_prune_error"] < 1e-5
-    assert report["tp_importance"] == {"kind": "tp-taylor", "unscored": []}
+    assert report["tp_importance"] == {"kind": "tp-taylor", "unscored": [], "padding_cut": []}
     with pytest.raises(PruningError, match="tp-hessian scores channel groups"):
         PruneRequest(method="tp-hessian", sparsity=0.5).validate()
 
@@ -257,3 +257,19 @@ def test_fastnas_names_the_modules_its_tracer_skipped():
     assert not any(name.startswith("lidar.") for name in space.hparams)  # its widths are outside the search
     assert any(name.startswith("camera.") for name in space.hparams)
     assert 0.0 < space.reachable() < 1.0 and space.refusal(0.99) and space.refusal(0.01) is None
+
+
+def test_torch_pruning_padding_after_a_fold_is_cut_before_the_mean():
+    """tp 1.6 sizes a group's scores by its first scored layer (after a channels-to-BEV fold: 2x the group)."""
+    from compress.peers import _root_scores
+
+    padded: list[str] = []
+    score = torch.tensor([1.0, 3.0, 0.0, 0.0], dtype=torch.float64)  # 2 root channels, tail never written
+    assert torch.equal(_root_scores(score, 2, "lidar.conv_out", padded), torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert padded == ["lidar.conv_out"]
+    assert torch.equal(_root_scores(score[:2], 2, "x", padded), torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert padded == ["lidar.conv_out"]  # only padded groups are named
+    with pytest.raises(RuntimeError, match="scored 4 channels for y's group of 2"):
+        _root_scores(torch.ones(4, dtype=torch.float64), 2, "y", padded)
+    with pytest.raises(RuntimeError, match="scored 1 channels"):
+        _root_scores(torch.ones(1, dtype=torch.float64), 2, "z", padded)
