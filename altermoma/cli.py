@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from altermoma.cli_common import load_any_checkpoint, threads_of
@@ -761,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_from_env()
     try:
         check_inputs_are_not_outputs(args)
-        with _quiet_unless_main():
+        with _quiet_unless_main(), _one_line_warnings():
             args.run(args)
     except USER_ERRORS as error:
         print(f"{dist.rank_prefix()}error: {error}", file=sys.stderr)
@@ -772,6 +773,33 @@ def main(argv: list[str] | None = None) -> int:
         raise
     dist.shutdown()
     return 0
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """The toolkit's own warnings as one `warning:` line each (a library's keep Python's form: their file
+    and line are what a user reports upstream)."""
+    original = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if category is UserWarning and _ours(filename):
+            return f"{dist.rank_prefix()}warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def _ours(filename: str) -> bool:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        Path(filename).resolve().relative_to(root)
+    except ValueError:
+        return False
+    return ".venv" not in Path(filename).parts and "site-packages" not in Path(filename).parts
 
 
 @contextlib.contextmanager

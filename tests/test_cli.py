@@ -37,3 +37,22 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "p").exists()  # nothing written on failure
+
+
+def test_the_cli_prints_the_toolkits_warnings_as_one_line(capsys):
+    import sys
+    import warnings
+
+    from altermoma.cli import _one_line_warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's default, past pytest's recorder
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with _one_line_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        warnings.warn("reactivation raised the loss", stacklevel=1)
+        warnings.warn_explicit("from a library", UserWarning, "/x/site-packages/lib/mod.py", 7)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: reactivation raised the loss"
+    assert err[1].startswith("/x/site-packages/lib/mod.py:7: UserWarning: from a library")
