@@ -65,7 +65,8 @@ def _altereva_variants() -> dict[str, dict]:
     Protocol v1 (issue 13): same: ReRI on D at both points; adamw: the reactivation optimiser; model: shares
     over the whole model. Protocol v2 (issue 25), ours, each on the paper form with SGD: residual, signed
     (penalties), budget (shares by masked-loss increase), restarts (4 reactivations averaged), denoised (the
-    zero-step floor taken off each unit's penalty), and v2 (signed + budget + restarts + denoised)."""
+    zero-step floor taken off each unit's penalty), and v2 (signed + budget + restarts + denoised); lowlr
+    (exploratory, not a v2 candidate: AdamW at lr 1e-5, denoised)."""
     variants = {}
     for same in (False, True):
         for adamw in (False, True):
@@ -83,6 +84,9 @@ def _altereva_variants() -> dict[str, dict]:
     variants["altereva-restarts"] = PAPER_OPTIONS | restarts
     variants["altereva-denoised"] = PAPER_OPTIONS | denoised
     variants["altereva-v2"] = PAPER_OPTIONS | {"penalty": "signed"} | budget | restarts | denoised
+    # exploratory, after protocol v2's stage A (not one of its candidates): the one reactivation setting that
+    # lowered bevfusion-tiny's LiDAR-masked loss (reports/protocol-v2/reactivation-signs), with the chosen floor
+    variants["altereva-lowlr"] = PAPER_OPTIONS | denoised | {"reactivation_optimizer": "adamw", "reactivation_lr": 1e-5}
     return variants
 
 

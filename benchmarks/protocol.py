@@ -73,7 +73,7 @@ def options_of(method: str) -> dict:
 
 def departures(method: str) -> int:
     """How many of the candidate's options differ from the paper as printed (`altereva-paper`)."""
-    return sum(value != PAPER_OPTIONS[key] for key, value in options_of(method).items())
+    return sum(key not in PAPER_OPTIONS or value != PAPER_OPTIONS[key] for key, value in options_of(method).items())
 
 
 def map_by_cell(runs: list[dict]) -> dict[tuple[str, float, str], list[float]]:

@@ -358,7 +358,7 @@ def reactivation_diverged(masked: str, loss: dict[str, float], config) -> str:
         f"AlterEva's reactivation with the {masked} masked raised the scoring set's loss from {loss['before']:.4g} "
         f"to {loss['after']:.4g} ({config.reactivation_optimizer}, lr {config.reactivation_lr:g}, "
         f"{config.reactivation_steps} steps): ReRI then measures a divergence, not a reactivation; try a lower "
-        "--reactivation-lr (or --reactivation-optimizer adamw)"
+        "--reactivation-lr, and AdamW (--reactivation-optimizer adamw) where plain SGD keeps raising it"
     )
 
 

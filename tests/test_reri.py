@@ -379,7 +379,7 @@ def test_compare_runs_the_estimator_variants_as_altereva():
         "restarts": 4,
         "subtract_noise": True,
     }
-    assert len(ALTEREVA_VARIANTS) == 8 + 6  # protocol v1's 8, protocol v2's 6
+    assert len(ALTEREVA_VARIANTS) == 8 + 6 + 1  # protocol v1's 8, protocol v2's 6, one exploratory
 
 
 def test_the_summary_says_how_much_reri_ranks_like_deci():
