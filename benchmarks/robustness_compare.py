@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import numpy as np
 from altermoma.cli import main as altermoma
 from common.io import OutputError, atomic_write_text, staged_directory, verify_manifest
 from common.progress import progress_bar
+from compress.altereva import AlterEvaConfig
 from fusion.checkpoint import META, TRAIN_STATE_META, WEIGHTS, CheckpointError, read_metadata, verify_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,13 +77,19 @@ def prune_step(checkpoint: Path, method: str, seed: int, target: float, out: Pat
     argv += ["--failure-weight", f"{weight:g}"] if weight else []
     argv += ["--seed", str(seed), "--threads", str(threads), "--out", str(out)]
     wanted = (prune_method, seed, target, weight)
+    # AlterEva's options as `prune` resolves them today: a model pruned under other defaults is not this step
+    options = dataclasses.asdict(AlterEvaConfig(failure_weight=weight)) if prune_method == "altereva" else None
 
     def done() -> bool:
         meta = checkpoint_meta(out)
         request = (meta or {}).get("pruning", {}).get("request", {})
-        failure = float(request.get("altereva", {}).get("failure_weight", 0.0))
+        stored = request.get("altereva", {})
+        failure = float(stored.get("failure_weight", 0.0))
+        same_options = options is None or all(options[k] == v for k, v in stored.items() if k in options)
         return (
-            bool(meta) and (request.get("method"), request.get("seed"), request.get("target_gflops"), failure) == wanted
+            bool(meta)
+            and (request.get("method"), request.get("seed"), request.get("target_gflops"), failure) == wanted
+            and same_options
         )
 
     return Step(f"prune {out.parent.name}", out, argv, done)

@@ -340,3 +340,23 @@ def test_the_failsafe_method_of_the_robustness_benchmark_is_altereva_with_the_fa
     assert argv[argv.index("--seed") + 1] == "2" and not step.done()
     plain = prune_step(Path("fusion/weights/tiny-fusion"), "snip", 0, 0.5, tmp_path / "q", 1).argv
     assert "--failure-weight" not in plain and plain[plain.index("--method") + 1] == "snip"
+
+
+def test_a_model_pruned_under_other_altereva_defaults_is_not_a_done_step(tmp_path, monkeypatch):
+    """The benchmark resumes finished steps; a model AlterEva pruned before its defaults moved is not one."""
+    import dataclasses
+
+    import benchmarks.robustness_compare as bench
+    from compress.altereva import AlterEvaConfig
+
+    options = dataclasses.asdict(AlterEvaConfig())
+    request = {"method": "altereva", "seed": 0, "target_gflops": 0.5, "altereva": options}
+    meta = {"pruning": {"request": request}}
+    monkeypatch.setattr(bench, "checkpoint_meta", lambda folder: meta)
+    step = bench.prune_step(Path("fusion/weights/tiny-fusion"), "altereva", 0, 0.5, tmp_path / "p", 1)
+    assert step.done()
+    old = {k: v for k, v in options.items() if k != "failure_weight"}  # made before that option existed
+    meta["pruning"]["request"]["altereva"] = old | {"reactivation_optimizer": "adamw", "subtract_noise": False}
+    assert not step.done()
+    meta["pruning"]["request"] = {"method": "snip", "seed": 0, "target_gflops": 0.5}
+    assert bench.prune_step(Path("fusion/weights/tiny-fusion"), "snip", 0, 0.5, tmp_path / "q", 1).done()
