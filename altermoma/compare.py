@@ -267,13 +267,13 @@ def load_run(path: Path, settings: Settings) -> dict | None:
 
 
 def changed_options(run: dict, spec: RunSpec, settings: Settings) -> str:
-    """The AlterEva options (`name stored -> now`) on which a stored run differs from what `spec` asks now;
-    options a run predates are not compared (each was added with its neutral value as the default)."""
+    """The AlterEva options (`name stored -> now`) on which a stored run differs from what `spec` asks now
+    (`AlterEvaConfig.differences`); empty for the other methods."""
     stored = run.get("pruning", {}).get("request", {}).get("altereva")
-    if stored is None or not (spec.method == EQ13 or spec.method in ALTEREVA_VARIANTS or spec.method == "altereva"):
+    request = prune_request(spec, settings)
+    if stored is None or request.method != "altereva":
         return ""
-    now = dataclasses.asdict(prune_request(spec, settings).altereva)
-    return ", ".join(f"{k} {stored[k]!r} -> {now[k]!r}" for k in stored if k in now and stored[k] != now[k])
+    return ", ".join(f"{k} {old!r} -> {now!r}" for k, (old, now) in request.altereva.differences(stored).items())
 
 
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:

@@ -48,16 +48,20 @@ def probe(checkpoint: str, divisor: int) -> dict:
     row["flops"] = space.flops
     if space.error:
         row["convert_error"] = space.error
-    row["satisfiable"] = space.refusal(TARGET_REDUCTION) is None
-    model = copy.deepcopy(base)
-    try:  # the product's own call: refuses out-of-reach targets before the search
-        report = prune_fastnas(model, task, [sample], TARGET_REDUCTION, divisor)
-        row["pruned"] = True
-        row["gflops_reduction"] = report["gflops_reduction"]
-        row["params_after"] = sum(p.numel() for p in model.parameters())
-    except PruningError as error:
-        row["pruned"] = False
-        row["prune_error"] = str(error)
+    refusal = space.refusal(TARGET_REDUCTION)  # what prune_fastnas raises, before its search, when out of reach
+    row["satisfiable"] = refusal is None
+    row["pruned"] = False
+    if refusal:
+        row["prune_error"] = refusal
+    else:  # the product's own call (it converts the model again: only rows within reach pay for that)
+        model = copy.deepcopy(base)
+        try:
+            report = prune_fastnas(model, task, [sample], TARGET_REDUCTION, divisor)
+            row["pruned"] = True
+            row["gflops_reduction"] = report["gflops_reduction"]
+            row["params_after"] = sum(p.numel() for p in model.parameters())
+        except PruningError as error:
+            row["prune_error"] = str(error)
     row["params_before"] = sum(p.numel() for p in base.parameters())
     row["seconds"] = time.perf_counter() - start
     row["untraceable"] = space.untraceable

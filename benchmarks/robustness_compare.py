@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -78,14 +77,14 @@ def prune_step(checkpoint: Path, method: str, seed: int, target: float, out: Pat
     argv += ["--seed", str(seed), "--threads", str(threads), "--out", str(out)]
     wanted = (prune_method, seed, target, weight)
     # AlterEva's options as `prune` resolves them today: a model pruned under other defaults is not this step
-    options = dataclasses.asdict(AlterEvaConfig(failure_weight=weight)) if prune_method == "altereva" else None
+    options = AlterEvaConfig(failure_weight=weight) if prune_method == "altereva" else None
 
     def done() -> bool:
         meta = checkpoint_meta(out)
         request = (meta or {}).get("pruning", {}).get("request", {})
         stored = request.get("altereva", {})
         failure = float(stored.get("failure_weight", 0.0))
-        same_options = options is None or all(options[k] == v for k, v in stored.items() if k in options)
+        same_options = options is None or not options.differences(stored)
         return (
             bool(meta)
             and (request.get("method"), request.get("seed"), request.get("target_gflops"), failure) == wanted

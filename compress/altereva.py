@@ -36,8 +36,10 @@ SGD and the camera masked, the 8th step's loss was 2.009 in float32 and 1.801 in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +101,13 @@ class AlterEvaConfig:
     # ours (issue 27): add this much of each unit's contribution share while the OTHER sensor is masked, so a
     # unit that carries the model when a sensor fails is not scored redundant (0 = AlterEva as published)
     failure_weight: float = 0.0
+
+    def differences(self, recorded: dict) -> dict[str, tuple]:
+        """Option -> (recorded, this config's) where a recorded request (as `dataclasses.asdict` wrote it)
+        differs; options the record predates are not compared (each was added with its neutral value as the
+        default), so a run made before an option existed still matches."""
+        now = dataclasses.asdict(self)
+        return {k: (v, now[k]) for k, v in recorded.items() if k in now and v != now[k]}
 
     def validate(self) -> AlterEvaConfig:
         """One clear ValueError per bad option, before any gradient is taken."""
@@ -211,6 +220,16 @@ def masked_losses(model: nn.Module, task: Task, partition: Partition, batches: l
     return losses
 
 
+def reactivation_diverged(masked: str, loss: dict[str, float], config: AlterEvaConfig) -> str:
+    """The warning when reactivation raised the masked loss it is meant to lower."""
+    return (
+        f"AlterEva's reactivation with the {masked} masked raised the scoring set's loss from {loss['before']:.4g} "
+        f"to {loss['after']:.4g} ({config.reactivation_optimizer}, lr {config.reactivation_lr:g}, "
+        f"{config.reactivation_steps} steps): ReRI then measures a divergence, not a reactivation; try a lower "
+        "--reactivation-lr, and AdamW (--reactivation-optimizer adamw) where plain SGD keeps raising it"
+    )
+
+
 def _mean_saliency(saliencies: list[Saliency]) -> Saliency:
     """Element-wise mean in a fixed order (one saliency: itself, bit for bit)."""
     if len(saliencies) == 1:
@@ -276,7 +295,10 @@ def altereva_saliency(
                     _reset_trainable(model, params0, frozen)
                     bar.update()
                 if before is not None:
-                    result.reactivation_loss[masked] = {"before": before, "after": math.fsum(after) / len(after)}
+                    loss = {"before": before, "after": math.fsum(after) / len(after)}
+                    result.reactivation_loss[masked] = loss
+                    if loss["after"] > loss["before"]:
+                        warnings.warn(reactivation_diverged(masked, loss, config), stacklevel=2)
                 s_b = _mean_saliency(ends)
                 result.reri[masked] = {name: s0[name] - s_b[name] for name in s0}
                 result.noise[masked] = None

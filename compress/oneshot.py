@@ -345,21 +345,8 @@ def _reri_noise(
         summary["budgets"] = budgets
         summary["masked_loss"] = saliency.masked_loss
     summary["reactivation_loss"] = saliency.reactivation_loss
-    for masked, loss in saliency.reactivation_loss.items():
-        if loss["after"] > loss["before"]:
-            warnings.warn(reactivation_diverged(masked, loss, a), stacklevel=2)
     summary["seconds"] = saliency.noise_seconds + time.perf_counter() - started
     return summary
-
-
-def reactivation_diverged(masked: str, loss: dict[str, float], config) -> str:
-    """The warning when reactivation raised the masked loss it is meant to lower."""
-    return (
-        f"AlterEva's reactivation with the {masked} masked raised the scoring set's loss from {loss['before']:.4g} "
-        f"to {loss['after']:.4g} ({config.reactivation_optimizer}, lr {config.reactivation_lr:g}, "
-        f"{config.reactivation_steps} steps): ReRI then measures a divergence, not a reactivation; try a lower "
-        "--reactivation-lr, and AdamW (--reactivation-optimizer adamw) where plain SGD keeps raising it"
-    )
 
 
 def latency_predictor(request: PruneRequest, graph: ChannelGraph) -> LatencyPredictor | None:

@@ -109,7 +109,6 @@ def tp_channel_scores(
                 score = torch.full((group.channels,), UNSCORED, dtype=torch.float64)
             else:
                 score = _root_scores(score.detach().double().cpu(), group.channels, group.root, padded)
-            score = score.detach().double().cpu()
             if not torch.isfinite(score).all():  # an all-zero group divided by its mean (tp's normaliser): dead
                 score = torch.nan_to_num(score, nan=0.0, posinf=UNSCORED, neginf=0.0)
             scores.append(score)
