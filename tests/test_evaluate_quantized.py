@@ -10,11 +10,13 @@ import pytest
 from altermoma.cli import main
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fusion" / "weights" / "tiny-fusion"
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (the `quant` extra) is not installed")
 
 
 @pytest.mark.slow  # calibrates and evaluates the tiny model; default set: the Q/DQ unit tests in test_quantize
 def test_evaluate_scores_a_quantized_checkpoint_close_to_its_float_source(tmp_path):
+    # imported here, not at module level: importing ModelOpt takes ~14 s, which every xdist worker would pay while
+    # collecting, for a test the default run deselects
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (the `quant` extra) is not installed")
     quantized = tmp_path / "int8"
     assert main(["quantize", "--checkpoint", str(SHIPPED), "--out", str(quantized), "--calib-scenes", "2"]) == 0
     scores = {}

@@ -194,6 +194,7 @@ def _conv_fusion():
     return model, task, batches
 
 
+@pytest.mark.slow  # ~25 s (ModelOpt's search); default set: test_fastnas_names_the_modules_its_tracer_skipped
 def test_fastnas_prunes_in_place_to_its_flops_limit_and_refuses_what_it_cannot_reach():
     pytest.importorskip("modelopt.torch.prune", reason="NVIDIA ModelOpt is not installed (the quant extra)")
     pytest.importorskip("torchprofile", reason="torchprofile is not installed (the quant extra)")

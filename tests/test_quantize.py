@@ -7,6 +7,7 @@ the TensorRT Q/DQ readiness rules need only onnx and always run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -24,8 +25,22 @@ from export.quantize import QuantizeConfig, QuantizeError, modelopt_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "fusion" / "weights"
-MISSING = modelopt_missing()
-needs_modelopt = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+
+@functools.cache
+def missing() -> str | None:
+    """Why ModelOpt cannot be used, asked when a test needs it: importing it takes ~14 s, which every xdist worker
+    would pay while collecting (a module-level check), whether or not it runs a test of this file."""
+    return modelopt_missing()
+
+
+@pytest.fixture
+def modelopt_ready():
+    if missing():
+        pytest.skip(missing())
+
+
+needs_modelopt = pytest.mark.usefixtures("modelopt_ready")
 
 
 class Toy(nn.Module):
@@ -256,8 +271,8 @@ def test_trt_qdq_rules():
 @pytest.fixture(scope="module")
 def quantized_tiny(tmp_path_factory):
     """`altermoma quantize --onnx` on the shipped tiny fusion checkpoint: (output folder, printed lines)."""
-    if MISSING:
-        pytest.skip(MISSING)
+    if missing():
+        pytest.skip(missing())
     from altermoma.cli import main
 
     out = tmp_path_factory.mktemp("quant") / "int8"
@@ -419,8 +434,8 @@ def test_qat_trains_weights_keeps_scales(quantized_tiny, tmp_path):
 def test_cli_quantize_bad_input(tmp_path, capsys, args, message):
     from altermoma.cli import main
 
-    if MISSING and "--calib-scenes" not in args:
-        pytest.skip(MISSING)
+    if missing() and "--calib-scenes" not in args:
+        pytest.skip(missing())
     code = main(["quantize", "--checkpoint", str(SHIPPED / "tiny-fusion"), "--out", str(tmp_path / "q"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message), err
