@@ -276,6 +276,34 @@ def changed_options(run: dict, spec: RunSpec, settings: Settings) -> str:
     return ", ".join(f"{k} {old!r} -> {now!r}" for k, (old, now) in request.altereva.differences(stored).items())
 
 
+def earlier_runs(runs_dir: Path, settings: Settings, planned: set[str]) -> tuple[list[dict], list[str]]:
+    """The folder's stored runs outside this invocation's plan that its tables can hold (same settings, and for
+    AlterEva the options its name asks today), and one line per stored run they cannot, saying why.
+
+    A folder is one comparison: run in pieces (other methods, seeds or targets per invocation, or several
+    invocations at once), its compare.json still holds all of it, not only the last invocation's plan."""
+    runs, left_out = [], []
+    names = (*METHODS, *PEERS, EQ13, *ALTEREVA_VARIANTS)
+    for path in sorted(runs_dir.glob("*.json")):
+        if path.name == "unpruned.json" or path.stem in planned:
+            continue
+        try:
+            run = json.loads(path.read_text())
+            spec = RunSpec(**run["spec"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            left_out.append(f"{path.name} (not a run file)")
+            continue
+        if run.get("settings") != settings.stored():
+            left_out.append(f"{path.name} (made with other settings)")
+        elif spec.method not in names:
+            left_out.append(f"{path.name} (method {spec.method!r} is not known here)")
+        elif changed := changed_options(run, spec, settings):
+            left_out.append(f"{path.name} (other AlterEva options: {changed})")
+        else:
+            runs.append(run)
+    return runs, left_out
+
+
 def unpruned(settings: Settings, base, val_set, runs_dir: Path) -> dict | None:
     """The unpruned model's metrics, computed once per checkpoint and val split (`val_set` None: cached only)."""
     from common.io import atomic_write_text
@@ -306,7 +334,8 @@ def compare(
     progress: bool = True,
     **grid,
 ) -> dict:
-    """Run (or resume) every planned run, then write compare.md, compare.json and the plots.
+    """Run (or resume) every planned run, then write compare.md, compare.json and the plots over every run the
+    folder holds with these settings (`earlier_runs`: a comparison run in pieces is reported whole).
 
     `seeds`: a count (seeds 0..n-1) or the seeds themselves; `grid`: `plan`'s targets and sweep options."""
     import torch
@@ -357,6 +386,13 @@ def compare(
             flush=True,
         )
     runs = [stored[spec.key] for spec in specs]
+    others, left_out = earlier_runs(runs_dir, settings, {spec.key for spec in specs})
+    if others:
+        print(f"note: the tables also hold {len(others)} runs stored in {runs_dir} by earlier invocations", flush=True)
+    for line in left_out:
+        print(f"note: left out of the tables: {line}", flush=True)
+    runs += others
+    seed_list = sorted({run["spec"]["seed"] for run in runs} | set(seed_list))
     elapsed = time.perf_counter() - start
     summary = {
         "settings": dataclasses.asdict(settings),

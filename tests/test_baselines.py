@@ -427,6 +427,52 @@ def test_two_compare_invocations_can_share_a_folder(tmp_path, monkeypatch):
     assert summary["seed_list"] == [0] and (tmp_path / "compare.md").is_file()
 
 
+def test_compare_tables_hold_the_whole_folder_and_name_what_they_leave_out(tmp_path, monkeypatch, capsys):
+    """A comparison run in pieces (other methods or seeds per invocation) is reported whole: compare.json is not
+    only the last invocation's plan. Runs it cannot hold are named, never dropped silently."""
+    import dataclasses
+    import json
+    import random
+
+    import altermoma.compare as compare_module
+    from altermoma.compare import RunSpec, Settings, compare, prune_request
+
+    settings = Settings(checkpoint=str(compare_module.SHIPPED), val_scenes=1, train_scenes=1, threads=1)
+    rng = random.Random(0)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+
+    def store(spec, **changes):
+        run = {**_fake_run(spec, rng), "settings": settings.stored(), "seconds": {"prune": 1.0}} | changes
+        (runs_dir / f"{spec.key}.json").write_text(json.dumps(run))
+        return run
+
+    earlier = store(RunSpec("magnitude", "unstructured", 0.9, 2))  # another method, kind and seed
+    store(RunSpec("snip", "structured", 0.5, 1), settings={**settings.stored(), "threads": 2})
+    paper = RunSpec("altereva-paper", "structured", 0.5, 0)
+    options = dataclasses.asdict(prune_request(paper, settings).altereva) | {"reactivation_optimizer": "adamw"}
+    store(paper, pruning={"request": {"altereva": options}})
+    (runs_dir / "notes.json").write_text("{")
+    monkeypatch.setattr(
+        compare_module,
+        "run_one",
+        lambda spec, s, *a: {**_fake_run(spec, rng), "settings": s.stored(), "seconds": {"prune": 1.0}},
+    )
+    summary = compare(tmp_path, settings, ("snip",), [0], False, False, structured_targets=(0.5,), sparsities=())
+    assert [r["key"] for r in summary["runs"]] == ["structured-0.5-snip-seed0", earlier["key"]]
+    assert summary["seed_list"] == [0, 2] and summary["seeds"] == 2
+    assert json.loads((tmp_path / "compare.json").read_text())["runs"][1] == earlier
+    assert "| 90% | magnitude |" in (tmp_path / "compare.md").read_text()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes[0].startswith("note: the tables also hold 1 runs stored in")
+    assert sorted(notes[1:]) == [
+        "note: left out of the tables: notes.json (not a run file)",
+        "note: left out of the tables: structured-0.5-altereva-paper-seed0.json (other AlterEva options: "
+        "reactivation_optimizer 'adamw' -> 'sgd')",
+        "note: left out of the tables: structured-0.5-snip-seed1.json (made with other settings)",
+    ]
+
+
 def test_compare_refuses_a_stored_altereva_run_made_with_other_options(tmp_path, monkeypatch):
     """When AlterEva's defaults move, a folder's plain "altereva" runs were made by the old ones: never mixed in."""
     import dataclasses
