@@ -295,31 +295,43 @@ def prospr_mask_gradients(
 
 
 def prospr_channel_scores(
-    model: nn.Module, task: Task, graph: ChannelGraph, batches: list[Batch], config: ProsprConfig | None = None
+    model: nn.Module,
+    task: Task,
+    graph: ChannelGraph,
+    batches: list[Batch],
+    config: ProsprConfig | None = None,
+    record: dict | None = None,
 ) -> list[torch.Tensor]:
-    """|meta-gradient| of one multiplicative mask per root channel."""
+    """|meta-gradient| of one multiplicative mask per root channel (`record["prospr"]`: the mode it ran in)."""
     dtype = next(model.parameters()).dtype
     masks = [torch.ones(g.channels, dtype=dtype, requires_grad=True) for g in graph.groups]
     scales = channel_mask_scales(model, graph, masks)
     config = config or ProsprConfig()
     grads = _with_first_order_fallback(
-        prospr_mask_gradients, model, batches, masks, scales, config, functional_loss(task)
+        prospr_mask_gradients, model, batches, masks, scales, config, functional_loss(task), record
     )
     return [g.detach().double().abs() for g in grads]
 
 
-def _with_first_order_fallback(fn, model, batches, masks, scales, config: ProsprConfig, loss_fn):
+def _with_first_order_fallback(
+    fn, model, batches, masks, scales, config: ProsprConfig, loss_fn, record: dict | None = None
+):
     """ProsPr's full mode differentiates through gradients; some kernels have no second derivative
-    (PyTorch's CPU flash attention). There the first-order mode is used instead, with a warning."""
+    (PyTorch's CPU flash attention). There the first-order mode is used instead, with a warning, and
+    `record["prospr"]` says so: the report names the mode the scores were made in, not only the one asked."""
+    record = record if record is not None else {}
     try:
-        return fn(model, batches, masks, scales, config, loss_fn)
+        grads = fn(model, batches, masks, scales, config, loss_fn)
+        record["prospr"] = {"mode": config.mode}
+        return grads
     except RuntimeError as error:
         if config.mode != "full" or "derivative for" not in str(error):
             raise
-        warnings.warn(
-            f"ProsPr full mode needs a second derivative the model lacks ({error}); using first-order", stacklevel=3
-        )
-        return fn(model, batches, masks, scales, dataclasses.replace(config, mode="first-order"), loss_fn)
+        reason = f"ProsPr full mode needs a second derivative the model lacks ({error})"
+        warnings.warn(f"{reason}; using first-order", stacklevel=3)
+        grads = fn(model, batches, masks, scales, dataclasses.replace(config, mode="first-order"), loss_fn)
+        record["prospr"] = {"mode": "first-order", "asked": "full", "reason": reason}
+        return grads
 
 
 def prospr_weight_scores(
@@ -328,11 +340,12 @@ def prospr_weight_scores(
     batches: list[Batch],
     config: ProsprConfig | None = None,
     protected: set[str] = frozenset(),
+    record: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """|meta-gradient| of one multiplicative mask per prunable weight."""
+    """|meta-gradient| of one multiplicative mask per prunable weight (`record["prospr"]`: the mode it ran in)."""
     weights = prunable_weights(model, protected)
     masks = [torch.ones_like(w, requires_grad=True) for w in weights.values()]
     config = config or ProsprConfig()
     scales, loss = dict(zip(weights, masks)), functional_loss(task)
-    grads = _with_first_order_fallback(prospr_mask_gradients, model, batches, masks, scales, config, loss)
+    grads = _with_first_order_fallback(prospr_mask_gradients, model, batches, masks, scales, config, loss, record)
     return {name: g.detach().abs() for name, g in zip(weights, grads)}

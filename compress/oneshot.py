@@ -144,7 +144,7 @@ def channel_scores(
         args = (target, mode, request.round_to, request.max_group_ratio, request.synflow, tiebreak, progress)
         return synflow_channel_scores(model, graph, task.arguments(example_batch), *args)
     if method == "prospr":
-        score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr)  # noqa: E731
+        score = lambda m, b: prospr_channel_scores(m, task, graph, b, request.prospr, record)  # noqa: E731
         return in_float64(score, model, batches, task, record, request.scoring_precision)
     if method in TP_PEERS:  # torch-pruning's own importances, on the same groups
         grads = None  # tp-magnitude reads the weights alone
@@ -502,7 +502,7 @@ def weight_scores(
         example = task.arguments(example_batch)
         return synflow_weight_scores(model, example, request.sparsity, request.synflow, progress, protected)
     if request.method == "prospr":
-        score = lambda m, b: prospr_weight_scores(m, task, b, request.prospr, protected)  # noqa: E731
+        score = lambda m, b: prospr_weight_scores(m, task, b, request.prospr, protected, record)  # noqa: E731
         return in_float64(score, model, batches, task, record, request.scoring_precision)
     generator = torch.Generator().manual_seed(request.seed)
     return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}

@@ -262,6 +262,9 @@ def test_structured_half_gflops_on_the_zoo(zoo, method):
     with torch.no_grad():
         assert _shapes(task.forward(model, batches[0])) == before
     assert all(w % 8 == 0 for w in report["widths"].values()), report["widths"]
+    if method == "prospr":  # the report names the mode the scores were made in, not only the one asked for
+        want = {"mode": "first-order", "asked": "full"} if name == "D-attention" else {"mode": "full"}
+        assert {k: v for k, v in report["prospr"].items() if k != "reason"} == want, report.get("prospr")
     if name in LEFT_WHOLE:  # a channel count hard-coded in a reshape: left whole once a selection cuts it
         root = LEFT_WHOLE[name]
         left = root in [g["root"] for g in report["unpruned_groups"]]
