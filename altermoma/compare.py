@@ -437,7 +437,8 @@ def section_rows(groups: dict[tuple, list[dict]], kind: str, sweep: bool) -> lis
     if sweep:
         rows = [(k, v) for k, v in groups.items() if k[:3] == (kind, SWEEP_TARGET, "altereva")]
         return sorted(rows, key=lambda kv: kv[0][3])
-    return [(k, v) for k, v in groups.items() if k[0] == kind and (k[2] != "altereva" or k[3] == 1.0)]
+    rows = [(k, v) for k, v in groups.items() if k[0] == kind and (k[2] != "altereva" or k[3] == 1.0)]
+    return sorted(rows, key=lambda kv: kv[0][1])  # by target; methods in plan order (runs of earlier invocations last)
 
 
 def _row(runs: list[dict], structured: bool) -> list[str]:

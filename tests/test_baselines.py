@@ -448,6 +448,7 @@ def test_compare_tables_hold_the_whole_folder_and_name_what_they_leave_out(tmp_p
         return run
 
     earlier = store(RunSpec("magnitude", "unstructured", 0.9, 2))  # another method, kind and seed
+    smaller = store(RunSpec("tp-hessian", "structured", 0.3, 0))  # another target: its row goes first
     store(RunSpec("snip", "structured", 0.5, 1), settings={**settings.stored(), "threads": 2})
     paper = RunSpec("altereva-paper", "structured", 0.5, 0)
     options = dataclasses.asdict(prune_request(paper, settings).altereva) | {"reactivation_optimizer": "adamw"}
@@ -459,12 +460,13 @@ def test_compare_tables_hold_the_whole_folder_and_name_what_they_leave_out(tmp_p
         lambda spec, s, *a: {**_fake_run(spec, rng), "settings": s.stored(), "seconds": {"prune": 1.0}},
     )
     summary = compare(tmp_path, settings, ("snip",), [0], False, False, structured_targets=(0.5,), sparsities=())
-    assert [r["key"] for r in summary["runs"]] == ["structured-0.5-snip-seed0", earlier["key"]]
+    assert [r["key"] for r in summary["runs"]] == ["structured-0.5-snip-seed0", smaller["key"], earlier["key"]]
     assert summary["seed_list"] == [0, 2] and summary["seeds"] == 2
-    assert json.loads((tmp_path / "compare.json").read_text())["runs"][1] == earlier
-    assert "| 90% | magnitude |" in (tmp_path / "compare.md").read_text()
+    assert json.loads((tmp_path / "compare.json").read_text())["runs"][2] == earlier
+    table = (tmp_path / "compare.md").read_text()
+    assert "| 90% | magnitude |" in table and table.index("| 30% | tp-hessian |") < table.index("| 50% | snip |")
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert notes[0].startswith("note: the tables also hold 1 runs stored in")
+    assert notes[0].startswith("note: the tables also hold 2 runs stored in")
     assert sorted(notes[1:]) == [
         "note: left out of the tables: notes.json (not a run file)",
         "note: left out of the tables: structured-0.5-altereva-paper-seed0.json (other AlterEva options: "
