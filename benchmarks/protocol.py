@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gate", type=Path, default=V2_GATE)
     p = sub.add_parser("status", help="mean mAP per method and cell of a (possibly unfinished) comparison folder")
     p.add_argument("--dev", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-dev"))
+    p.add_argument(
+        "--stage-c", action="store_true", help="only stage C's cells (structured 30/70%%, unstructured 80/85%%)"
+    )
     p = sub.add_parser("judge-v2")
     p.add_argument("--confirm", type=Path, default=Path("reports/protocol-v2/bevfusion-tiny-confirm"))
     p.add_argument("--method", default="altereva")
@@ -332,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chosen: {chosen.method} {json.dumps(chosen.options)}")
         elif args.step == "status":
             runs = stored_runs(args.dev)
+            if args.stage_c:
+                runs = [r for r in runs if (r["spec"]["kind"], r["spec"]["target"]) not in DEV_CELLS]
             if not runs:
-                raise FileNotFoundError(f"no finished run in {args.dev / 'runs'}")
+                which = "stage-C run" if args.stage_c else "run"
+                raise FileNotFoundError(f"no finished {which} in {args.dev / 'runs'}")
             reference = args.dev / "runs" / "unpruned.json"
             unpruned = json.loads(reference.read_text())["metrics"]["mAP"] if reference.is_file() else None
             print(status_table(runs, unpruned))

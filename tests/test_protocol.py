@@ -143,3 +143,16 @@ def test_status_reads_an_unfinished_folder(tmp_path, capsys):
     assert main(["status", "--dev", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| altereva-v2 | 0.7010 (.25/.50/.75; seeds 0,1,2) | 0.7000 (seeds 0) |" in out and "unpruned: 0.7900" in out
+
+
+def test_status_of_stage_c_leaves_the_rules_cells_out(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, run in enumerate([_run("snip", "structured", 0.5, 0, 0.7), _run("snip", "unstructured", 0.8, 1, 0.6)]):
+        (runs / f"r{i}.json").write_text(json.dumps(run))
+    assert main(["status", "--dev", str(tmp_path), "--stage-c"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | unstructured 0.8 |" in out and "| snip | 0.6000 (seeds 1) |" in out
+    (runs / "r1.json").unlink()
+    assert main(["status", "--dev", str(tmp_path), "--stage-c"]) == 2  # nothing of stage C yet: one error line
+    assert capsys.readouterr().err.startswith("error: no finished stage-C run in")
