@@ -23,6 +23,7 @@ import torch
 spconv = pytest.importorskip("spconv.pytorch", reason="spconv is not installed (pip install spconv==2.3.8)")
 
 import altermoma  # noqa: E402
+from altermoma.cli import coverage_notes  # noqa: E402
 from compress.flops import count_flops  # noqa: E402
 from compress.sparse import strided_pairs, subm_pairs  # noqa: E402
 from compress.structured import PruningError  # noqa: E402
@@ -115,6 +116,8 @@ def test_magnitude_prunes_sparse_channels_to_half_the_gflops(setup, tmp_path):
     report = altermoma.prune(model, setup.task, batches, method="magnitude", target_gflops=0.5, progress=False)
     counting = report["flop_counting"]
     assert counting["sparse_gflops"] > 0.3 * report["gflops_before"]  # the LiDAR backbone is in the count
+    notes = coverage_notes(report)  # what `altermoma prune` prints
+    assert any("sparse convolutions counted as 2 x active rulebook pairs" in line for line in notes), notes
     assert abs(report["gflops_reduction"] - 0.5) <= 0.02
     assert report["zero_then_prune_error"] <= 1e-4
     assert report["partitions"]["lidar"]["kept_ratio"] < 1.0
@@ -157,6 +160,7 @@ def test_gradient_methods_on_cuda(setup, method):
     assert abs(report["gflops_reduction"] - 0.5) <= 0.02
 
 
+@pytest.mark.slow  # ~10 s; default set: the same note from coverage_notes in the magnitude test above
 def test_cli_prune_of_a_spconv_task_names_how_sparse_flops_were_counted(tmp_path, capsys):
     from altermoma.cli import main
 
